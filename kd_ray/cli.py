@@ -1,0 +1,62 @@
+"""`kd-ray run | eval | validate`: the command line. User mistakes exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kd_ray.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd-ray", description="Knowledge distillation on Ray, from one YAML job file.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job (train a student, with or without a teacher)")
+    run.add_argument("job", help="path of the YAML job file")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
+    ev = sub.add_parser("eval", help="evaluate an exported student on a job's eval split")
+    ev.add_argument("job")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--weights", help="student weights (default: RUN_DIR/student.safetensors)")
+    val = sub.add_parser("validate", help="check a job file and exit")
+    val.add_argument("job")
+    val.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"kd-ray: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kd-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from kd_ray.spec import load_job
+
+    spec = load_job(args.job, args.overrides)
+    if args.command == "validate":
+        print(f"{args.job}: valid")
+        return 0
+    if args.command == "eval":
+        from kd_ray.evaluate import evaluate_student
+
+        metrics = evaluate_student(spec, args.weights)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    from kd_ray.job import RunFailed, print_summary, run
+
+    try:
+        summary = run(spec, fresh=args.fresh)
+    except RunFailed as e:
+        print(f"kd-ray: run failed: {e}", file=sys.stderr)
+        return e.exit_code
+    print_summary(summary)
+    return 0 if summary["status"] == "finished" else 1

@@ -1,0 +1,8 @@
+"""Samples flowing from a source to the teacher and the student.
+
+Every dataset kd_ray builds has the same columns, whatever the source:
+  id (int64, stable per sample), x (float32 features, any shape), y (int64 label),
+and, after the teacher pool, teacher_logits.
+"""
+
+ID, X, Y, TEACHER = "id", "x", "y", "teacher_logits"

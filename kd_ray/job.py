@@ -1,0 +1,287 @@
+"""The driver: JobSpec -> datasets + TorchTrainer -> followed progress -> summary.
+
+The driver holds no model. It starts (or joins) Ray, builds the datasets, submits the trainer,
+prints a line per report while it runs, and writes `summary.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+
+from kd_ray import batching
+from kd_ray.data import pipeline
+from kd_ray.errors import UserError
+from kd_ray.spec import JobSpec
+from kd_ray.train import checkpoint
+
+SUMMARY = "summary.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def local_cpu_budget(physical: int, train_cpus: float, teacher_cpus: float) -> int:
+    """Logical CPUs for an embedded Ray instance.
+
+    Train workers and teacher actors each hold their CPUs for the whole run, and Ray Data needs
+    CPUs of its own for read/transform tasks. With `num_cpus` = physical cores (2 on a laptop
+    or CI box) the actor pool and the trainer wait on each other forever. Logical CPUs only gate
+    scheduling; the work still shares the physical cores, which is what we want here.
+    """
+    data_tasks = 2
+    return int(max(physical, train_cpus + teacher_cpus + data_tasks + 1))
+
+
+def ensure_ray(spec: JobSpec) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit` or a user's cluster
+        ray.init(log_to_driver=True)
+        return
+    train_cpus = spec.train.num_workers * spec.train.cpus_per_worker
+    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if spec.teacher else 0
+    ray.init(
+        num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
+        # The dashboard serves the state API that Train V2's placement-group cleaner polls.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=True,
+        logging_level="warning",
+    )
+
+
+def quiet_data() -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Workers push report dicts here; the driver polls them (Train V2 keeps only metrics that come
+    with a checkpoint, so this is how a run is followed live)."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def push(self, event: dict) -> None:
+        self.events.append({**event, "time": time.time()})
+
+    def since(self, index: int) -> list[dict]:
+        return self.events[index:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+
+
+def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
+    """Returns a note for the user. A finished run (or --fresh) is moved aside, never deleted."""
+    run_dir = spec.run_dir
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    finished = _read_summary(run_dir).get("status") == "finished"
+    has_checkpoint = any(n.startswith("checkpoint_") for n in os.listdir(run_dir))
+    if fresh or finished or not has_checkpoint:
+        archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(run_dir, archived)
+        return f"previous run moved to {archived}"
+    return "resuming from its latest checkpoint"
+
+
+def _read_summary(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, SUMMARY)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress lines
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_event(e: dict) -> str | None:
+    kind = e["kind"]
+    if kind == "start":
+        resumed = f", resumed at step {e['resumed_step']}" if e.get("resumed_step") is not None else ""
+        return (f"start: {e['world_size']} worker(s), accumulation {e['accumulation']}, "
+                f"{e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps{resumed}")
+    if kind == "train":
+        return (f"epoch {e['epoch'] + 1} step {e['step']}/{e['total_steps']}  loss {_fmt(e['loss'])}  "
+                f"kd {_fmt(e['kd_loss'])}  ce {_fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
+                f"{e['samples_per_second']:.0f} samples/s  data wait {e['data_wait_seconds']:.2f}s")
+    if kind == "eval":
+        teacher = f"  teacher acc {e['teacher_eval_accuracy']:.4f}" if "teacher_eval_accuracy" in e else ""
+        return f"eval  epoch {e['epoch'] + 1}: student acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}{teacher}"
+    return None
+
+
+def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[Any, list[dict]]:
+    """Run fit() in a thread and echo the board's events until it returns."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fit()
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    events: list[dict] = []
+    while True:
+        alive = thread.is_alive()
+        for e in ray.get(board.since.remote(len(events))):
+            events.append(e)
+            line = format_event(e)
+            if line:
+                echo(line)
+        if not alive:
+            break
+        thread.join(timeout=0.5)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value"), events
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print) -> dict:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kd_ray.train.loop import train_loop_per_worker
+
+    note = prepare_run_dir(spec, fresh)
+    ensure_ray(spec)
+    quiet_data()
+    _check_cluster(spec)
+    train_rows, eval_rows = pipeline.split_rows(spec)
+    # Validate the arithmetic for the configured world size before anything starts.
+    plan = batching.plan(train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers, spec.train.epochs, spec.train.max_steps)
+    echo(f"kd-ray: run {spec.run.name} -> {spec.run_dir}" + (f" ({note})" if note else ""))
+    echo(f"data: {train_rows} train / {eval_rows} eval samples; global batch {plan.global_batch} = "
+         f"{plan.micro_batch} x {plan.accumulation} accumulation x {plan.world_size} workers; {plan.total_steps} steps")
+
+    board = ProgressBoard.remote()
+    resources = dict(spec.train.resources_per_worker)
+    resources["CPU"] = spec.train.cpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": train_rows},
+        scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+        datasets=pipeline.build(spec),
+    )
+    started = time.time()
+    summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
+    try:
+        result, events = follow(board, trainer.fit, echo)
+    except Exception as e:
+        summary["error"] = _reason(e)
+        _write_summary(spec.run_dir, summary)
+        raise RunFailed(summary["error"]) from e
+    summary.update(_summarize(spec, result, events, time.time() - started, train_rows))
+    _write_summary(spec.run_dir, summary)
+    return summary
+
+
+class RunFailed(Exception):
+    exit_code = 1
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost message, on one line: a worker's error arrives wrapped several times."""
+    text = str(e).strip().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip() and not ln.strip().startswith(("File ", "Traceback", "^", "~"))]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _check_cluster(spec: JobSpec) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if spec.train.use_gpu and gpus < 1:
+        raise UserError("train.use_gpu", "the Ray cluster has no GPUs; set train.use_gpu: false or run on a GPU cluster")
+    if spec.teacher and spec.teacher.pool.gpus_per_actor and gpus < spec.teacher.pool.gpus_per_actor:
+        raise UserError("teacher.pool.gpus_per_actor", "the Ray cluster has no GPUs for the teacher pool; set it to 0 or run on a GPU cluster")
+
+
+def _summarize(spec: JobSpec, result, events: list[dict], wall: float, train_rows: int) -> dict:
+    start = next(e for e in events if e["kind"] == "start")
+    done = [e for e in events if e["kind"] == "done"]
+    evals = [e for e in events if e["kind"] == "eval"]
+    teacher_acc = next((e["teacher_eval_accuracy"] for e in evals if "teacher_eval_accuracy" in e), None)
+    last = evals[-1] if evals else {}
+    train_seconds = done[-1]["time"] - start["time"] if done else wall
+    samples = done[-1]["samples"] if done else 0
+    weights_path = _export(result, spec.run_dir)
+    return {
+        "status": "finished" if done else "failed",
+        "steps": done[-1]["step"] if done else 0,
+        "samples": samples,
+        "epochs": round(samples / max(train_rows, 1), 3),
+        "train_seconds": round(train_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "samples_per_second": round(samples / train_seconds, 2) if train_seconds > 0 else None,
+        "world_size": start["world_size"],
+        "accumulation": start["accumulation"],
+        "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
+        "teacher": {"accuracy": teacher_acc} if spec.teacher else None,
+        "student_weights": weights_path,
+    }
+
+
+def _export(result, run_dir: str) -> str | None:
+    """Copy the final checkpoint's student (weights + JSON) to the top of the run directory."""
+    if result is None or result.checkpoint is None:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in (checkpoint.STUDENT_WEIGHTS, checkpoint.STUDENT_INFO):
+            shutil.copyfile(os.path.join(d, name), os.path.join(run_dir, name))
+    return os.path.join(run_dir, checkpoint.STUDENT_WEIGHTS)
+
+
+def _write_summary(run_dir: str, summary: dict) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, SUMMARY + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, SUMMARY))
+
+
+def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
+    rows = [
+        ("status", summary["status"]),
+        ("steps", summary["steps"]),
+        ("samples", summary["samples"]),
+        ("epochs", f"{summary['epochs']:.2f}"),
+        ("train seconds", f"{summary['train_seconds']:.1f}"),
+        ("samples/s", summary["samples_per_second"]),
+        ("student accuracy", _fmt(summary["student"]["accuracy"])),
+        ("student loss", _fmt(summary["student"]["loss"])),
+        ("teacher accuracy", _fmt(summary["teacher"]["accuracy"]) if summary["teacher"] else "(no teacher)"),
+        ("student weights", summary["student_weights"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    echo("-" * (width + 40))
+    for k, v in rows:
+        echo(f"{k:<{width}}  {v}")
+    echo("-" * (width + 40))
+    echo(f"run directory: {summary['run_dir']}")
+

@@ -1,0 +1,90 @@
+"""Resolve a model name from a job file to a factory, and build it.
+
+Three kinds of names, tried in this order:
+  - an import path `package.module:callable` (the job file's directory is importable, so a
+    `models.py` next to the job file works: `models:my_net`);
+  - a built-in model of `kd_ray.models` (`mlp`, `convnet`);
+  - a torchvision model name (`resnet18`, `resnet50`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import sys
+from typing import Any, Callable
+
+from torch import nn
+
+from kd_ray.models import BUILTINS
+
+
+class ModelNameError(ValueError):
+    """The name cannot be resolved; the message says why and what to write instead."""
+
+
+def make_importable(job_dir: str | None) -> None:
+    """Put the job file's directory on sys.path, in the driver and in every worker and actor."""
+    if job_dir and job_dir not in sys.path:
+        sys.path.insert(0, job_dir)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return list(torchvision.models.list_models())
+
+
+def resolve(name: str, job_dir: str | None = None) -> Callable[..., nn.Module]:
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        make_importable(job_dir)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ModelNameError(
+                f"cannot import module '{module_name}' ({e}); put {module_name}.py next to the "
+                f"job file or install the package that provides it"
+            ) from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+            hint = difflib.get_close_matches(attr, options, n=1)
+            suffix = f"; did you mean '{module_name}:{hint[0]}'?" if hint else ""
+            raise ModelNameError(f"module '{module_name}' has no callable '{attr}'{suffix}")
+        return factory
+    if name in BUILTINS:
+        return BUILTINS[name]
+    tv = _torchvision_names()
+    if name in tv:
+        import torchvision.models
+
+        return lambda **kw: torchvision.models.get_model(name, **kw)
+    hint = difflib.get_close_matches(name, list(BUILTINS) + tv, n=1)
+    suffix = f"did you mean '{hint[0]}'? " if hint else ""
+    raise ModelNameError(
+        f"unknown model '{name}': {suffix}use a built-in ({', '.join(BUILTINS)}), a torchvision "
+        f"model name, or an import path 'package.module:callable'"
+    )
+
+
+def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
+    """Reject keyword arguments the factory cannot take, before any work starts."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        accepted = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+        raise ModelNameError(f"'{name}' does not accept these kwargs ({e}); it takes: {', '.join(accepted)}") from None
+
+
+def build_model(name: str, kwargs: dict | None = None, job_dir: str | None = None) -> nn.Module:
+    factory = resolve(name, job_dir)
+    model = factory(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise ModelNameError(f"'{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,341 @@
+"""The job spec: a YAML job file plus `a.b=c` overrides, validated before any work starts.
+
+Every mistake a user can make here becomes a `UserError` naming the dotted field and the fix.
+Relative paths in a job file are resolved against the job file's own directory, so a job runs
+the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kd_ray.errors import UserError
+from kd_ray.registry import ModelNameError, check_kwargs, resolve
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = "runs"
+    seed: int = 0
+
+
+class PreprocessSpec(_Section):
+    """Deterministic: applied to train and eval alike, and safe to cache teacher outputs on."""
+
+    scale: float = 1.0
+    mean: Union[float, list[float]] = 0.0
+    std: Union[float, list[float]] = 1.0
+
+
+class AugmentSpec(_Section):
+    """Random: applied to training samples only, before the teacher sees them."""
+
+    noise_std: float = Field(0.0, ge=0)
+    shift: int = Field(0, ge=0, description="random translation of the last two axes, in pixels")
+    hflip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.noise_std or self.shift or self.hflip)
+
+
+class DataSpec(_Section):
+    source: str
+    features: str = "x"
+    labels: str = "y"
+    id_column: Optional[str] = None
+    shape: Optional[list[int]] = None
+    num_classes: Optional[int] = Field(None, ge=2)
+    preprocess: PreprocessSpec = PreprocessSpec()
+    augment: AugmentSpec = AugmentSpec()
+    shuffle: Literal["global", "local", "none"] = "global"
+    eval_split: float = Field(0.2, ge=0, lt=1)
+    eval_source: Optional[str] = None
+
+
+class ModelSpec(_Section):
+    model: str
+    kwargs: dict[str, Any] = {}
+    weights: Optional[str] = None
+
+
+class PoolSpec(_Section):
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    batch_size: int = Field(256, ge=1)
+    resources: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class TeacherSpec(ModelSpec):
+    pool: PoolSpec = PoolSpec()
+    precision: Precision = "fp32"
+    compile: bool = False
+    logits_dtype: Literal["float32", "float16"] = "float32"
+
+
+class DistillSpec(_Section):
+    loss: Literal["hinton"] = "hinton"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs cross-entropy")
+
+
+class OptimizerSpec(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)
+
+
+class ScheduleSpec(_Section):
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainSpec(_Section):
+    epochs: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    global_batch_size: int = Field(ge=1)
+    micro_batch_size: int = Field(ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = {}
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Precision = "fp32"
+    compile: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    log_every: int = Field(10, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps (or both: training stops at whichever comes first)")
+        return self
+
+
+class CheckpointSpec(_Section):
+    every_steps: Optional[int] = Field(None, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class EvalSpec(_Section):
+    every_epochs: int = Field(1, ge=0, description="0 evaluates only at the end")
+    batch_size: int = Field(512, ge=1)
+
+
+class JobSpec(_Section):
+    run: RunSpec
+    data: DataSpec
+    teacher: Optional[TeacherSpec] = None
+    student: ModelSpec
+    distill: DistillSpec = DistillSpec()
+    train: TrainSpec
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    # Where the job file lives: its directory is importable and anchors relative paths.
+    job_dir: str = ""
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.storage_path, self.run.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override, validate and resolve a job file. Raises UserError on any mistake."""
+    if not os.path.isfile(path):
+        raise UserError("job file", f"{path} does not exist; pass the path of a YAML job file such as jobs/quickstart.yaml")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError("job file", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError("job file", f"{path} must be a YAML mapping with sections run, data, student, train")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, job_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`train.epochs=3` sets raw['train']['epochs'] = 3; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError("override", f"'{item}' is not of the form section.key=value, e.g. train.epochs=3")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(".".join(parts[: i + 1]), f"is not a section, so '{item}' cannot set a key inside it")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def validate(raw: dict, job_dir: str = "") -> JobSpec:
+    try:
+        spec = JobSpec.model_validate({**raw, "job_dir": job_dir})
+    except ValidationError as e:
+        raise _one_line(e) from None
+    _resolve_paths(spec)
+    _check(spec)
+    return spec
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a location, for did-you-mean."""
+    model: Any = JobSpec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in getattr(ann, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                ann = arg
+        model = ann
+    return [f for f in getattr(model, "model_fields", {}) if f != "job_dir"]
+
+
+def _clean_loc(loc: tuple, keep_last: bool) -> tuple:
+    """Keep the job-file keys of a pydantic location, dropping union members like 'list[float]'."""
+    kept: list = []
+    for i, part in enumerate(loc):
+        prefix = tuple(k for k in kept if isinstance(k, str))
+        if isinstance(part, int) or part in _fields_at(prefix) or (keep_last and i == len(loc) - 1):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _one_line(e: ValidationError) -> UserError:
+    err = e.errors()[0]
+    loc = _clean_loc(tuple(err["loc"]), keep_last=err["type"] == "extra_forbidden")
+    field = ".".join(str(p) for p in loc) or "job file"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys here: {', '.join(allowed)}"
+        return UserError(field, f"unknown key; {fix}")
+    if kind == "missing":
+        return UserError(field, "is required; add it to the job file")
+    msg = err["msg"]
+    if kind.startswith("literal_error"):
+        return UserError(field, f"{msg} (got {err.get('input')!r})")
+    return UserError(field, f"{msg} (got {err.get('input')!r})" if "input" in err and kind != "value_error" else msg.removeprefix("Value error, "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and cross-field checks
+
+
+def _abs(path: str, job_dir: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(job_dir, os.path.expanduser(path)))
+
+
+def _resolve_paths(spec: JobSpec) -> None:
+    jd = spec.job_dir or os.getcwd()
+    spec.run.storage_path = _abs(spec.run.storage_path, jd)
+    if not spec.data.source.startswith("builtin:"):
+        spec.data.source = _abs(spec.data.source, jd)
+    if spec.data.eval_source:
+        spec.data.eval_source = _abs(spec.data.eval_source, jd)
+    if spec.data.labels.endswith(".npy"):
+        spec.data.labels = _abs(spec.data.labels, jd)
+    for section in (spec.teacher, spec.student):
+        if section is not None and section.weights:
+            section.weights = _abs(section.weights, jd)
+
+
+def _check(spec: JobSpec) -> None:
+    from kd_ray.data.sources import check_source
+    from kd_ray.batching import accumulation_steps
+
+    check_source(spec.data)
+    accumulation_steps(spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers)
+    if spec.train.precision == "fp16" and not spec.train.use_gpu:
+        raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
+    if spec.teacher is not None:
+        if spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
+            raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
+        if not spec.teacher.weights:
+            raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
+    for section_name in ("teacher", "student"):
+        section = getattr(spec, section_name)
+        if section is not None:
+            _check_model(section, section_name, spec.job_dir)
+
+
+def _check_model(section: ModelSpec, name: str, job_dir: str) -> None:
+    try:
+        factory = resolve(section.model, job_dir)
+        check_kwargs(section.model, factory, section.kwargs)
+    except ModelNameError as e:
+        raise UserError(f"{name}.model", str(e)) from None
+    if section.weights:
+        _check_weights(section, name, job_dir, factory)
+
+
+def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None:
+    """Compare the file's tensor shapes with the model's, built on the meta device (no memory)."""
+    import torch
+
+    from kd_ray import weights
+
+    path = section.weights
+    if "://" not in path and not os.path.isfile(path):
+        raise UserError(f"{name}.weights", f"{path} does not exist; train it first (see README) or fix the path")
+    if not path.endswith(weights.WEIGHT_SUFFIXES):
+        raise UserError(f"{name}.weights", f"{path}: use a .safetensors or .pt state dict")
+    if "://" in path:
+        return
+    try:
+        with torch.device("meta"):
+            model = factory(**section.kwargs)
+        found = weights.file_shapes(path)
+    except Exception as e:  # a user's factory or file can fail in any way; report it on one line
+        raise UserError(f"{name}.weights", f"cannot read {path} or build the model to check it: {type(e).__name__}: {e}") from None
+    problem = weights.mismatch(weights.model_shapes(model), found)
+    if problem:
+        raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
+
+
+def spec_from_dict(d: dict) -> JobSpec:
+    """Rebuild a spec that was already validated (in workers and actors): no file checks again."""
+    return JobSpec.model_validate(d)

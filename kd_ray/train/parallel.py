@@ -1,0 +1,76 @@
+"""Wrapping the student for data parallelism (DDP or FSDP2), and switching gradient sync."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kd_ray.train.precision import fsdp_policy
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device) -> nn.Module:
+    """DDP replicates the student; FSDP2 shards each top-level child and then the root."""
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        policy = fsdp_policy(precision)
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    if is_distributed():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module, without DDP or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """On micro-steps before the accumulation boundary, keep gradients local: no all-reduce
+    (DDP `no_sync`) or reduce-scatter (FSDP2 `set_requires_gradient_sync(False)`)."""
+    inner = getattr(model, "_orig_mod", model)
+    if enabled:
+        if hasattr(inner, "set_requires_gradient_sync"):
+            inner.set_requires_gradient_sync(True)
+        yield
+        return
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        with inner.no_sync():
+            yield
+    elif hasattr(inner, "set_requires_gradient_sync"):
+        inner.set_requires_gradient_sync(False)
+        yield
+    else:
+        with nullcontext():
+            yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole student on CPU, on every rank (a collective under FSDP2: all ranks must call)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = unwrap(model)
+    if dist.is_initialized():
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

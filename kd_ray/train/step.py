@@ -1,0 +1,88 @@
+"""The student's training step, as seed 000 describes it, and evaluation.
+
+micro_step: forward under autocast -> fp32 loss scaled for accumulation -> (scaled) backward,
+            without gradient sync before the accumulation boundary.
+optimizer_step: unscale (fp16) -> clip -> step (skipped by GradScaler on inf/nan) -> zero_grad.
+Nothing here calls `.item()`: values stay on the device until the loop logs them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kd_ray.data import TEACHER, X, Y
+from kd_ray.losses import LossTerms, distill_loss
+from kd_ray.train.parallel import grad_sync
+from kd_ray.train.precision import autocast
+
+
+def micro_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+    alpha: float,
+    denominator: float,
+    precision: str,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+    sync: bool,
+) -> LossTerms:
+    with grad_sync(model, sync):
+        with autocast(precision, device):
+            logits = model(batch[X])
+        terms = distill_loss(logits, batch.get(TEACHER), batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
+        (scaler.scale(terms.loss) if scaler else terms.loss).backward()
+    return terms
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+) -> torch.Tensor:
+    """One update on the accumulation boundary; returns the (pre-clip) gradient norm as a tensor."""
+    if scaler:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()
+
+
+def score_sums(batches, logits_of, device: torch.device) -> torch.Tensor:
+    """[cross-entropy sum, correct, count] over some batches; sums, so ranks can add them.
+
+    `logits_of(batch)` gives the logits to score: the student's forward, or the teacher logits
+    that the pool already added to each batch.
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in batches:
+        terms = distill_loss(logits_of(batch), None, batch[Y], temperature=1.0, alpha=0.0, denominator=1.0)
+        count = torch.tensor(len(batch[Y]), device=device, dtype=torch.float64)
+        sums += torch.stack([terms.ce_sum.double(), terms.correct.double(), count])
+    return sums
+
+
+@torch.no_grad()
+def student_eval_sums(model: nn.Module, batches, precision: str, device: torch.device) -> torch.Tensor:
+    model.eval()
+    try:
+        with autocast(precision, device):
+            return score_sums(batches, lambda b: model(b[X]), device)
+    finally:
+        model.train()
+
+
+def teacher_eval_sums(batches, device: torch.device) -> torch.Tensor:
+    return score_sums(batches, lambda b: b[TEACHER], device)

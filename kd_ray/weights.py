@@ -1,0 +1,91 @@
+"""Model weights on disk: safetensors (preferred) or `.pt` state dicts.
+
+The one place that knows how a state dict is read, checked against a model, and written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class WeightsError(ValueError):
+    """The file does not fit the model; the message names the tensors."""
+
+
+def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes, without loading the data where the format allows."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def clean_key(key: str) -> str:
+    """Drop the prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace("._orig_mod.", ".")
+
+
+def mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str | None:
+    """A short description of missing, unexpected and mis-shaped tensors, or None if they fit."""
+    found = {clean_key(k): v for k, v in found.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch {few(shapes)}")
+    return "; ".join(parts) or None
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {clean_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_into(model: nn.Module, path: str) -> None:
+    state = {clean_key(k): v for k, v in read_state_dict(path).items()}
+    problem = mismatch(model_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise WeightsError(f"{os.path.basename(path)} does not fit the model: {problem}")
+    model.load_state_dict(state)
+
+
+def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically (a reader never sees a half-written file)."""
+    from safetensors.torch import save_file
+
+    tensors = {clean_key(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
