@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except UserError as e:
-        print(f"kd-ray: error: {e}", file=sys.stderr)
+        # One line even when the message quotes a user's exception that spans several lines.
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"kd-ray: error: {one_line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kd-ray: interrupted", file=sys.stderr)

@@ -53,6 +53,7 @@ def ensure_ray(spec: JobSpec) -> None:
         # The dashboard serves the state API that Train V2's placement-group cleaner polls.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",  # an embedded instance talks to itself over loopback only
         configure_logging=True,
         logging_level="warning",
     )

@@ -47,6 +47,8 @@ def resolve(name: str, job_dir: str | None = None) -> Callable[..., nn.Module]:
                 f"cannot import module '{module_name}' ({e}); put {module_name}.py next to the "
                 f"job file or install the package that provides it"
             ) from None
+        except Exception as e:  # the user's module itself fails on import: SyntaxError, any error it raises
+            raise ModelNameError(f"importing module '{module_name}' failed: {type(e).__name__}: {e}; fix {module_name}.py") from None
         factory = getattr(module, attr, None)
         if not callable(factory):
             options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]

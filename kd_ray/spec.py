@@ -287,7 +287,7 @@ def _check(spec: JobSpec) -> None:
     from kd_ray.data.sources import check_source
     from kd_ray.batching import accumulation_steps
 
-    check_source(spec.data)
+    sample_shape = check_source(spec.data)
     accumulation_steps(spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
@@ -296,13 +296,28 @@ def _check(spec: JobSpec) -> None:
             raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
         if not spec.teacher.weights:
             raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
-    for section_name in ("teacher", "student"):
+    p = spec.data.preprocess
+    for name, value in (("mean", p.mean), ("std", p.std)):
+        if isinstance(value, list) and sample_shape is not None and (len(sample_shape) < 2 or len(value) != sample_shape[0]):
+            channels = sample_shape[0] if len(sample_shape) >= 2 else None
+            fix = f"give {channels} values (one per channel) or a single number" if channels else "give a single number (samples have no channel axis)"
+            raise UserError(f"data.preprocess.{name}", f"{len(value)} values for samples of shape {list(sample_shape)}; {fix}")
+    outputs = {}
+    for section_name in ("student", "teacher"):
         section = getattr(spec, section_name)
         if section is not None:
-            _check_model(section, section_name, spec.job_dir)
+            outputs[section_name] = _check_model(section, section_name, spec.job_dir, sample_shape)
+    classes = spec.data.num_classes
+    if classes and outputs.get("student") not in (None, classes):
+        raise UserError("student.kwargs", f"{spec.student.model} gives {outputs['student']} outputs per sample but data.num_classes is {classes}; set its number of classes to {classes}")
+    if None not in (outputs.get("student"), outputs.get("teacher")) and outputs["student"] != outputs["teacher"]:
+        raise UserError("teacher.kwargs", f"the teacher gives {outputs['teacher']} outputs per sample and the student {outputs['student']}; distillation needs the same classes in both")
 
 
-def _check_model(section: ModelSpec, name: str, job_dir: str) -> None:
+def _check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple[int, ...] | None) -> int | None:
+    """Resolve the model, check its kwargs and weights, and return its number of outputs for
+    one sample (found by a forward on the meta device: no memory, no compute), when the sample
+    shape is known."""
     try:
         factory = resolve(section.model, job_dir)
         check_kwargs(section.model, factory, section.kwargs)
@@ -310,6 +325,18 @@ def _check_model(section: ModelSpec, name: str, job_dir: str) -> None:
         raise UserError(f"{name}.model", str(e)) from None
     if section.weights:
         _check_weights(section, name, job_dir, factory)
+    if sample_shape is None:
+        return None
+    import torch
+
+    try:
+        with torch.device("meta"):
+            out = factory(**section.kwargs)(torch.empty((2, *sample_shape)))
+    except Exception as e:  # any failure of the user's forward on this shape is the user's to fix
+        raise UserError(f"{name}.model", f"{section.model} cannot take samples of shape {list(sample_shape)} ({type(e).__name__}: {e}); check data.shape and the model's kwargs") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise UserError(f"{name}.model", f"{section.model} must return logits of shape [batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
+    return int(out.shape[-1])
 
 
 def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None:
@@ -329,9 +356,10 @@ def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None
         with torch.device("meta"):
             model = factory(**section.kwargs)
         found = weights.file_shapes(path)
+        expected = weights.model_shapes(model)  # inside the try: a factory may return a non-Module
     except Exception as e:  # a user's factory or file can fail in any way; report it on one line
         raise UserError(f"{name}.weights", f"cannot read {path} or build the model to check it: {type(e).__name__}: {e}") from None
-    problem = weights.mismatch(weights.model_shapes(model), found)
+    problem = weights.mismatch(expected, found)
     if problem:
         raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
 

@@ -91,31 +91,38 @@ def _parquet_schema(path: str, field: str):
         raise UserError(field, f"cannot read {path} as parquet: {e}") from None
 
 
-def check_source(data: "DataSpec") -> None:
-    """Spec-time checks: the files exist and hold the named columns with a usable shape."""
+def check_source(data: "DataSpec") -> tuple[int, ...] | None:
+    """Spec-time checks: the files exist and hold the named columns with a usable shape and
+    labels. Returns the per-sample feature shape when it is known (None: decided at read time)."""
+    sample_shape = None
     for source, field in ((data.source, "data.source"), (data.eval_source, "data.eval_source")):
         if source is None:
             continue
         k = kind(source)
+        if k == "parquet":
+            _check_path(source, field)
+            if "://" not in source:
+                schema = _parquet_schema(source, field)
+                for col, name in ((data.features, "data.features"), (data.labels, "data.labels"), (data.id_column, "data.id_column")):
+                    if col is not None and col not in schema.names:
+                        raise UserError(name, f"no column '{col}' in {source}; its columns are: {', '.join(schema.names)}")
+            continue
         if k == "builtin":
             name = source.removeprefix("builtin:")
             if name not in BUILTIN_SOURCES:
                 raise UserError(field, f"unknown built-in data set '{name}'; available: {', '.join('builtin:' + b for b in BUILTIN_SOURCES)}")
-            n_features = math.prod(load_builtin(name).x.shape[1:])
-        elif k == "numpy":
-            _check_path(source, field)
-            n_features = math.prod(load_numpy(source, data.features, data.labels, field).x.shape[1:])
         else:
             _check_path(source, field)
-            if "://" in source:
-                continue
-            schema = _parquet_schema(source, field)
-            for col, name in ((data.features, "data.features"), (data.labels, "data.labels"), (data.id_column, "data.id_column")):
-                if col is not None and col not in schema.names:
-                    raise UserError(name, f"no column '{col}' in {source}; its columns are: {', '.join(schema.names)}")
-            n_features = None
-        if data.shape and n_features is not None and math.prod(data.shape) != n_features:
-            raise UserError("data.shape", f"{data.shape} holds {math.prod(data.shape)} values but each sample has {n_features}; use a shape whose product is {n_features}")
+        arrays = load_arrays(source, data, field)
+        shape = tuple(arrays.x.shape[1:])
+        if data.shape and math.prod(data.shape) != math.prod(shape):
+            raise UserError("data.shape", f"{data.shape} holds {math.prod(data.shape)} values but each sample has {math.prod(shape)}; use a shape whose product is {math.prod(shape)}")
+        if data.num_classes is not None and len(arrays.y) and (arrays.y.min() < 0 or arrays.y.max() >= data.num_classes):
+            raise UserError("data.num_classes", f"labels in {os.path.basename(source)} run from {arrays.y.min()} to {arrays.y.max()}, outside 0..{data.num_classes - 1}; fix num_classes or the labels")
+        sample_shape = tuple(data.shape) if data.shape else shape
+    if data.shape:
+        sample_shape = tuple(data.shape)
+    return sample_shape
 
 
 def standardize(batch: dict, features: str, labels: str, id_column: str | None, shape: list[int] | None) -> dict:

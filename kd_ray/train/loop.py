@@ -89,6 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in train_shard.iter_torch_batches(
             batch_size=plan.micro_batch, drop_last=True, device=device,
             prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
+            local_shuffle_buffer_size=plan.micro_batch * 16 if spec["data"]["shuffle"] == "local" else None,
         ):
             wait += time.perf_counter() - fetch_start
             if epoch_steps >= plan.steps_per_epoch or step >= plan.total_steps:

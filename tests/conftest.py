@@ -1,0 +1,115 @@
+"""One real local Ray cluster for the whole test session.
+
+Started with `ray start --head` on 127.0.0.1 (so tests can also `ray job submit` to it and add
+worker nodes), with more logical CPUs than physical cores: Train workers and teacher actors hold
+their CPUs for a whole run, and on 2 cores they would otherwise wait on each other forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, tmp: str):
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.tmp = tmp
+
+    def env(self) -> dict:
+        """Environment for a subprocess (the kd-ray CLI) that should join this cluster."""
+        return {**os.environ, "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"}
+
+    def start(self) -> None:
+        cmd = [
+            "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+            "--num-cpus", "10", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(self.dashboard_port), "--disable-usage-stats",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+
+    def stop(self) -> None:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    cluster = Cluster(str(tmp_path_factory.mktemp("ray")))
+    cluster.start()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.stop()
+
+
+def run_cli(args: list[str], cluster: Cluster | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = cluster.env() if cluster else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "kd_ray", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def write_job(path, job: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return str(path)
+
+
+def digits_job(tmp_path, name: str, **sections) -> dict:
+    """A small job on the built-in digits, in tmp_path; sections override whole keys."""
+    job = {
+        "run": {"name": name, "storage_path": str(tmp_path / "runs"), "seed": 0},
+        "data": {"source": "builtin:digits", "shape": [1, 8, 8], "preprocess": {"scale": 0.0625}, "eval_split": 0.2},
+        "student": {"model": "mlp", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": 32, "depth": 1}},
+        "train": {"epochs": 2, "global_batch_size": 64, "micro_batch_size": 16, "num_workers": 2,
+                  "optimizer": {"name": "adamw", "lr": 0.01}, "log_every": 10},
+    }
+    job.update(sections)
+    return job
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(ray_cluster, tmp_path_factory) -> str:
+    """A conv-net teacher trained once per session through the CLI (a supervised job)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    job = digits_job(tmp, "teacher", student={"model": "convnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16, "blocks": 2}})
+    job["train"].update(epochs=4, micro_batch_size=32, optimizer={"name": "adamw", "lr": 0.003})
+    path = write_job(tmp / "teacher.yaml", job)
+    proc = run_cli(["run", path], ray_cluster)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return str(tmp / "runs" / "teacher" / "student.safetensors")
+
+
+TEACHER_SPEC = {"model": "convnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16, "blocks": 2}}
+
+
+@pytest.fixture
+def wait_for():
+    def _wait(pred, timeout=60.0, interval=0.5):
+        end = time.time() + timeout
+        while time.time() < end:
+            if pred():
+                return True
+            time.sleep(interval)
+        return False
+
+    return _wait

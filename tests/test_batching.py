@@ -1,0 +1,312 @@
+"""Batch arithmetic, the LR schedule, the eval split, the local CPU budget and the data transforms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kd_ray import batching
+from kd_ray.batching import BatchPlan, accumulation_steps, plan, steps_per_epoch, total_steps
+from kd_ray.data import ID, X, Y
+from kd_ray.data.ids import is_eval
+from kd_ray.data.transforms import augment, preprocess
+from kd_ray.errors import UserError
+from kd_ray.train.optim import lr_factor
+
+# ---------------------------------------------------------------------------------------------
+# accumulation_steps
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro, world, expected",
+    [(64, 32, 2, 1), (64, 8, 2, 4), (32, 8, 1, 4), (32, 32, 1, 1), (96, 16, 3, 2), (1, 1, 1, 1), (256, 8, 4, 8)],
+)
+def test_accumulation_steps(global_batch, micro, world, expected):
+    acc = accumulation_steps(global_batch, micro, world)
+    assert acc == expected
+    assert micro * acc * world == global_batch
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro, world, options",
+    [
+        (65, 32, 2, "use 64 or 128,"),
+        (96, 32, 2, "use 64 or 128,"),
+        (30, 8, 2, "use 16 or 32,"),
+        (10, 16, 1, "use 16,"),  # no "0 or 16": a zero batch is never suggested
+        (48, 16, 4, "use 64,"),
+    ],
+)
+def test_accumulation_steps_refuses_uneven_split(global_batch, micro, world, options):
+    with pytest.raises(UserError) as info:
+        accumulation_steps(global_batch, micro, world)
+    e = info.value
+    assert e.field == "train.global_batch_size"
+    assert options in e.message
+    assert f"{micro} x {world} = {micro * world}" in e.message
+    assert "\n" not in str(e)
+    # Every suggested value is a valid global batch for the same micro batch and world size.
+    suggested = [int(v) for v in e.message.split("use ", 1)[1].split(",")[0].split(" or ")]
+    for v in suggested:
+        assert v > 0 and v % (micro * world) == 0
+        accumulation_steps(v, micro, world)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps and epochs
+
+
+@pytest.mark.parametrize("rows, global_batch, expected", [(1437, 64, 22), (64, 64, 1), (127, 64, 1), (128, 64, 2), (1000, 1, 1000)])
+def test_steps_per_epoch(rows, global_batch, expected):
+    assert steps_per_epoch(rows, global_batch) == expected
+
+
+@pytest.mark.parametrize(
+    "epochs, max_steps, expected",
+    [
+        (2, None, 44),  # 1437 rows // 64 = 22 steps per epoch
+        (None, 10, 10),
+        (2, 100, 44),  # both: whichever comes first
+        (5, 30, 30),
+        (1, 22, 22),
+        (None, 1000, 1000),  # max_steps alone may exceed one epoch
+    ],
+)
+def test_total_steps(epochs, max_steps, expected):
+    assert total_steps(1437, 64, epochs, max_steps) == expected
+
+
+def test_total_steps_refuses_batch_larger_than_data():
+    with pytest.raises(UserError) as info:
+        total_steps(50, 64, 1, None)
+    assert info.value.field == "train.global_batch_size"
+    assert "50" in info.value.message and "64" in info.value.message
+
+
+def test_plan_and_loss_denominator():
+    p = plan(1000, 64, 8, 2, None, 20)
+    assert p == BatchPlan(global_batch=64, micro_batch=8, world_size=2, accumulation=4, steps_per_epoch=15, total_steps=20)
+    # Samples per worker per optimizer step: each worker's share of the global batch.
+    assert p.loss_denominator == 8 * 4 == p.global_batch // p.world_size
+    assert p.epochs == 2  # 20 steps at 15 per epoch: the second pass is partial
+
+
+@pytest.mark.parametrize(
+    "rows, global_batch, micro, world, epochs, max_steps",
+    [(1000, 64, 8, 2, 3, None), (1437, 64, 32, 2, 5, None), (1437, 64, 16, 1, 5, 50), (100, 32, 4, 4, None, 7), (640, 64, 64, 1, 1, 10)],
+)
+def test_plan_invariants(rows, global_batch, micro, world, epochs, max_steps):
+    p = plan(rows, global_batch, micro, world, epochs, max_steps)
+    assert p.micro_batch * p.accumulation * p.world_size == p.global_batch
+    assert p.loss_denominator * p.world_size == p.global_batch
+    assert p.total_steps == total_steps(rows, global_batch, epochs, max_steps)
+    assert p.epochs == math.ceil(p.total_steps / p.steps_per_epoch)
+    if epochs and not max_steps:
+        assert p.epochs == epochs
+    assert (p.epochs - 1) * p.steps_per_epoch < p.total_steps <= p.epochs * p.steps_per_epoch
+
+
+def test_plan_refuses_uneven_split():
+    with pytest.raises(UserError) as info:
+        batching.plan(1000, 60, 8, 2, 1, None)
+    assert info.value.field == "train.global_batch_size"
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedule
+
+
+def test_lr_warmup_is_linear():
+    factors = [lr_factor(s, 10, 100, 0.0) for s in range(10)]
+    np.testing.assert_allclose(factors, [(s + 1) / 10 for s in range(10)])
+    np.testing.assert_allclose(np.diff(factors), 0.1)
+    assert lr_factor(10, 10, 100, 0.0) == pytest.approx(1.0)
+
+
+def test_lr_no_warmup_starts_at_one():
+    assert lr_factor(0, 0, 100, 0.1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("warmup, total, min_ratio", [(10, 100, 0.0), (0, 50, 0.1), (5, 6, 0.25), (20, 1000, 0.05)])
+def test_lr_cosine_reaches_min_ratio_and_is_monotone(warmup, total, min_ratio):
+    after = [lr_factor(s, warmup, total, min_ratio) for s in range(warmup, total + 1)]
+    assert after[0] == pytest.approx(1.0)
+    assert after[-1] == pytest.approx(min_ratio)
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
+    assert all(min_ratio - 1e-12 <= f <= 1.0 + 1e-12 for f in after)
+    # Past the end (e.g. a resumed run with more steps) it stays at the floor.
+    assert lr_factor(total + 5, warmup, total, min_ratio) == pytest.approx(min_ratio)
+    # Halfway through the cosine: the midpoint between 1 and min_ratio.
+    if (total - warmup) % 2 == 0:
+        mid = warmup + (total - warmup) // 2
+        assert lr_factor(mid, warmup, total, min_ratio) == pytest.approx((1 + min_ratio) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval split
+
+
+def test_is_eval_deterministic_and_fraction():
+    ids = np.arange(100_000, dtype=np.int64)
+    a = is_eval(ids, 0.2, seed=0)
+    b = is_eval(ids.copy(), 0.2, seed=0)
+    assert a.dtype == bool and a.shape == ids.shape
+    np.testing.assert_array_equal(a, b)
+    assert abs(a.mean() - 0.2) < 0.01
+    # Per-id: the same answer whatever batch an id arrives in.
+    np.testing.assert_array_equal(is_eval(ids[5000:5100], 0.2, 0), a[5000:5100])
+    np.testing.assert_array_equal(is_eval(ids[::-1], 0.2, 0), a[::-1])
+
+
+def test_is_eval_differs_by_seed():
+    ids = np.arange(100_000, dtype=np.int64)
+    a, c = is_eval(ids, 0.2, 0), is_eval(ids, 0.2, 1)
+    assert abs(c.mean() - 0.2) < 0.01
+    assert not np.array_equal(a, c)
+    # Independent splits overlap on about fraction^2 of the ids.
+    assert abs((a & c).mean() - 0.04) < 0.01
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.9])
+def test_is_eval_fractions_and_nesting(fraction):
+    ids = np.arange(100_000, dtype=np.int64)
+    m = is_eval(ids, fraction, 3)
+    assert abs(m.mean() - fraction) < 0.01
+    # A larger fraction keeps every id of a smaller one (same hash, higher threshold).
+    assert not (m & ~is_eval(ids, min(fraction + 0.1, 0.99), 3)).any()
+
+
+def test_is_eval_accepts_hash_ids():
+    """Parquet row hashes are arbitrary int64 values, negative ones included."""
+    ids = np.array([-(2**63), -1, 0, 1, 2**63 - 1, 123456789012345], dtype=np.int64)
+    m = is_eval(ids, 0.5, 7)
+    assert m.shape == ids.shape
+    np.testing.assert_array_equal(m, is_eval(ids, 0.5, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local CPU budget (no Ray is started: only the pure function is imported)
+
+
+@pytest.mark.parametrize(
+    "physical, train_cpus, teacher_cpus",
+    [(2, 2, 1), (2, 1, 0), (1, 1, 1), (16, 2, 1), (4, 4, 4), (2, 2.5, 0.5), (64, 8, 16)],
+)
+def test_local_cpu_budget(physical, train_cpus, teacher_cpus):
+    from kd_ray.job import local_cpu_budget
+
+    budget = local_cpu_budget(physical, train_cpus, teacher_cpus)
+    assert isinstance(budget, int)
+    assert budget >= physical
+    # Workers and teacher actors hold their CPUs for the whole run; Ray Data still needs some.
+    assert budget > train_cpus + teacher_cpus
+    assert budget - (train_cpus + teacher_cpus) >= 1
+
+
+def test_local_cpu_budget_on_a_two_core_box():
+    from kd_ray.job import local_cpu_budget
+
+    # The quickstart: 2 workers x 1 CPU and one teacher actor on a 2-core machine.
+    assert local_cpu_budget(2, 2, 1) >= 2 + 1 + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
+    arr.setflags(write=False)
+    return arr
+
+
+def _batch(x: np.ndarray) -> dict:
+    n = len(x)
+    return {ID: _readonly(np.arange(n, dtype=np.int64)), X: _readonly(x), Y: _readonly(np.arange(n, dtype=np.int64) % 10)}
+
+
+def test_preprocess_does_not_modify_read_only_input():
+    x = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32) * 16
+    batch = _batch(x.copy())
+    before = batch[X].copy()
+    out = preprocess(batch, scale=0.0625, mean=0.5, std=0.25)
+    np.testing.assert_array_equal(batch[X], before)
+    assert not batch[X].flags.writeable
+    assert out[X] is not batch[X]
+    assert out[X].dtype == np.float32 and out[X].shape == x.shape
+    np.testing.assert_allclose(out[X], (x * 0.0625 - 0.5) / 0.25, rtol=1e-6)
+    assert out[ID] is batch[ID] and out[Y] is batch[Y]
+
+
+def test_preprocess_integer_input():
+    x = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
+    out = preprocess(_batch(x), scale=1 / 255, mean=0.0, std=1.0)
+    assert out[X].dtype == np.float32
+    np.testing.assert_allclose(out[X], x.astype(np.float32) / 255, rtol=1e-6)
+
+
+def test_preprocess_per_channel_mean_std():
+    rng = np.random.default_rng(1)
+    x = rng.random((5, 3, 4, 4)).astype(np.float32)
+    mean, std = [0.1, 0.2, 0.3], [1.0, 2.0, 4.0]
+    out = preprocess(_batch(x), scale=2.0, mean=mean, std=std)[X]
+    assert out.shape == x.shape and out.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(out[:, c], (x[:, c] * 2.0 - mean[c]) / std[c], rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_per_feature_on_flat_samples():
+    x = np.random.default_rng(2).random((4, 3)).astype(np.float32)
+    out = preprocess(_batch(x), scale=1.0, mean=[1.0, 2.0, 3.0], std=[1.0, 1.0, 2.0])[X]
+    np.testing.assert_allclose(out, (x - np.array([1.0, 2.0, 3.0])) / np.array([1.0, 1.0, 2.0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "noise_std, shift, hflip",
+    [(0.1, 0, False), (0.0, 2, False), (0.0, 0, True), (0.2, 1, True), (0.0, 0, False)],
+)
+def test_augment_does_not_modify_read_only_input_and_keeps_shapes(noise_std, shift, hflip):
+    x = np.random.default_rng(3).random((8, 1, 8, 8)).astype(np.float32)
+    batch = _batch(x.copy())
+    before = batch[X].copy()
+    out = augment(batch, noise_std=noise_std, shift=shift, hflip=hflip, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(batch[X], before)
+    assert not batch[X].flags.writeable
+    assert out[X].shape == x.shape and out[X].dtype == np.float32
+    assert out[X] is not batch[X]
+    assert out[ID] is batch[ID] and out[Y] is batch[Y]
+    if not (noise_std or shift or hflip):
+        np.testing.assert_array_equal(out[X], x)
+
+
+def test_augment_hflip_flips_or_keeps_each_sample():
+    x = np.random.default_rng(4).random((32, 2, 5, 6)).astype(np.float32)
+    out = augment(_batch(x), noise_std=0.0, shift=0, hflip=True, rng=np.random.default_rng(1))[X]
+    same = [np.array_equal(out[i], x[i]) for i in range(len(x))]
+    flipped = [np.array_equal(out[i], x[i][..., ::-1]) for i in range(len(x))]
+    assert all(s or f for s, f in zip(same, flipped))
+    assert any(same) and any(flipped)
+
+
+def test_augment_shift_moves_pixels_with_zero_padding():
+    x = np.random.default_rng(5).random((16, 1, 8, 8)).astype(np.float32) + 1.0  # no zeros in the input
+    out = augment(_batch(x), noise_std=0.0, shift=2, hflip=False, rng=np.random.default_rng(2))[X]
+    for i in range(len(x)):
+        nonzero = out[i][out[i] != 0]
+        assert np.isin(nonzero, x[i]).all()  # every surviving pixel comes from the same sample
+        assert (out[i] != 0).sum() >= 6 * 6  # at most 2 rows and 2 columns shifted out
+
+
+def test_augment_needs_image_shaped_samples_for_shift():
+    with pytest.raises(ValueError, match="data.shape"):
+        augment(_batch(np.zeros((2, 64), np.float32)), noise_std=0.0, shift=1, hflip=False)
+
+
+def test_augment_noise_is_fresh_per_call():
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    a = augment(_batch(x), noise_std=0.1, shift=0, hflip=False)[X]
+    b = augment(_batch(x), noise_std=0.1, shift=0, hflip=False)[X]
+    assert not np.array_equal(a, b)
+    assert 0.05 < a.std() < 0.2
