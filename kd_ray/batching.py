@@ -25,25 +25,15 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
-def steps_per_epoch(num_rows: int, global_batch: int) -> int:
-    """Optimizer steps in one pass over `num_rows` training samples.
-
-    Each worker receives floor(rows / world) rows (Ray's equal split), cut into full micro-batches,
-    grouped into full accumulation windows; the nested floors collapse to floor(rows / global).
-    Samples of an incomplete last global batch are not trained on in that epoch (the order changes
-    every epoch, so a different remainder is left out each time).
-    """
-    return num_rows // global_batch
-
-
 def total_steps(num_rows: int, global_batch: int, epochs: int | None, max_steps: int | None) -> int:
-    per_epoch = steps_per_epoch(num_rows, global_batch)
-    if per_epoch == 0:
+    """Optimizer steps in the run: `epochs` passes over `num_rows` samples, cut into full global
+    batches (a batch may span two passes: the stream holds them in order), capped by max_steps."""
+    if global_batch > num_rows:
         raise UserError(
             "train.global_batch_size",
             f"{global_batch} is larger than the {num_rows} training samples; use at most {num_rows}",
         )
-    budget = [v for v in (epochs * per_epoch if epochs else None, max_steps) if v]
+    budget = [v for v in ((epochs * num_rows) // global_batch if epochs else None, max_steps) if v]
     return min(budget)
 
 
@@ -53,13 +43,21 @@ class BatchPlan:
     micro_batch: int
     world_size: int
     accumulation: int
-    steps_per_epoch: int
+    train_rows: int
     total_steps: int
 
     @property
-    def epochs(self) -> int:
-        """Passes over the data needed to reach total_steps (the last one may be partial)."""
-        return -(-self.total_steps // self.steps_per_epoch)
+    def passes(self) -> int:
+        """Passes over the data the stream must hold to feed total_steps (the last may be cut short)."""
+        return -(-self.total_steps * self.global_batch // self.train_rows)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.train_rows / self.global_batch
+
+    def epochs_done(self, step: int) -> int:
+        """Complete passes over the data after `step` optimizer steps."""
+        return step * self.global_batch // self.train_rows
 
     @property
     def loss_denominator(self) -> int:
@@ -74,6 +72,6 @@ def plan(num_rows: int, global_batch: int, micro_batch: int, world_size: int, ep
         micro_batch=micro_batch,
         world_size=world_size,
         accumulation=accumulation_steps(global_batch, micro_batch, world_size),
-        steps_per_epoch=steps_per_epoch(num_rows, global_batch),
+        train_rows=num_rows,
         total_steps=total_steps(num_rows, global_batch, epochs, max_steps),
     )

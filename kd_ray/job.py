@@ -119,14 +119,13 @@ def format_event(e: dict) -> str | None:
     if kind == "start":
         resumed = f", resumed at step {e['resumed_step']}" if e.get("resumed_step") is not None else ""
         return (f"start: {e['world_size']} worker(s), accumulation {e['accumulation']}, "
-                f"{e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps{resumed}")
+                f"{e['steps_per_epoch']:.1f} steps/epoch, {e['total_steps']} steps{resumed}")
     if kind == "train":
-        return (f"epoch {e['epoch'] + 1} step {e['step']}/{e['total_steps']}  loss {_fmt(e['loss'])}  "
+        return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {_fmt(e['loss'])}  "
                 f"kd {_fmt(e['kd_loss'])}  ce {_fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
                 f"{e['samples_per_second']:.0f} samples/s  data wait {e['data_wait_seconds']:.2f}s")
     if kind == "eval":
-        teacher = f"  teacher acc {e['teacher_eval_accuracy']:.4f}" if "teacher_eval_accuracy" in e else ""
-        return f"eval  epoch {e['epoch'] + 1}: student acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}{teacher}"
+        return f"eval  after epoch {e['epoch']} (step {e['step']}): student acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"
     return None
 
 
@@ -163,7 +162,7 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
 
 
 def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print) -> dict:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from kd_ray.train.loop import train_loop_per_worker
@@ -179,6 +178,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print)
     echo(f"data: {train_rows} train / {eval_rows} eval samples; global batch {plan.global_batch} = "
          f"{plan.micro_batch} x {plan.accumulation} accumulation x {plan.world_size} workers; {plan.total_steps} steps")
 
+    teacher_scores = score_teacher(spec, echo) if spec.teacher else None
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
@@ -188,7 +188,9 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print)
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-        datasets=pipeline.build(spec),
+        datasets=pipeline.build(spec, plan.passes),
+        # The train stream holds its passes in order; keep that order through the split.
+        dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )
     started = time.time()
     summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
@@ -198,9 +200,35 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print)
         summary["error"] = _reason(e)
         _write_summary(spec.run_dir, summary)
         raise RunFailed(summary["error"]) from e
-    summary.update(_summarize(spec, result, events, time.time() - started, train_rows))
+    summary.update(_summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     _write_summary(spec.run_dir, summary)
     return summary
+
+
+def _ordered():
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def score_teacher(spec: JobSpec, echo: Callable[[str], None]) -> dict:
+    """The teacher's accuracy on the eval split, once, before training: its pool runs and is
+    gone before the student's workers and the training pool take their resources."""
+    import torch
+
+    from kd_ray.data import TEACHER, Y
+    from kd_ray.teacher import as_tensor
+    from kd_ray.train.step import teacher_eval_sums
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    for batch in pipeline.with_teacher(pipeline.build_eval(spec), spec).iter_batches(batch_size=1024, batch_format="numpy"):
+        sums += teacher_eval_sums([{TEACHER: as_tensor(batch[TEACHER]), Y: as_tensor(batch[Y])}], torch.device("cpu"))
+    loss, correct, count = sums.tolist()
+    scores = {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
+    echo(f"teacher on the eval split: acc {scores['accuracy']:.4f} loss {scores['loss']:.4f}")
+    return scores
 
 
 class RunFailed(Exception):
@@ -222,28 +250,27 @@ def _check_cluster(spec: JobSpec) -> None:
         raise UserError("teacher.pool.gpus_per_actor", "the Ray cluster has no GPUs for the teacher pool; set it to 0 or run on a GPU cluster")
 
 
-def _summarize(spec: JobSpec, result, events: list[dict], wall: float, train_rows: int) -> dict:
+def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:
     start = next(e for e in events if e["kind"] == "start")
     done = [e for e in events if e["kind"] == "done"]
     evals = [e for e in events if e["kind"] == "eval"]
-    teacher_acc = next((e["teacher_eval_accuracy"] for e in evals if "teacher_eval_accuracy" in e), None)
     last = evals[-1] if evals else {}
     train_seconds = done[-1]["time"] - start["time"] if done else wall
     samples = done[-1]["samples"] if done else 0
-    weights_path = _export(result, spec.run_dir)
+    steps = done[-1]["step"] if done else 0
     return {
         "status": "finished" if done else "failed",
-        "steps": done[-1]["step"] if done else 0,
+        "steps": steps,
         "samples": samples,
-        "epochs": round(samples / max(train_rows, 1), 3),
+        "epochs": round(steps * plan.global_batch / plan.train_rows, 3),
         "train_seconds": round(train_seconds, 3),
         "wall_seconds": round(wall, 3),
         "samples_per_second": round(samples / train_seconds, 2) if train_seconds > 0 else None,
         "world_size": start["world_size"],
         "accumulation": start["accumulation"],
         "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
-        "teacher": {"accuracy": teacher_acc} if spec.teacher else None,
-        "student_weights": weights_path,
+        "teacher": {"accuracy": teacher["accuracy"], "loss": teacher["loss"]} if teacher else None,
+        "student_weights": _export(result, spec.run_dir),
     }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kd_ray import batching
-from kd_ray.batching import BatchPlan, accumulation_steps, plan, steps_per_epoch, total_steps
+from kd_ray.batching import BatchPlan, accumulation_steps, plan, total_steps
 from kd_ray.data import ID, X, Y
 from kd_ray.data.ids import is_eval
 from kd_ray.data.transforms import augment, preprocess
@@ -58,19 +58,15 @@ def test_accumulation_steps_refuses_uneven_split(global_batch, micro, world, opt
 # steps and epochs
 
 
-@pytest.mark.parametrize("rows, global_batch, expected", [(1437, 64, 22), (64, 64, 1), (127, 64, 1), (128, 64, 2), (1000, 1, 1000)])
-def test_steps_per_epoch(rows, global_batch, expected):
-    assert steps_per_epoch(rows, global_batch) == expected
-
-
 @pytest.mark.parametrize(
     "epochs, max_steps, expected",
     [
-        (2, None, 44),  # 1437 rows // 64 = 22 steps per epoch
+        (2, None, 44),  # 2 x 1437 rows // 64: a global batch may span two passes
+        (1, None, 22),
+        (3, None, 67),  # 4311 // 64: the remainders of the passes add up to one more step
         (None, 10, 10),
         (2, 100, 44),  # both: whichever comes first
         (5, 30, 30),
-        (1, 22, 22),
         (None, 1000, 1000),  # max_steps alone may exceed one epoch
     ],
 )
@@ -87,10 +83,11 @@ def test_total_steps_refuses_batch_larger_than_data():
 
 def test_plan_and_loss_denominator():
     p = plan(1000, 64, 8, 2, None, 20)
-    assert p == BatchPlan(global_batch=64, micro_batch=8, world_size=2, accumulation=4, steps_per_epoch=15, total_steps=20)
+    assert p == BatchPlan(global_batch=64, micro_batch=8, world_size=2, accumulation=4, train_rows=1000, total_steps=20)
     # Samples per worker per optimizer step: each worker's share of the global batch.
     assert p.loss_denominator == 8 * 4 == p.global_batch // p.world_size
-    assert p.epochs == 2  # 20 steps at 15 per epoch: the second pass is partial
+    assert p.passes == 2  # 20 x 64 = 1280 samples: the second pass is partial
+    assert p.epochs_done(15) == 0 and p.epochs_done(16) == 1  # 1024 samples complete the first pass
 
 
 @pytest.mark.parametrize(
@@ -102,10 +99,10 @@ def test_plan_invariants(rows, global_batch, micro, world, epochs, max_steps):
     assert p.micro_batch * p.accumulation * p.world_size == p.global_batch
     assert p.loss_denominator * p.world_size == p.global_batch
     assert p.total_steps == total_steps(rows, global_batch, epochs, max_steps)
-    assert p.epochs == math.ceil(p.total_steps / p.steps_per_epoch)
+    # the stream holds enough passes for every step, and not one pass more
+    assert (p.passes - 1) * rows < p.total_steps * global_batch <= p.passes * rows
     if epochs and not max_steps:
-        assert p.epochs == epochs
-    assert (p.epochs - 1) * p.steps_per_epoch < p.total_steps <= p.epochs * p.steps_per_epoch
+        assert p.passes == epochs and p.epochs_done(p.total_steps) == epochs
 
 
 def test_plan_refuses_uneven_split():

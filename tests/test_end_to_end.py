@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_supervised_teacher_job(teacher_weights):
     from kd_ray.data.ids import is_eval
 
     train_rows = int((~is_eval(np.arange(1797), 0.2, 0)).sum())
-    assert summary["steps"] == 4 * (train_rows // 64)  # 4 epochs of full global batches
+    assert summary["steps"] == 4 * train_rows // 64  # 4 passes, cut into full global batches
     assert summary["samples"] == summary["steps"] * 64
     for key in ("status", "steps", "samples", "epochs", "train_seconds", "samples_per_second", "student", "teacher", "student_weights"):
         assert key in summary
@@ -56,7 +57,7 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, teacher_weights, tmp_path):
     proc = run_cli(["run", path], ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "student accuracy" in proc.stdout and "run directory:" in proc.stdout
-    assert "epoch 2 step" in proc.stdout  # a progress line per report
+    assert re.search(r"^epoch 1\.\d\d step \d+/\d+  loss", proc.stdout, re.M)  # a progress line per report
     summary = read_summary(tmp_path / "runs" / "kd_ddp")
     assert summary["teacher"]["accuracy"] > 0.9
     assert_loadable(summary, 0.7)

@@ -6,3 +6,6 @@ and, after the teacher pool, teacher_logits.
 """
 
 ID, X, Y, TEACHER = "id", "x", "y", "teacher_logits"
+
+# Which pass over the data a training row belongs to (the train stream holds all passes).
+EPOCH = "epoch"

@@ -15,13 +15,14 @@ import ray.train.torch
 import torch
 
 from kd_ray import batching
+from kd_ray.data import EPOCH
 from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model, make_importable
 from kd_ray.train import checkpoint
 from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, wrap
 from kd_ray.train.precision import grad_scaler
-from kd_ray.train.step import micro_step, optimizer_step, student_eval_sums, teacher_eval_sums
+from kd_ray.train.step import micro_step, optimizer_step, student_eval_sums
 from kd_ray.weights import load_into
 
 
@@ -58,101 +59,111 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = make_scheduler(optimizer, train["schedule"], plan.total_steps)
     scaler = grad_scaler(train["precision"], device)
 
-    step, start_epoch, samples = 0, 0, 0
+    step, samples = 0, 0
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             counters = checkpoint.restore(d, model, optimizer, scheduler, scaler)
-        step, start_epoch, samples = counters["step"], counters["epoch"], counters["samples"]
+        step, samples = counters["step"], counters["samples"]
     say("start", world_size=world, accumulation=plan.accumulation, total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch, resumed_step=step if resumed else None)
 
     def save(final: bool, metrics: dict) -> None:
         info = {"model": spec["student"]["model"], "kwargs": spec["student"]["kwargs"], "step": step, "metrics": metrics}
         with tempfile.TemporaryDirectory() as d:
-            wrote = checkpoint.write(d, model, optimizer, scheduler, scaler, {"step": step, "epoch": epoch + (1 if final or epoch_done else 0), "samples": samples}, info)
+            wrote = checkpoint.write(d, model, optimizer, scheduler, scaler, {"step": step, "samples": samples}, info)
             ckpt = ray.train.Checkpoint.from_directory(d) if wrote else None
             ray.train.report({**metrics, "step": step, "final": final}, checkpoint=ckpt)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_every = spec["eval"]["every_epochs"]
-    teacher_scored = not has_teacher
+    eval_every, ckpt_every, log_every = spec["eval"]["every_epochs"], spec["checkpoint"]["every_steps"], train["log_every"]
+    meter = Meter(device)
     last_eval: dict = {}
-    epoch, epoch_done = start_epoch, False
-    for epoch in range(start_epoch, plan.epochs):
-        epoch_done = False
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # kd, ce, correct, count
-        micro, epoch_steps, window_samples = 0, 0, 0
-        window_start = time.perf_counter()
-        wait = 0.0
-        fetch_start = time.perf_counter()
-        for batch in train_shard.iter_torch_batches(
-            batch_size=plan.micro_batch, drop_last=True, device=device,
-            prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
-            local_shuffle_buffer_size=plan.micro_batch * 16 if spec["data"]["shuffle"] == "local" else None,
-        ):
-            wait += time.perf_counter() - fetch_start
-            if epoch_steps >= plan.steps_per_epoch or step >= plan.total_steps:
-                # Micro-batches past the last full global batch: drained so every rank ends the
-                # epoch's stream together, but not trained on.
-                fetch_start = time.perf_counter()
-                continue
-            boundary = (micro + 1) % plan.accumulation == 0
-            terms = micro_step(
-                model, batch, temperature=distill["temperature"], alpha=distill["alpha"],
-                denominator=plan.loss_denominator, precision=train["precision"], device=device,
-                scaler=scaler, sync=boundary,
-            )
-            sums += torch.stack([terms.kd_sum.double(), terms.ce_sum.double(), terms.correct.double(),
-                                 torch.tensor(plan.micro_batch, dtype=torch.float64, device=device)])
-            micro += 1
-            if boundary:
-                grad_norm = optimizer_step(model, optimizer, scheduler, scaler, train["grad_clip"])
-                step += 1
-                epoch_steps += 1
-                samples += plan.global_batch
-                window_samples += plan.global_batch
-                if step % train["log_every"] == 0 or epoch_steps == plan.steps_per_epoch or step == plan.total_steps:
-                    kd, ce, correct, count = all_reduce_sum(sums.clone()).tolist()  # the one sync per log line
-                    elapsed = time.perf_counter() - window_start
-                    wait_all = all_reduce_sum(torch.tensor([wait], dtype=torch.float64, device=device)).item() / world
-                    say("train", epoch=epoch, step=step, total_steps=plan.total_steps,
-                        loss=(distill["alpha"] * kd + (1 - distill["alpha"]) * ce) / count if has_teacher else ce / count,
-                        kd_loss=kd / count if has_teacher else None, ce_loss=ce / count, train_accuracy=correct / count,
-                        lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), samples_per_second=window_samples / elapsed,
-                        data_wait_seconds=wait_all, samples=samples)
-                    sums.zero_()
-                    window_samples, wait, window_start = 0, 0.0, time.perf_counter()
-                every = spec["checkpoint"]["every_steps"]
-                if every and step % every == 0 and step < plan.total_steps:
-                    save(False, {})
-            fetch_start = time.perf_counter()
-
-        epoch_done = True
-        last_epoch = epoch == plan.epochs - 1 or step >= plan.total_steps
-        if last_epoch or (eval_every and (epoch + 1) % eval_every == 0):
-            last_eval = evaluate(model, spec, device, epoch)
-            if not teacher_scored:
-                last_eval.update(evaluate_teacher(device))
-                teacher_scored = True
-            say("eval", epoch=epoch, step=step, **last_eval)
+    micro = 0
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=plan.micro_batch, drop_last=True, device=device,
+        prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
+        local_shuffle_buffer_size=plan.micro_batch * 16 if spec["data"]["shuffle"] == "local" else None,
+    )
+    # One stream holds every pass over the data, in order (see kd_ray.data.pipeline).
+    for batch in meter.timed(batches):
         if step >= plan.total_steps:
-            break
+            break  # every rank reaches the last step on the same micro-batch
+        if resumed and int(batch[EPOCH].max()) < plan.epochs_done(step):
+            continue  # a pass the checkpoint had already completed
+        boundary = (micro + 1) % plan.accumulation == 0
+        terms = micro_step(
+            model, batch, temperature=distill["temperature"], alpha=distill["alpha"],
+            denominator=plan.loss_denominator, precision=train["precision"], device=device,
+            scaler=scaler, sync=boundary,
+        )
+        meter.add(terms, plan.micro_batch)
+        micro += 1
+        if not boundary:
+            continue
+        grad_norm = optimizer_step(model, optimizer, scheduler, scaler, train["grad_clip"])
+        step += 1
+        samples += plan.global_batch
+        epoch_ended = plan.epochs_done(step) > plan.epochs_done(step - 1)
+        last = step == plan.total_steps
+        if step % log_every == 0 or epoch_ended or last:
+            kd, ce, correct, count, wait, elapsed, window = meter.collect(world)  # the one sync per log line
+            alpha = distill["alpha"] if has_teacher else 0.0
+            say("train", epoch=step * plan.global_batch / plan.train_rows, step=step, total_steps=plan.total_steps,
+                loss=(alpha * kd + (1 - alpha) * ce) / count, kd_loss=kd / count if has_teacher else None,
+                ce_loss=ce / count, train_accuracy=correct / count, lr=scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm), samples_per_second=window * world / elapsed,
+                data_wait_seconds=wait, samples=samples)
+        done_epochs = plan.epochs_done(step)
+        if last or (epoch_ended and eval_every and done_epochs % eval_every == 0):
+            last_eval = evaluate(model, spec, device)
+            say("eval", epoch=done_epochs, step=step, **last_eval)
+        if ckpt_every and step % ckpt_every == 0 and not last:
+            save(False, {})
 
-    save(True, {**last_eval, "samples": samples, "epochs": epoch + 1})
+    save(True, {**last_eval, "samples": samples})
     say("done", step=step, samples=samples)
 
 
-def evaluate(model: torch.nn.Module, spec: dict, device: torch.device, epoch: int) -> dict:
+class Meter:
+    """Training sums and timings between two log lines, kept on the device until collected."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # kd, ce, correct, count
+        self.wait = 0.0
+        self.start = time.perf_counter()
+        self.window = 0
+
+    def timed(self, batches):
+        """Yield batches, adding up the time spent waiting for each."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t0
+            yield batch
+
+    def add(self, terms, n: int) -> None:
+        self.sums += torch.stack([terms.kd_sum.double(), terms.ce_sum.double(), terms.correct.double(),
+                                  torch.tensor(n, dtype=torch.float64, device=self.device)])
+        self.window += n
+
+    def collect(self, world: int) -> tuple:
+        """All-reduce the window over ranks and reset it: (kd, ce, correct, count, mean data wait,
+        seconds, samples on this rank)."""
+        packed = torch.cat([self.sums, torch.tensor([self.wait], dtype=torch.float64, device=self.device)])
+        kd, ce, correct, count, wait = all_reduce_sum(packed).tolist()
+        out = (kd, ce, correct, count, wait / world, time.perf_counter() - self.start, self.window)
+        self.sums.zero_()
+        self.wait, self.window, self.start = 0.0, 0, time.perf_counter()
+        return out
+
+
+def evaluate(model: torch.nn.Module, spec: dict, device: torch.device) -> dict:
     shard = ray.train.get_dataset_shard("eval")
     batches = shard.iter_torch_batches(batch_size=spec["eval"]["batch_size"], device=device)
     loss, correct, count = all_reduce_sum(student_eval_sums(model, batches, spec["train"]["precision"], device)).tolist()
     return {"eval_loss": loss / max(count, 1), "eval_accuracy": correct / max(count, 1), "eval_samples": int(count)}
-
-
-def evaluate_teacher(device: torch.device) -> dict:
-    shard = ray.train.get_dataset_shard("teacher_eval")
-    batches = shard.iter_torch_batches(batch_size=512, device=device)
-    loss, correct, count = all_reduce_sum(teacher_eval_sums(batches, device)).tolist()
-    return {"teacher_eval_loss": loss / max(count, 1), "teacher_eval_accuracy": correct / max(count, 1)}
-
