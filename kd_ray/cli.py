@@ -16,6 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="path of the YAML job file")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
+    run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors")
     ev = sub.add_parser("eval", help="evaluate an exported student on a job's eval split")
     ev.add_argument("job")
     ev.add_argument("overrides", nargs="*")
@@ -56,7 +57,7 @@ def _dispatch(args) -> int:
     from kd_ray.job import RunFailed, print_summary, run
 
     try:
-        summary = run(spec, fresh=args.fresh)
+        summary = run(spec, fresh=args.fresh, verbose=args.verbose)
     except RunFailed as e:
         print(f"kd-ray: run failed: {e}", file=sys.stderr)
         return e.exit_code

@@ -40,10 +40,15 @@ def local_cpu_budget(physical: int, train_cpus: float, teacher_cpus: float) -> i
     return int(max(physical, train_cpus + teacher_cpus + data_tasks + 1))
 
 
-def ensure_ray(spec: JobSpec) -> None:
+def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start an embedded one.
+
+    The embedded instance keeps workers' and actors' own logs in Ray's session directory
+    (printed on failure) unless `verbose`: kd_ray's progress lines are what a user follows.
+    """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit` or a user's cluster
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
     train_cpus = spec.train.num_workers * spec.train.cpus_per_worker
@@ -56,13 +61,17 @@ def ensure_ray(spec: JobSpec) -> None:
         _node_ip_address="127.0.0.1",  # an embedded instance talks to itself over loopback only
         configure_logging=True,
         logging_level="warning",
+        log_to_driver=verbose,
     )
 
 
 def quiet_data() -> None:
+    import logging
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 @ray.remote(num_cpus=0)
@@ -161,14 +170,14 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
 # The run
 
 
-def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print) -> dict:
+def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print, verbose: bool = False) -> dict:
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from kd_ray.train.loop import train_loop_per_worker
 
     note = prepare_run_dir(spec, fresh)
-    ensure_ray(spec)
+    ensure_ray(spec, verbose)
     quiet_data()
     _check_cluster(spec)
     train_rows, eval_rows = pipeline.split_rows(spec)
@@ -199,10 +208,19 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print)
     except Exception as e:
         summary["error"] = _reason(e)
         _write_summary(spec.run_dir, summary)
+        if _session_logs():
+            echo(f"workers' and actors' logs: {_session_logs()}")
         raise RunFailed(summary["error"]) from e
     summary.update(_summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     _write_summary(spec.run_dir, summary)
     return summary
+
+
+def _session_logs() -> str | None:
+    try:  # no public API names the session directory
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:
+        return None
 
 
 def _ordered():
