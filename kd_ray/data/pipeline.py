@@ -101,6 +101,9 @@ def build(spec: "JobSpec", passes: int, first_epoch: int = 0) -> dict[str, "ray.
     """The train stream (passes `first_epoch` .. `passes - 1`, in order) and the eval split."""
     train_src, eval_src = _sources(spec)
     base = _preprocessed(train_src, spec)
+    if sources.kind(spec.data.source) != "parquet":
+        # Already held in memory whole: split and preprocess it once, not once per pass.
+        base = base.materialize()
     views = [_one_pass(base, spec, e) for e in range(first_epoch, passes)]
     train = views[0].union(*views[1:]) if len(views) > 1 else views[0]
     if spec.teacher is not None:
