@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs on every student worker.
 
-Reads top to bottom as a recipe: build the student, wrap it, then for each epoch stream
-(inputs, teacher logits) batches from this worker's shard, take micro-steps, update on the
-accumulation boundary, log, checkpoint, evaluate, and finally export the student.
+Reads top to bottom as a recipe: build the student, wrap it, then stream (inputs, teacher
+logits) micro-batches from this worker's shard (every pass over the data, in order), take
+micro-steps, update on the accumulation boundary, log, evaluate at the end of each epoch,
+checkpoint, and finally export the student.
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""cluster.yaml is a valid Ray autoscaler config, checked offline with Ray's own schema and
+validation, and it offers the custom resources the GPU job files pin to."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jsonschema
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from conftest import ROOT
+from kd_ray.spec import JobSpec
+
+CLUSTER = os.path.join(ROOT, "cluster.yaml")
+
+
+def load() -> dict:
+    with open(CLUSTER) as f:
+        return yaml.safe_load(f)
+
+
+def test_valid_against_rays_schema_and_validation():
+    raw = load()
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
+        jsonschema.validate(raw, json.load(f))
+    validate_config(prepare_config(copy.deepcopy(raw)))
+
+
+def test_head_runs_no_work_and_workers_are_spot():
+    raw = load()
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0} and "InstanceMarketOptions" not in head["node_config"]
+    for name in ("teacher_gpu", "student_gpu"):
+        assert types[name]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert types[name]["min_workers"] <= types[name]["max_workers"]
+    assert any("pip install -e /home/ubuntu/kd_ray" in c for c in raw["setup_commands"])
+    assert any("/mnt/shared" in c for c in raw["setup_commands"])
+
+
+def test_gpu_job_resources_exist_on_the_node_types():
+    with open(os.path.join(ROOT, "jobs", "resnet50_to_resnet18.yaml")) as f:
+        job = yaml.safe_load(f)
+    spec = JobSpec.model_validate(job)  # schema only: the job's data lives on the cluster
+    types = load()["available_node_types"]
+    teacher_node = next(t for t in types.values() if set(spec.teacher.pool.resources) <= set(t.get("resources", {})))
+    student_node = next(t for t in types.values() if set(spec.train.resources_per_worker) <= set(t.get("resources", {})))
+    assert teacher_node is not student_node
+    # the whole student group fits on the student nodes at their maximum count
+    per_node = next(iter(spec.train.resources_per_worker.values()))
+    capacity = student_node["max_workers"] * student_node["resources"]["student_node"] // per_node
+    assert capacity >= spec.train.num_workers
+    assert spec.run.storage_path.startswith("/mnt/shared")
