@@ -93,6 +93,9 @@ class ProgressBoard:
 # Run directory
 
 
+RESUMING = "resuming from its latest checkpoint"
+
+
 def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
     """Returns a note for the user. A finished run (or --fresh) is moved aside, never deleted."""
     run_dir = spec.run_dir
@@ -104,7 +107,7 @@ def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
         archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(run_dir, archived)
         return f"previous run moved to {archived}"
-    return "resuming from its latest checkpoint"
+    return RESUMING
 
 
 def _read_summary(run_dir: str) -> dict:
@@ -187,6 +190,8 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     echo(f"data: {train_rows} train / {eval_rows} eval samples; global batch {plan.global_batch} = "
          f"{plan.micro_batch} x {plan.accumulation} accumulation x {plan.world_size} workers; {plan.total_steps} steps")
 
+    # A resumed run's stream starts at the pass its checkpoint is in (that pass is replayed).
+    resumed_step = checkpoint.latest_step(spec.run_dir) if note == RESUMING else 0
     teacher_scores = score_teacher(spec, echo) if spec.teacher else None
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
@@ -197,7 +202,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-        datasets=pipeline.build(spec, plan.passes),
+        datasets=pipeline.build(spec, plan.passes, first_epoch=plan.epochs_done(resumed_step)),
         # The train stream holds its passes in order; keep that order through the split.
         dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )

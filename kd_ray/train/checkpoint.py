@@ -22,6 +22,20 @@ STUDENT_INFO = "student.json"
 TRAIN_STATE = "train_state.pt"
 
 
+def latest_step(run_dir: str) -> int:
+    """The step of the checkpoint Ray Train will restore for this run directory (0 if none).
+
+    Read from Ray's own record of registered checkpoints, so the driver can start the data
+    stream at the pass that step is in, before the workers restore it.
+    """
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("step", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

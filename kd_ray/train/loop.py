@@ -16,7 +16,6 @@ import ray.train.torch
 import torch
 
 from kd_ray import batching
-from kd_ray.data import EPOCH
 from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model, make_importable
 from kd_ray.train import checkpoint
@@ -89,8 +88,6 @@ def train_loop_per_worker(config: dict) -> None:
     for batch in meter.timed(batches):
         if step >= plan.total_steps:
             break  # every rank reaches the last step on the same micro-batch
-        if resumed and int(batch[EPOCH].max()) < plan.epochs_done(step):
-            continue  # a pass the checkpoint had already completed
         boundary = (micro + 1) % plan.accumulation == 0
         terms = micro_step(
             model, batch, temperature=distill["temperature"], alpha=distill["alpha"],
