@@ -1,0 +1,67 @@
+"""Weights on disk (safetensors, .pt, wrapper prefixes, mismatches) and source batches, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ray import weights
+from kd_ray.data import ID, X, Y
+from kd_ray.data.sources import standardize
+from kd_ray.models import convnet, mlp
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_round_trip(tmp_path, suffix):
+    src, dst = mlp(hidden=8, depth=1), mlp(hidden=8, depth=1)
+    path = str(tmp_path / f"w{suffix}")
+    if suffix == ".pt":
+        torch.save({"state_dict": src.state_dict()}, path)  # a common training-script layout
+    else:
+        weights.save(src.state_dict(), path)
+    weights.load_into(dst, path)
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ddp_and_compile_prefixes_are_dropped(tmp_path):
+    src = mlp(hidden=8, depth=1)
+    prefixed = {f"_orig_mod.module.{k}": v for k, v in src.state_dict().items()}
+    path = str(tmp_path / "w.safetensors")
+    weights.save(prefixed, path)
+    assert all(not k.startswith(("_orig_mod", "module")) for k in weights.file_shapes(path))
+    weights.load_into(mlp(hidden=8, depth=1), path)
+
+
+def test_mismatch_names_the_tensors(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    weights.save(mlp(hidden=8, depth=1).state_dict(), path)
+    with pytest.raises(weights.WeightsError) as info:
+        weights.load_into(mlp(hidden=16, depth=1), path)
+    msg = str(info.value)
+    assert "shape mismatch" in msg and "1.weight (8, 64) != (16, 64)" in msg
+    with pytest.raises(weights.WeightsError) as info:
+        weights.load_into(convnet(width=4, blocks=1), path)
+    assert "missing" in str(info.value) and "unexpected" in str(info.value)
+
+
+def test_save_is_atomic(tmp_path):
+    path = tmp_path / "w.safetensors"
+    weights.save(mlp(hidden=8, depth=1).state_dict(), str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary left behind
+
+
+def test_standardize_lists_and_tensors():
+    flat = np.arange(2 * 64, dtype=np.float64).reshape(2, 64)
+    as_lists = np.empty(2, dtype=object)
+    as_lists[0], as_lists[1] = flat[0], flat[1]
+    for features in (as_lists, flat, flat.reshape(2, 1, 8, 8)):
+        batch = {"f": features, "label": np.array([3, 4]), "row_hash": np.array([2**63 + 5, 7], dtype=np.uint64)}
+        out = standardize(batch, "f", "label", None, [1, 8, 8])
+        assert out[X].shape == (2, 1, 8, 8) and out[X].dtype == np.float32
+        assert out[Y].dtype == np.int64 and out[ID].dtype == np.int64
+        np.testing.assert_array_equal(out[X].reshape(2, 64), flat)
+    # a user id column wins over the row hash
+    out = standardize({"f": flat, "label": np.array([1, 2]), "sid": np.array([10, 11])}, "f", "label", "sid", None)
+    assert out[ID].tolist() == [10, 11] and out[X].shape == (2, 64)
