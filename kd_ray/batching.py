@@ -66,12 +66,24 @@ class BatchPlan:
         return self.micro_batch * self.accumulation
 
 
-def plan(num_rows: int, global_batch: int, micro_batch: int, world_size: int, epochs: int | None, max_steps: int | None) -> BatchPlan:
+def rows_used_per_pass(num_rows: int, micro_batch: int, world_size: int) -> int:
+    """When each pass is its own stream, each worker gets floor(rows / world) of it and drops its
+    last partial micro-batch: these are the rows that reach the student in one pass."""
+    return (num_rows // world_size // micro_batch) * micro_batch * world_size
+
+
+def plan(num_rows: int, global_batch: int, micro_batch: int, world_size: int, epochs: int | None, max_steps: int | None,
+         stream_per_pass: bool = False) -> BatchPlan:
+    """The batch plan; `stream_per_pass` when every pass is iterated as a stream of its own
+    (rather than all passes in one stream, where a global batch may span two passes)."""
+    accumulation = accumulation_steps(global_batch, micro_batch, world_size)
+    if stream_per_pass:
+        num_rows = rows_used_per_pass(num_rows, micro_batch, world_size)
     return BatchPlan(
         global_batch=global_batch,
         micro_batch=micro_batch,
         world_size=world_size,
-        accumulation=accumulation_steps(global_batch, micro_batch, world_size),
+        accumulation=accumulation,
         train_rows=num_rows,
         total_steps=total_steps(num_rows, global_batch, epochs, max_steps),
     )

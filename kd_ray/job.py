@@ -99,10 +99,13 @@ RESUMING = "resuming from its latest checkpoint"
 def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
     """Returns a note for the user. A finished run (or --fresh) is moved aside, never deleted."""
     run_dir = spec.run_dir
-    if "://" in run_dir or not os.path.isdir(run_dir):
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return None
+    names = os.listdir(run_dir)
+    if SUMMARY not in names and "checkpoint_manager_snapshot.json" not in names and not any(n.startswith("checkpoint_") for n in names):
+        raise UserError("run.name", f"{run_dir} exists and is not a kd_ray run; choose another run.name or run.storage_path")
     finished = _read_summary(run_dir).get("status") == "finished"
-    has_checkpoint = any(n.startswith("checkpoint_") for n in os.listdir(run_dir))
+    has_checkpoint = any(n.startswith("checkpoint_") for n in names)
     if fresh or finished or not has_checkpoint:
         archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(run_dir, archived)
@@ -182,27 +185,31 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     note = prepare_run_dir(spec, fresh)
     ensure_ray(spec, verbose)
     quiet_data()
-    _check_cluster(spec)
+    _check_cluster(spec, echo)
     train_rows, eval_rows = pipeline.split_rows(spec)
     # Validate the arithmetic for the configured world size before anything starts.
-    plan = batching.plan(train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers, spec.train.epochs, spec.train.max_steps)
+    per_pass = not pipeline.holds_all_passes(spec)
+    plan = batching.plan(train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers,
+                         spec.train.epochs, spec.train.max_steps, stream_per_pass=per_pass)
     echo(f"kd-ray: run {spec.run.name} -> {spec.run_dir}" + (f" ({note})" if note else ""))
     echo(f"data: {train_rows} train / {eval_rows} eval samples; global batch {plan.global_batch} = "
          f"{plan.micro_batch} x {plan.accumulation} accumulation x {plan.world_size} workers; {plan.total_steps} steps")
 
     # A resumed run's stream starts at the pass its checkpoint is in (that pass is replayed).
     resumed_step = checkpoint.latest_step(spec.run_dir) if note == RESUMING else 0
+    first_epoch = min(plan.epochs_done(resumed_step), plan.passes - 1)
     teacher_scores = score_teacher(spec, echo) if spec.teacher else None
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": train_rows},
+        train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": train_rows,
+                           "stream_per_pass": per_pass, "first_epoch": first_epoch},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-        datasets=pipeline.build(spec, plan.passes, first_epoch=plan.epochs_done(resumed_step)),
+        datasets=pipeline.build(spec, plan.passes, first_epoch=first_epoch),
         # The train stream holds its passes in order; keep that order through the split.
         dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )
@@ -265,12 +272,23 @@ def _reason(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _check_cluster(spec: JobSpec) -> None:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if spec.train.use_gpu and gpus < 1:
-        raise UserError("train.use_gpu", "the Ray cluster has no GPUs; set train.use_gpu: false or run on a GPU cluster")
-    if spec.teacher and spec.teacher.pool.gpus_per_actor and gpus < spec.teacher.pool.gpus_per_actor:
-        raise UserError("teacher.pool.gpus_per_actor", "the Ray cluster has no GPUs for the teacher pool; set it to 0 or run on a GPU cluster")
+def _check_cluster(spec: JobSpec, echo: Callable[[str], None]) -> None:
+    """Resources the job asks for that the cluster does not have. An autoscaling cluster (joined
+    through RAY_ADDRESS) may add them on demand, so there it is a warning; an embedded instance
+    never will, so there it is an error rather than a run that waits forever."""
+    have = ray.cluster_resources()
+    wants = [("train.use_gpu", "GPU", 1 if spec.train.use_gpu else 0)]
+    wants += [("train.resources_per_worker", k, v) for k, v in spec.train.resources_per_worker.items()]
+    if spec.teacher:
+        wants.append(("teacher.pool.gpus_per_actor", "GPU", spec.teacher.pool.gpus_per_actor))
+        wants += [("teacher.pool.resources", k, v) for k, v in spec.teacher.pool.resources.items()]
+    for field, name, amount in wants:
+        if amount and have.get(name, 0) < amount:
+            message = f"the Ray cluster has no '{name}' resource now (it has: {', '.join(sorted(have))})"
+            if os.environ.get("RAY_ADDRESS"):
+                echo(f"warning: {field}: {message}; waiting for the autoscaler to add it")
+            else:
+                raise UserError(field, f"{message}; remove it from the job or run on a cluster that has it")
 
 
 def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:
@@ -288,7 +306,8 @@ def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: bat
         "epochs": round(steps * plan.global_batch / plan.train_rows, 3),
         "train_seconds": round(train_seconds, 3),
         "wall_seconds": round(wall, 3),
-        "samples_per_second": round(samples / train_seconds, 2) if train_seconds > 0 else None,
+        # this run's own samples: a resumed run's earlier ones were trained by an earlier driver
+        "samples_per_second": round((samples - done[-1]["resumed_samples"]) / train_seconds, 2) if done and train_seconds > 0 else None,
         "world_size": start["world_size"],
         "accumulation": start["accumulation"],
         "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},

@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_ray.errors import UserError
 from kd_ray.registry import ModelNameError, check_kwargs, resolve
@@ -28,6 +28,13 @@ class RunSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "runs"
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise ValueError("must name a directory of its own, not '.' or '..'")
+        return name
 
 
 class PreprocessSpec(_Section):
@@ -287,7 +294,9 @@ def _check(spec: JobSpec) -> None:
     from kd_ray.data.sources import check_source
     from kd_ray.batching import accumulation_steps
 
-    sample_shape = check_source(spec.data)
+    if "://" in spec.run.storage_path:
+        raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
+    sample_shape, max_label = check_source(spec.data)
     accumulation_steps(spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
@@ -308,6 +317,8 @@ def _check(spec: JobSpec) -> None:
         if section is not None:
             outputs[section_name] = _check_model(section, section_name, spec.job_dir, sample_shape)
     classes = spec.data.num_classes
+    if max_label is not None and outputs.get("student") is not None and max_label >= outputs["student"]:
+        raise UserError("student.kwargs", f"the labels go up to {max_label} but {spec.student.model} gives {outputs['student']} outputs per sample; give it {max_label + 1} classes")
     if classes and outputs.get("student") not in (None, classes):
         raise UserError("student.kwargs", f"{spec.student.model} gives {outputs['student']} outputs per sample but data.num_classes is {classes}; set its number of classes to {classes}")
     if None not in (outputs.get("student"), outputs.get("teacher")) and outputs["student"] != outputs["teacher"]:

@@ -139,6 +139,13 @@ BAD = [
     ("teacher-without-model", None, ["teacher.pool.max_actors=2"], "teacher.model", ["is required"]),
     ("override-without-equals", None, ["train.epochs"], "override", ["not of the form section.key=value"]),
     ("override-into-scalar", None, ["train.epochs.x=1"], "train.epochs", ["is not a section"]),
+    ("run-name-parent", None, ["run.name=.."], "run.name", ["directory of its own"]),
+    ("remote-storage", None, ["run.storage_path=s3://bucket/runs"], "run.storage_path", ["not supported yet", "EFS"]),
+    ("labels-beyond-student-outputs", None, ["student.kwargs.num_classes=5"], "student.kwargs", ["labels go up to 9", "give it 10 classes"]),
+    ("num-classes-vs-student", None, ["data.num_classes=10", "student.kwargs.num_classes=12"], "student.kwargs", ["12 outputs", "num_classes is 10"]),
+    ("student-cannot-take-shape", None, ["data.shape=[64]", "student.model=convnet", "student.kwargs={}"], "student.model",
+     ["cannot take samples of shape [64]"]),
+    ("preprocess-channels", None, ["data.preprocess.mean=[0.1, 0.2]"], "data.preprocess.mean", ["2 values", "1 values (one per channel)"]),
 ]
 
 

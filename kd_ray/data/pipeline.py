@@ -1,14 +1,14 @@
 """JobSpec -> the Ray Datasets the trainer consumes.
 
-    train: source -> split -> preprocess -> [per pass: shuffle(seed, epoch) -> augment] x passes
-           -> teacher pool
+    train: passes over the training split -> preprocess -> augment -> teacher pool
     eval:  source -> split -> preprocess
 
-The training data is ONE stream holding every pass over the data, in pass order, each row
-tagged with its epoch. Ray Data re-executes a dataset, actor pools included, each time it is
-iterated; iterating once per epoch would restart the teacher pool (process start, imports,
-weights) every epoch. One stream starts the pool once per run, and gives every epoch an order
-that is a function of (seed, epoch) alone.
+Ray Data re-executes a dataset, actor pools included, each time it is iterated, so iterating
+once per epoch restarts the teacher pool (process start, imports, weights) every epoch. For
+sources held in memory (numpy, built-in) the train dataset is therefore ONE ordered stream of
+every pass: a linear pipeline whose source emits pass p's rows in an order that is a function of
+(seed, p) alone, so the pool starts once per run and the order survives preserve_order. A
+parquet source is one pass, iterated once per epoch (`holds_all_passes` tells the loop which).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.data import EPOCH, ID, sources
+from kd_ray.data import EPOCH, ID, X, Y, sources
 from kd_ray.data.ids import is_eval, mix64
 from kd_ray.data.transforms import augment, preprocess
 
@@ -63,27 +63,73 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(mix64(np.array([epoch], dtype=np.int64), seed)[0] >> np.uint64(33))
 
 
-def _tag_and_augment(batch: dict, epoch: int, seed: int, augment_args: dict | None) -> dict:
-    out = {**batch, EPOCH: np.full(len(batch[ID]), epoch, dtype=np.int64)}
-    if augment_args and len(batch[ID]):
-        # Seeded by (run seed, epoch, first id of the batch): new views every epoch, the same
-        # views when the same run is replayed.
-        first = np.asarray(batch[ID][:1])
-        rng = np.random.default_rng([epoch_seed(seed, epoch), int(mix64(first, seed)[0] >> np.uint64(1))])
-        out = augment(out, rng=rng, **augment_args)
-    return out
+CHUNK_ROWS = 1024  # rows per read task of an in-memory pass
 
 
-def _one_pass(base: "ray.data.Dataset", spec: "JobSpec", epoch: int) -> "ray.data.Dataset":
-    data, seed = spec.data, spec.run.seed
-    ds = base
-    if data.shuffle == "global":
-        ds = ds.random_shuffle(seed=epoch_seed(seed, epoch))
-    elif data.shuffle == "local":
-        ds = ds.randomize_block_order(seed=epoch_seed(seed, epoch))
-    a = data.augment
-    augment_args = dict(noise_std=a.noise_std, shift=a.shift, hflip=a.hflip) if a.active else None
-    return ds.map_batches(_tag_and_augment, fn_kwargs=dict(epoch=epoch, seed=seed, augment_args=augment_args), batch_format="numpy")
+def holds_all_passes(spec: "JobSpec") -> bool:
+    return sources.kind(spec.data.source) != "parquet"
+
+
+def _augment_pass(batch: dict, epoch: int, seed: int, augment_args: dict) -> dict:
+    """Seeded by (run seed, epoch, first id of the batch): new views every epoch, the same views
+    when the same run is replayed. Parquet passes (epoch -1, unknown) draw fresh entropy."""
+    if not len(batch[ID]):
+        return batch
+    if epoch < 0:
+        return augment(batch, **augment_args)
+    first = np.asarray(batch[ID][:1])
+    rng = np.random.default_rng([epoch_seed(seed, epoch), int(mix64(first, seed)[0] >> np.uint64(1))])
+    return augment(batch, rng=rng, **augment_args)
+
+
+_ARRAYS: dict = {}
+
+
+def _emit_chunk(batch: dict, arrays, n_chunks: int, offset: int, shuffle: bool, seed: int) -> dict:
+    """Rows of chunk j of pass p, for each (pass, chunk) index in the batch."""
+    import ray
+
+    key = arrays.hex()
+    if key not in _ARRAYS:  # once per worker process, not once per chunk
+        _ARRAYS.clear()
+        _ARRAYS[key] = ray.get(arrays)
+    data = _ARRAYS[key]
+    n = len(data[ID])
+    parts = []
+    for index in np.asarray(batch["id"]).tolist():
+        epoch, j = divmod(int(index) + offset, n_chunks)
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(n) if shuffle else np.arange(n)
+        rows = order[j * n // n_chunks:(j + 1) * n // n_chunks]
+        parts.append({ID: data[ID][rows], X: data[X][rows], Y: data[Y][rows], EPOCH: np.full(len(rows), epoch, dtype=np.int64)})
+    return {k: np.concatenate([p[k] for p in parts]) for k in (ID, X, Y, EPOCH)}
+
+
+def _in_memory_passes(spec: "JobSpec", first_epoch: int, passes: int) -> "ray.data.Dataset":
+    import ray
+    import ray.data
+
+    data = spec.data
+    arrays = sources.load_arrays(data.source, data)
+    ids = np.arange(len(arrays.y), dtype=np.int64)
+    keep = np.ones(len(ids), dtype=bool) if data.eval_source else ~is_eval(ids, data.eval_split, spec.run.seed)
+    x = arrays.x[keep]
+    if data.shape:
+        x = x.reshape((len(x), *data.shape))
+    ref = ray.put({ID: ids[keep], X: np.ascontiguousarray(x), Y: arrays.y[keep]})
+    n_chunks = max(1, -(-int(keep.sum()) // CHUNK_ROWS))
+    count = (passes - first_epoch) * n_chunks
+    return ray.data.range(count, override_num_blocks=count).map_batches(
+        _emit_chunk, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(arrays=ref, n_chunks=n_chunks, offset=first_epoch * n_chunks, shuffle=data.shuffle == "global", seed=spec.run.seed),
+    )
+
+
+def _parquet_pass(spec: "JobSpec", train_src: "ray.data.Dataset") -> "ray.data.Dataset":
+    if spec.data.shuffle == "global":
+        return train_src.random_shuffle()  # a new order each time Ray re-executes it (each epoch)
+    if spec.data.shuffle == "local":
+        return train_src.randomize_block_order()
+    return train_src
 
 
 def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec") -> "ray.data.Dataset":
@@ -98,14 +144,24 @@ def build_eval(spec: "JobSpec") -> "ray.data.Dataset":
 
 
 def build(spec: "JobSpec", passes: int, first_epoch: int = 0) -> dict[str, "ray.data.Dataset"]:
-    """The train stream (passes `first_epoch` .. `passes - 1`, in order) and the eval split."""
+    """The train data (every pass from `first_epoch` in one ordered stream, or one pass for
+    parquet: see `holds_all_passes`) and the eval split."""
     train_src, eval_src = _sources(spec)
-    base = _preprocessed(train_src, spec)
-    if sources.kind(spec.data.source) != "parquet":
-        # Already held in memory whole: split and preprocess it once, not once per pass.
-        base = base.materialize()
-    views = [_one_pass(base, spec, e) for e in range(first_epoch, passes)]
-    train = views[0].union(*views[1:]) if len(views) > 1 else views[0]
+    if holds_all_passes(spec):
+        train = _in_memory_passes(spec, min(first_epoch, passes - 1), passes)
+    else:
+        train = _parquet_pass(spec, train_src)
+    train = _preprocessed(train, spec)
+    a = spec.data.augment
+    if a.active:
+        epoch = 0 if holds_all_passes(spec) else -1
+        args = dict(noise_std=a.noise_std, shift=a.shift, hflip=a.hflip)
+        train = train.map_batches(_augment_stream, fn_kwargs=dict(seed=spec.run.seed, augment_args=args, per_pass=epoch == 0), batch_format="numpy")
     if spec.teacher is not None:
         train = with_teacher(train, spec)
     return {"train": train, "eval": _preprocessed(eval_src, spec)}
+
+
+def _augment_stream(batch: dict, seed: int, augment_args: dict, per_pass: bool) -> dict:
+    epoch = int(batch[EPOCH][0]) if per_pass and len(batch[ID]) else -1
+    return _augment_pass(batch, epoch, seed, augment_args)

@@ -91,10 +91,11 @@ def _parquet_schema(path: str, field: str):
         raise UserError(field, f"cannot read {path} as parquet: {e}") from None
 
 
-def check_source(data: "DataSpec") -> tuple[int, ...] | None:
+def check_source(data: "DataSpec") -> tuple[tuple[int, ...] | None, int | None]:
     """Spec-time checks: the files exist and hold the named columns with a usable shape and
-    labels. Returns the per-sample feature shape when it is known (None: decided at read time)."""
-    sample_shape = None
+    labels. Returns the per-sample feature shape and the largest label, where they are known
+    without reading the data (None: decided at read time)."""
+    sample_shape, max_label = None, None
     for source, field in ((data.source, "data.source"), (data.eval_source, "data.eval_source")):
         if source is None:
             continue
@@ -103,9 +104,14 @@ def check_source(data: "DataSpec") -> tuple[int, ...] | None:
             _check_path(source, field)
             if "://" not in source:
                 schema = _parquet_schema(source, field)
+                import pyarrow as pa
+
                 for col, name in ((data.features, "data.features"), (data.labels, "data.labels"), (data.id_column, "data.id_column")):
                     if col is not None and col not in schema.names:
                         raise UserError(name, f"no column '{col}' in {source}; its columns are: {', '.join(schema.names)}")
+                for col, name in ((data.labels, "data.labels"), (data.id_column, "data.id_column")):
+                    if col is not None and not pa.types.is_integer(schema.field(col).type):
+                        raise UserError(name, f"column '{col}' holds {schema.field(col).type}; it must hold integers")
             continue
         if k == "builtin":
             name = source.removeprefix("builtin:")
@@ -120,9 +126,11 @@ def check_source(data: "DataSpec") -> tuple[int, ...] | None:
         if data.num_classes is not None and len(arrays.y) and (arrays.y.min() < 0 or arrays.y.max() >= data.num_classes):
             raise UserError("data.num_classes", f"labels in {os.path.basename(source)} run from {arrays.y.min()} to {arrays.y.max()}, outside 0..{data.num_classes - 1}; fix num_classes or the labels")
         sample_shape = tuple(data.shape) if data.shape else shape
+        if len(arrays.y):
+            max_label = max(int(arrays.y.max()), max_label if max_label is not None else -1)
     if data.shape:
         sample_shape = tuple(data.shape)
-    return sample_shape
+    return sample_shape, max_label
 
 
 def standardize(batch: dict, features: str, labels: str, id_column: str | None, shape: list[int] | None) -> dict:

@@ -20,7 +20,7 @@ from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model, make_importable
 from kd_ray.train import checkpoint
 from kd_ray.train.optim import make_optimizer, make_scheduler
-from kd_ray.train.parallel import all_reduce_sum, wrap
+from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
 from kd_ray.train.precision import grad_scaler
 from kd_ray.train.step import micro_step, optimizer_step, student_eval_sums
 from kd_ray.weights import load_into
@@ -45,7 +45,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    plan = batching.plan(config["train_rows"], train["global_batch_size"], train["micro_batch_size"], world, train["epochs"], train["max_steps"])
+    plan = batching.plan(config["train_rows"], train["global_batch_size"], train["micro_batch_size"], world,
+                         train["epochs"], train["max_steps"], stream_per_pass=config["stream_per_pass"])
     has_teacher = spec["teacher"] is not None
 
     def say(kind: str, **fields) -> None:
@@ -60,15 +61,18 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = grad_scaler(train["precision"], device)
 
     step, samples = 0, 0
+    resumed_samples = 0
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             counters = checkpoint.restore(d, model, optimizer, scheduler, scaler)
         step, samples = counters["step"], counters["samples"]
+    resumed_samples = samples
     say("start", world_size=world, accumulation=plan.accumulation, total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch, resumed_step=step if resumed else None)
 
     def save(final: bool, metrics: dict) -> None:
+        sync_buffers(model, train["strategy"])
         info = {"model": spec["student"]["model"], "kwargs": spec["student"]["kwargs"], "step": step, "metrics": metrics}
         with tempfile.TemporaryDirectory() as d:
             wrote = checkpoint.write(d, model, optimizer, scheduler, scaler, {"step": step, "samples": samples}, info)
@@ -79,13 +83,21 @@ def train_loop_per_worker(config: dict) -> None:
     meter = Meter(device)
     last_eval: dict = {}
     micro = 0
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=plan.micro_batch, drop_last=True, device=device,
-        prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
-        local_shuffle_buffer_size=plan.micro_batch * 16 if spec["data"]["shuffle"] == "local" else None,
-    )
-    # One stream holds every pass over the data, in order (see kd_ray.data.pipeline).
-    for batch in meter.timed(batches):
+    shard = ray.train.get_dataset_shard("train")
+    local = spec["data"]["shuffle"] == "local"
+
+    def stream():
+        """Every remaining pass, in order: one stream, or (parquet) one stream per pass."""
+        rounds = plan.passes - config["first_epoch"] if config["stream_per_pass"] else 1
+        for _ in range(rounds):
+            yield from shard.iter_torch_batches(
+                batch_size=plan.micro_batch, drop_last=True, device=device,
+                prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
+                local_shuffle_buffer_size=plan.micro_batch * 16 if local else None,
+                local_shuffle_seed=spec["run"]["seed"] if local else None,
+            )
+
+    for batch in meter.timed(stream()):
         if step >= plan.total_steps:
             break  # every rank reaches the last step on the same micro-batch
         boundary = (micro + 1) % plan.accumulation == 0
@@ -98,6 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         micro += 1
         if not boundary:
             continue
+        lr = scheduler.get_last_lr()[0]  # the LR this update uses
         grad_norm = optimizer_step(model, optimizer, scheduler, scaler, train["grad_clip"])
         step += 1
         samples += plan.global_batch
@@ -108,18 +121,20 @@ def train_loop_per_worker(config: dict) -> None:
             alpha = distill["alpha"] if has_teacher else 0.0
             say("train", epoch=step * plan.global_batch / plan.train_rows, step=step, total_steps=plan.total_steps,
                 loss=(alpha * kd + (1 - alpha) * ce) / count, kd_loss=kd / count if has_teacher else None,
-                ce_loss=ce / count, train_accuracy=correct / count, lr=scheduler.get_last_lr()[0],
+                ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
                 grad_norm=float(grad_norm), samples_per_second=window * world / elapsed,
                 data_wait_seconds=wait, samples=samples)
         done_epochs = plan.epochs_done(step)
         if last or (epoch_ended and eval_every and done_epochs % eval_every == 0):
+            sync_buffers(model, train["strategy"])
             last_eval = evaluate(model, spec, device)
             say("eval", epoch=done_epochs, step=step, **last_eval)
         if ckpt_every and step % ckpt_every == 0 and not last:
             save(False, {})
 
     save(True, {**last_eval, "samples": samples})
-    say("done", step=step, samples=samples)
+    if rank == 0:  # waited for: the driver reads "done" to call the run finished
+        ray.get(board.push.remote({"kind": "done", "step": step, "samples": samples, "resumed_samples": resumed_samples}))
 
 
 class Meter:

@@ -70,6 +70,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
 
 
+def sync_buffers(model: nn.Module, strategy: str) -> None:
+    """FSDP2 shards parameters but leaves buffers (BatchNorm running stats) per rank, each fed
+    by its own data; average them before evaluating or saving so every rank agrees. DDP
+    broadcasts rank 0's buffers every forward already."""
+    if strategy != "fsdp" or not is_distributed():
+        return
+    world = dist.get_world_size()
+    for buf in unwrap(model).buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+        else:
+            dist.broadcast(buf, src=0)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
