@@ -26,6 +26,21 @@ def kd_job(tmp_path, name, teacher_weights, **train):
     return job
 
 
+def write_digits_parquet(path) -> str:
+    """The digits as a user's parquet directory: two files, features as fixed-length lists."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    path.mkdir()
+    half = len(y) // 2
+    for i, sl in enumerate((slice(0, half), slice(half, None))):
+        table = pa.table({"pixels": pa.array(x[sl].astype(np.float32).tolist(), pa.list_(pa.float32(), 64)), "digit": y[sl]})
+        pq.write_table(table, path / f"part-{i}.parquet")
+    return str(path)
+
+
 def read_summary(run_dir) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
@@ -108,8 +123,6 @@ def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_pa
 @pytest.mark.parametrize("fmt", ["parquet", "npz"])
 def test_file_sources(ray_cluster, tmp_path, fmt):
     """Users' own files: parquet (fixed-length list features) and numpy, with stable ids."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
     from kd_ray.data import sources
@@ -118,13 +131,7 @@ def test_file_sources(ray_cluster, tmp_path, fmt):
 
     x, y = load_digits(return_X_y=True)
     if fmt == "parquet":
-        data_path = tmp_path / "digits"
-        data_path.mkdir()
-        half = len(y) // 2
-        for i, sl in enumerate((slice(0, half), slice(half, None))):
-            table = pa.table({"pixels": pa.array(x[sl].astype(np.float32).tolist(), pa.list_(pa.float32(), 64)), "digit": y[sl]})
-            pq.write_table(table, data_path / f"part-{i}.parquet")
-        data = {"source": str(data_path), "features": "pixels", "labels": "digit"}
+        data = {"source": write_digits_parquet(tmp_path / "digits"), "features": "pixels", "labels": "digit"}
     else:
         data_path = tmp_path / "digits.npz"
         np.savez(data_path, images=x.astype(np.float32), labels=y)
@@ -140,9 +147,10 @@ def test_file_sources(ray_cluster, tmp_path, fmt):
 
 
 def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
-    """A mistake only the data reveals (labels 0..9 for a 5-class student, no data.num_classes
-    to catch it at spec time): non-zero exit, the reason on the last stderr line, a failed summary."""
-    job = digits_job(tmp_path, "broken")
+    """A mistake only the data reveals (labels 0..9 in a user's parquet files, which the spec does
+    not read, for a 5-class student): non-zero exit, the reason in one line, a failed summary."""
+    source = write_digits_parquet(tmp_path / "digits")
+    job = digits_job(tmp_path, "broken", data={"source": source, "features": "pixels", "labels": "digit", "shape": [64]})
     job["student"]["kwargs"]["num_classes"] = 5
     job["train"].update(num_workers=1, epochs=1)
     proc = run_cli(["run", write_job(tmp_path / "broken.yaml", job)], ray_cluster)

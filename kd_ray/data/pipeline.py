@@ -13,6 +13,7 @@ parquet source is one pass, iterated once per epoch (`holds_all_passes` tells th
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,19 +71,26 @@ def holds_all_passes(spec: "JobSpec") -> bool:
     return sources.kind(spec.data.source) != "parquet"
 
 
-def _augment_pass(batch: dict, epoch: int, seed: int, augment_args: dict) -> dict:
-    """Seeded by (run seed, epoch, first id of the batch): new views every epoch, the same views
-    when the same run is replayed. Parquet passes (epoch -1, unknown) draw fresh entropy."""
+def _augment_views(batch: dict, seed: int, augment_args: dict, seeded: bool) -> dict:
+    """Random views, before the teacher. `seeded` (in-memory passes, whose rows carry their
+    epoch): drawn from (run seed, epoch, first id of the batch), so every epoch gets new views
+    and a replay of the run the same ones. Otherwise (parquet) from fresh entropy."""
     if not len(batch[ID]):
         return batch
-    if epoch < 0:
+    if not seeded:
         return augment(batch, **augment_args)
-    first = np.asarray(batch[ID][:1])
+    epoch, first = int(batch[EPOCH][0]), np.asarray(batch[ID][:1])
     rng = np.random.default_rng([epoch_seed(seed, epoch), int(mix64(first, seed)[0] >> np.uint64(1))])
     return augment(batch, rng=rng, **augment_args)
 
 
 _ARRAYS: dict = {}
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+    """The order of pass `epoch`: computed once per process, not once per chunk."""
+    return np.random.default_rng(epoch_seed(seed, epoch)).permutation(n) if shuffle else np.arange(n)
 
 
 def _emit_chunk(batch: dict, arrays, n_chunks: int, offset: int, shuffle: bool, seed: int) -> dict:
@@ -98,8 +106,7 @@ def _emit_chunk(batch: dict, arrays, n_chunks: int, offset: int, shuffle: bool, 
     parts = []
     for index in np.asarray(batch["id"]).tolist():
         epoch, j = divmod(int(index) + offset, n_chunks)
-        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(n) if shuffle else np.arange(n)
-        rows = order[j * n // n_chunks:(j + 1) * n // n_chunks]
+        rows = _pass_order(seed, epoch, n, shuffle)[j * n // n_chunks:(j + 1) * n // n_chunks]
         parts.append({ID: data[ID][rows], X: data[X][rows], Y: data[Y][rows], EPOCH: np.full(len(rows), epoch, dtype=np.int64)})
     return {k: np.concatenate([p[k] for p in parts]) for k in (ID, X, Y, EPOCH)}
 
@@ -154,14 +161,9 @@ def build(spec: "JobSpec", passes: int, first_epoch: int = 0) -> dict[str, "ray.
     train = _preprocessed(train, spec)
     a = spec.data.augment
     if a.active:
-        epoch = 0 if holds_all_passes(spec) else -1
         args = dict(noise_std=a.noise_std, shift=a.shift, hflip=a.hflip)
-        train = train.map_batches(_augment_stream, fn_kwargs=dict(seed=spec.run.seed, augment_args=args, per_pass=epoch == 0), batch_format="numpy")
+        train = train.map_batches(_augment_views, fn_kwargs=dict(seed=spec.run.seed, augment_args=args, seeded=holds_all_passes(spec)), batch_format="numpy")
     if spec.teacher is not None:
         train = with_teacher(train, spec)
     return {"train": train, "eval": _preprocessed(eval_src, spec)}
 
-
-def _augment_stream(batch: dict, seed: int, augment_args: dict, per_pass: bool) -> dict:
-    epoch = int(batch[EPOCH][0]) if per_pass and len(batch[ID]) else -1
-    return _augment_pass(batch, epoch, seed, augment_args)
