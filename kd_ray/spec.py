@@ -374,7 +374,3 @@ def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None
     if problem:
         raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
 
-
-def spec_from_dict(d: dict) -> JobSpec:
-    """Rebuild a spec that was already validated (in workers and actors): no file checks again."""
-    return JobSpec.model_validate(d)

@@ -52,9 +52,10 @@ def _preprocessed(ds: "ray.data.Dataset", spec: "JobSpec") -> "ray.data.Dataset"
     return ds.map_batches(preprocess, fn_kwargs=dict(scale=p.scale, mean=p.mean, std=p.std), batch_format="numpy")
 
 
-def _sources(spec: "JobSpec") -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+def _sources(spec: "JobSpec", arrays: sources.Arrays | None = None) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+    """(train split, eval split) of the source; `arrays`: an in-memory source already loaded."""
     data = spec.data
-    source = sources.read(data.source, data)
+    source = sources.arrays_to_dataset(arrays, data.shape) if arrays is not None else sources.read(data.source, data)
     if data.eval_source:
         return source, sources.read(data.eval_source, data, "data.eval_source")
     return _split(source, spec, False), _split(source, spec, True)
@@ -111,12 +112,11 @@ def _emit_chunk(batch: dict, arrays, n_chunks: int, offset: int, shuffle: bool, 
     return {k: np.concatenate([p[k] for p in parts]) for k in (ID, X, Y, EPOCH)}
 
 
-def _in_memory_passes(spec: "JobSpec", first_epoch: int, passes: int) -> "ray.data.Dataset":
+def _in_memory_passes(spec: "JobSpec", arrays: sources.Arrays, first_epoch: int, passes: int) -> "ray.data.Dataset":
     import ray
     import ray.data
 
     data = spec.data
-    arrays = sources.load_arrays(data.source, data)
     ids = np.arange(len(arrays.y), dtype=np.int64)
     keep = np.ones(len(ids), dtype=bool) if data.eval_source else ~is_eval(ids, data.eval_split, spec.run.seed)
     x = arrays.x[keep]
@@ -153,9 +153,10 @@ def build_eval(spec: "JobSpec") -> "ray.data.Dataset":
 def build(spec: "JobSpec", passes: int, first_epoch: int = 0) -> dict[str, "ray.data.Dataset"]:
     """The train data (every pass from `first_epoch` in one ordered stream, or one pass for
     parquet: see `holds_all_passes`) and the eval split."""
-    train_src, eval_src = _sources(spec)
-    if holds_all_passes(spec):
-        train = _in_memory_passes(spec, min(first_epoch, passes - 1), passes)
+    arrays = sources.load_arrays(spec.data.source, spec.data) if holds_all_passes(spec) else None  # loaded once
+    train_src, eval_src = _sources(spec, arrays)
+    if arrays is not None:
+        train = _in_memory_passes(spec, arrays, min(first_epoch, passes - 1), passes)
     else:
         train = _parquet_pass(spec, train_src)
     train = _preprocessed(train, spec)

@@ -60,16 +60,6 @@ def grad_sync(model: nn.Module, enabled: bool):
             yield
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole student on CPU, on every rank (a collective under FSDP2: all ranks must call)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    inner = unwrap(model)
-    if dist.is_initialized():
-        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-
-
 def sync_buffers(model: nn.Module, strategy: str) -> None:
     """FSDP2 shards parameters but leaves buffers (BatchNorm running stats) per rank, each fed
     by its own data; average them before evaluating or saving so every rank agrees. DDP
