@@ -66,24 +66,31 @@ class BatchPlan:
         return self.micro_batch * self.accumulation
 
 
-def rows_used_per_pass(num_rows: int, micro_batch: int, world_size: int) -> int:
-    """When each pass is its own stream, each worker gets floor(rows / world) of it and drops its
-    last partial micro-batch: these are the rows that reach the student in one pass."""
-    return (num_rows // world_size // micro_batch) * micro_batch * world_size
+def check_world_sizes(global_batch: int, micro_batch: int, low: int, high: int) -> None:
+    """Every world size an elastic group may take must split the global batch evenly: kd_ray
+    keeps the global batch (and so the optimisation) fixed and refuses world sizes that cannot."""
+    bad = [w for w in range(low, high + 1) if global_batch % (micro_batch * w)]
+    if not bad:
+        return
+    if low == high:
+        accumulation_steps(global_batch, micro_batch, low)  # the fixed-size message, with its options
+    fits = [m for m in range(micro_batch, 0, -1) if all(global_batch % (m * w) == 0 for w in range(low, high + 1))]
+    raise UserError(
+        "train.num_workers",
+        f"world size(s) {', '.join(map(str, bad))} in [{low}, {high}] do not split global_batch_size {global_batch} into "
+        f"micro-batches of {micro_batch}; use a range whose every size divides {global_batch // micro_batch}"
+        + (f", or train.micro_batch_size: {fits[0]}" if fits else ""),
+    )
 
 
-def plan(num_rows: int, global_batch: int, micro_batch: int, world_size: int, epochs: int | None, max_steps: int | None,
-         stream_per_pass: bool = False) -> BatchPlan:
-    """The batch plan; `stream_per_pass` when every pass is iterated as a stream of its own
-    (rather than all passes in one stream, where a global batch may span two passes)."""
-    accumulation = accumulation_steps(global_batch, micro_batch, world_size)
-    if stream_per_pass:
-        num_rows = rows_used_per_pass(num_rows, micro_batch, world_size)
+def plan(num_rows: int, global_batch: int, micro_batch: int, world_size: int, epochs: int | None, max_steps: int | None) -> BatchPlan:
+    """The batch plan: the stream holds every epoch back to back, so a global batch may span two
+    epochs and no row is dropped at an epoch's end."""
     return BatchPlan(
         global_batch=global_batch,
         micro_batch=micro_batch,
         world_size=world_size,
-        accumulation=accumulation,
+        accumulation=accumulation_steps(global_batch, micro_batch, world_size),
         train_rows=num_rows,
         total_steps=total_steps(num_rows, global_batch, epochs, max_steps),
     )

@@ -54,12 +54,15 @@ def _dispatch(args) -> int:
         metrics = evaluate_student(spec, args.weights)
         print(json.dumps(metrics, indent=2))
         return 0
-    from kd_ray.job import RunFailed, print_summary, run
+    from kd_ray.job import RunFailed, RunStopped, print_summary, run
 
     try:
         summary = run(spec, fresh=args.fresh, verbose=args.verbose)
     except RunFailed as e:
         print(f"kd-ray: run failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:
+        print(f"kd-ray: {e}", file=sys.stderr)
         return e.exit_code
     print_summary(summary)
     return 0 if summary["status"] == "finished" else 1

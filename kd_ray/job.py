@@ -6,9 +6,11 @@ prints a line per report while it runs, and writes `summary.json` in the run dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -18,7 +20,7 @@ import ray
 from kd_ray import batching
 from kd_ray.data import pipeline
 from kd_ray.errors import UserError
-from kd_ray.spec import JobSpec
+from kd_ray.spec import JobSpec, changed_fields, fingerprint
 from kd_ray.train import checkpoint
 
 SUMMARY = "summary.json"
@@ -51,7 +53,7 @@ def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    train_cpus = spec.train.num_workers * spec.train.cpus_per_worker
+    train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
     teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if spec.teacher else 0
     ray.init(
         num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
@@ -81,12 +83,29 @@ class ProgressBoard:
 
     def __init__(self):
         self.events: list[dict] = []
+        self.position = 0
+        self.stop = False
 
     def push(self, event: dict) -> None:
         self.events.append({**event, "time": time.time()})
 
     def since(self, index: int) -> list[dict]:
         return self.events[index:]
+
+    # The data cursor: rank 0 sets it after restoring a checkpoint, before anyone reads the
+    # stream; the stream's read tasks start from it (see kd_ray.data.pipeline).
+    def set_cursor(self, position: int) -> None:
+        self.position = position
+
+    def cursor(self) -> int:
+        return self.position
+
+    # A stop request (SIGTERM or Ctrl-C to the driver): the workers checkpoint and return.
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +151,13 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 def format_event(e: dict) -> str | None:
     kind = e["kind"]
     if kind == "start":
-        resumed = f", resumed at step {e['resumed_step']}" if e.get("resumed_step") is not None else ""
-        return (f"start: {e['world_size']} worker(s), accumulation {e['accumulation']}, "
+        resumed = f", from step {e['resumed_step']} (data position {e['position']})" if e.get("resumed_step") is not None else ""
+        return (f"start: world size {e['world_size']}, accumulation {e['accumulation']}, "
                 f"{e['steps_per_epoch']:.1f} steps/epoch, {e['total_steps']} steps{resumed}")
+    if kind == "warning":
+        return f"warning: {e['message']}"
+    if kind == "stopped":
+        return f"stopped at step {e['step']} after a checkpoint"
     if kind == "train":
         return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {_fmt(e['loss'])}  "
                 f"kd {_fmt(e['kd_loss'])}  ce {_fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
@@ -177,7 +200,7 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
 
 
 def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print, verbose: bool = False) -> dict:
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from kd_ray.train.loop import train_loop_per_worker
@@ -186,37 +209,47 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     ensure_ray(spec, verbose)
     quiet_data()
     _check_cluster(spec, echo)
-    train_rows, eval_rows = pipeline.split_rows(spec)
-    # Validate the arithmetic for the configured world size before anything starts.
-    per_pass = not pipeline.holds_all_passes(spec)
-    plan = batching.plan(train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers,
-                         spec.train.epochs, spec.train.max_steps, stream_per_pass=per_pass)
-    echo(f"kd-ray: run {spec.run.name} -> {spec.run_dir}" + (f" ({note})" if note else ""))
-    echo(f"data: {train_rows} train / {eval_rows} eval samples; global batch {plan.global_batch} = "
-         f"{plan.micro_batch} x {plan.accumulation} accumulation x {plan.world_size} workers; {plan.total_steps} steps")
+    data = pipeline.Sources(spec)
+    low, high = spec.train.worker_range
+    G, m = spec.train.global_batch_size, spec.train.micro_batch_size
+    # Steps depend on the data and the global batch only, never on the world size.
+    plan = batching.plan(data.train_rows, G, m, high, spec.train.epochs, spec.train.max_steps)
+    fp = fingerprint(spec, data.train_rows)
+    resumed = _resume_point(spec, fp, echo) if note == RESUMING else None
+    echo(f"kd-ray: run {spec.run.name} -> {spec.run_dir}" + (f" ({note})" if note and note != RESUMING else ""))
+    if resumed:
+        echo(f"resuming run {spec.run.name} from step {resumed['step']} (checkpoint {os.path.basename(resumed['path'])})")
+    workers = f"{low} workers" if low == high else f"{low} to {high} workers (elastic)"
+    sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
+    echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
 
-    # A resumed run's stream starts at the pass its checkpoint is in (that pass is replayed).
-    resumed_step = checkpoint.latest_step(spec.run_dir) if note == RESUMING else 0
-    first_epoch = min(plan.epochs_done(resumed_step), plan.passes - 1)
-    teacher_scores = score_teacher(spec, echo) if spec.teacher else None
+    teacher_scores = score_teacher(spec, data, echo) if spec.teacher else None
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": train_rows,
-                           "stream_per_pass": per_pass, "first_epoch": first_epoch},
-        scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources),
+        train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": data.train_rows, "fingerprint": fp,
+                           "run_dir": spec.run_dir, "test": {k: v for k, v in os.environ.items() if k.startswith("KD_RAY_TEST_")}},
+        scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=spec.train.resize_check_seconds),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-        datasets=pipeline.build(spec, plan.passes, first_epoch=first_epoch),
-        # The train stream holds its passes in order; keep that order through the split.
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                             failure_config=FailureConfig(max_failures=spec.run.max_failures)),
+        datasets={
+            # One global batch past the last step: the split's end-of-stream balancing only
+            # ever touches rows no step uses.
+            "train": pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board),
+            "eval": pipeline.build_eval(spec, data),
+        },
+        # The train stream holds the run in order; keep that order through the split.
         dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )
     started = time.time()
     summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     try:
-        result, events = follow(board, trainer.fit, echo)
+        with stop_on_signals(board, spec, echo):
+            result, events = follow(board, trainer.fit, echo)
     except Exception as e:
         summary["error"] = _reason(e)
         _write_summary(spec.run_dir, summary)
@@ -225,7 +258,49 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         raise RunFailed(summary["error"]) from e
     summary.update(_summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     _write_summary(spec.run_dir, summary)
+    if summary["status"] == "stopped":
+        raise RunStopped(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
     return summary
+
+
+def _resume_point(spec: JobSpec, fp: dict, echo: Callable[[str], None]) -> dict | None:
+    """The checkpoint a resumed run continues from; refuses a job file changed incompatibly."""
+    chosen, skipped = checkpoint.pick(spec.run_dir)
+    for path, why in skipped:
+        echo(f"warning: checkpoint {os.path.basename(path)} cannot be used ({why}); "
+             + (f"resuming from {os.path.basename(chosen)} instead" if chosen else "no earlier checkpoint is whole"))
+    if chosen is None:
+        return None
+    state = checkpoint.read_resume(chosen)
+    changes = changed_fields(state.get("fingerprint", {}), fp)
+    if changes:
+        raise UserError("job file", f"run {spec.run.name} was started with different values of {'; '.join(changes)}; "
+                        f"put them back to resume it, or start afresh with --fresh (the old run is kept)")
+    return {**state, "path": chosen}
+
+
+@contextlib.contextmanager
+def stop_on_signals(board, spec: JobSpec, echo: Callable[[str], None]):
+    """SIGTERM or Ctrl-C: ask the workers to checkpoint and return (a second one aborts now)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        board.request_stop.remote()
+        echo(f"stopping: the workers checkpoint within {spec.checkpoint.poll_every_steps} steps and return "
+             "(send it again to abort without a checkpoint)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _session_logs() -> str | None:
@@ -243,7 +318,7 @@ def _ordered():
     return options
 
 
-def score_teacher(spec: JobSpec, echo: Callable[[str], None]) -> dict:
+def score_teacher(spec: JobSpec, data: "pipeline.Sources", echo: Callable[[str], None]) -> dict:
     """The teacher's accuracy on the eval split, once, before training: its pool runs and is
     gone before the student's workers and the training pool take their resources."""
     import torch
@@ -253,7 +328,7 @@ def score_teacher(spec: JobSpec, echo: Callable[[str], None]) -> dict:
     from kd_ray.train.step import teacher_eval_sums
 
     sums = torch.zeros(3, dtype=torch.float64)
-    for batch in pipeline.with_teacher(pipeline.build_eval(spec), spec).iter_batches(batch_size=1024, batch_format="numpy"):
+    for batch in pipeline.with_teacher(pipeline.build_eval(spec, data), spec).iter_batches(batch_size=1024, batch_format="numpy"):
         sums += teacher_eval_sums([{TEACHER: as_tensor(batch[TEACHER]), Y: as_tensor(batch[Y])}], torch.device("cpu"))
     loss, correct, count = sums.tolist()
     scores = {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
@@ -263,6 +338,10 @@ def score_teacher(spec: JobSpec, echo: Callable[[str], None]) -> dict:
 
 class RunFailed(Exception):
     exit_code = 1
+
+
+class RunStopped(Exception):
+    exit_code = 130
 
 
 def _reason(e: BaseException) -> str:
@@ -292,27 +371,34 @@ def _check_cluster(spec: JobSpec, echo: Callable[[str], None]) -> None:
 
 
 def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:
-    start = next(e for e in events if e["kind"] == "start")
+    starts = [e for e in events if e["kind"] == "start"]
     done = [e for e in events if e["kind"] == "done"]
+    stopped = [e for e in events if e["kind"] == "stopped"]
     evals = [e for e in events if e["kind"] == "eval"]
     last = evals[-1] if evals else {}
-    train_seconds = done[-1]["time"] - start["time"] if done else wall
-    samples = done[-1]["samples"] if done else 0
-    steps = done[-1]["step"] if done else 0
+    end = done[-1] if done else (stopped[-1] if stopped else None)
+    train_seconds = end["time"] - starts[0]["time"] if end else wall
+    steps = end["step"] if end else 0
+    samples = steps * plan.global_batch
+    first_position = starts[0]["position"]  # where this driver's run began (a resume: its checkpoint)
     return {
-        "status": "finished" if done else "failed",
+        "status": "finished" if done else ("stopped" if stopped else "failed"),
         "steps": steps,
         "samples": samples,
-        "epochs": round(steps * plan.global_batch / plan.train_rows, 3),
+        "epochs": round(samples / plan.train_rows, 3),
         "train_seconds": round(train_seconds, 3),
         "wall_seconds": round(wall, 3),
-        # this run's own samples: a resumed run's earlier ones were trained by an earlier driver
-        "samples_per_second": round((samples - done[-1]["resumed_samples"]) / train_seconds, 2) if done and train_seconds > 0 else None,
-        "world_size": start["world_size"],
-        "accumulation": start["accumulation"],
+        # this driver's own samples: a resumed run's earlier ones were trained by an earlier one
+        "samples_per_second": round((samples - first_position) / train_seconds, 2) if end and train_seconds > 0 else None,
+        "resumed_from_step": starts[0]["resumed_step"],
+        # worker-group (re)starts after a failure, a resize or a preemption, and their sizes
+        "restarts": len(starts) - 1,
+        "world_sizes": [e["world_size"] for e in starts],
+        "world_size": starts[-1]["world_size"],
+        "accumulation": starts[-1]["accumulation"],
         "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
         "teacher": {"accuracy": teacher["accuracy"], "loss": teacher["loss"]} if teacher else None,
-        "student_weights": _export(result, spec.run_dir),
+        "student_weights": _export(result, spec.run_dir) if done else None,
     }
 
 

@@ -3,11 +3,16 @@
 Losses return *sums over the micro-batch divided by a caller-given denominator* rather than
 means, so that a global batch split into K micro-batches on W workers yields exactly the same
 gradient as one big batch (see `kd_ray.batching.BatchPlan.loss_denominator`).
+
+The teacher's output reaches the loss either as dense logits or as a `TopK` (its k most probable
+classes plus the exact probability mass of the rest), which is what an offline cache stores:
+1000 classes in fp32 are 4000 bytes a sample, the top 10 in fp16 with int16 ids are 44.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +23,15 @@ class LossTerms(NamedTuple):
     kd_sum: torch.Tensor  # detached sums over the micro-batch, for logging
     ce_sum: torch.Tensor
     correct: torch.Tensor
+
+
+class TopK(NamedTuple):
+    """A teacher's output cut to its k most probable classes plus one 'tail' bucket; see `topk_compress`."""
+
+    values: torch.Tensor  # (N, k) teacher log-probabilities at T=1, descending, fp16 or bf16
+    indices: torch.Tensor  # (N, k) their class ids, int16 when every id fits, else int32
+    tail_lse: torch.Tensor  # (N, len(temperatures)) fp32: log sum over the other classes of exp(log p / T)
+    temperatures: tuple[float, ...]  # the T that each tail_lse column is exact for
 
 
 def hinton_kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -34,9 +48,95 @@ def hinton_kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Ten
     return kl * (temperature**2)
 
 
+def topk_index_dtype(num_classes: int) -> torch.dtype:
+    """The narrowest integer type that holds every class id: the one place this is decided."""
+    return torch.int16 if num_classes - 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def topk_compress(
+    teacher_logits: torch.Tensor, k: int, *, temperatures: Union[float, Sequence[float]], dtype: torch.dtype = torch.float16
+) -> TopK:
+    """Keep the teacher's k most probable classes and the exact log-mass of the rest at each T.
+
+    Why log-probabilities at T=1 and not logits: softmax(z / T) is unchanged when a constant is
+    subtracted from z, so log_softmax(z) serves every temperature as well as z does, and it is
+    bounded above by 0, where fp16/bf16 are most precise for the classes that carry the mass.
+
+    Why a tail per temperature: the mass outside the top k at temperature T depends on every
+    discarded logit (log sum_j exp(z_j / T)), so no fixed summary of k values recovers it for a T
+    chosen later. Rather than approximate it (and silently bias the loss), the cache records it
+    exactly for the temperatures the caller names (4 bytes each, fp32 because a tail of 1e-6 and
+    a tail of 0.999 both matter), and the loss refuses any other T.
+    """
+    temperatures = (float(temperatures),) if isinstance(temperatures, (int, float)) else tuple(map(float, temperatures))
+    num_classes = teacher_logits.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k}: must be between 1 and the number of classes ({num_classes})")
+    if not temperatures or min(temperatures) <= 0:
+        raise ValueError(f"temperatures={temperatures}: give at least one, all > 0")
+    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+        log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+        values, indices = log_p.topk(k, dim=-1)
+        tail = log_p.scatter(-1, indices, float("-inf"))  # logsumexp of an empty tail (k = classes) is -inf
+        tail_lse = torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], dim=-1)
+    # A log-prob below the storage type's range would become -inf; its class carries no mass either way.
+    values = values.clamp(min=torch.finfo(dtype).min).to(dtype)
+    return TopK(values, indices.to(topk_index_dtype(num_classes)), tail_lse, temperatures)
+
+
+def _tail_column(temperatures: tuple[float, ...], temperature: float) -> int:
+    for i, t in enumerate(temperatures):
+        if math.isclose(t, temperature, rel_tol=1e-6):
+            return i
+    raise ValueError(
+        f"temperature={temperature}: the cached teacher top-k holds the tail mass only for temperatures "
+        f"{list(temperatures)}; use one of them or rebuild the cache with this temperature"
+    )
+
+
+def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> torch.Tensor:
+    """KL over k+1 buckets (the teacher's top-k classes and everything else) x T^2, per sample, fp32.
+
+    Both distributions are coarse-grained the same way: the teacher's tail bucket holds its exact
+    cached mass, the student's holds log sum_{j not in top-k} exp(s_j / T) - logsumexp(s / T),
+    taken by masking rather than log(1 - sum q_topk), which cancels to noise when the tail is tiny.
+    Nothing is renormalised, so the result is exact bookkeeping, and by the chain rule of KL
+
+        dense KL = this + p_tail x KL(teacher's tail shape || student's tail shape)
+
+    so it never exceeds the dense loss and equals it when k = classes. Its gradient,
+    T (q - p~), pushes the student's total tail mass to the teacher's and spreads it over the tail
+    classes in the student's own proportions (p~_j = p_tail q_j / q_tail).
+    """
+    column = _tail_column(teacher.temperatures, temperature)
+    idx = teacher.indices.long()
+    # Teacher: k+1 log-probabilities that sum to one by construction, whatever the storage rounding.
+    t_top = teacher.values.float() / temperature
+    t_tail = teacher.tail_lse[:, column : column + 1].float()
+    t_buckets = torch.cat([t_top, t_tail], dim=-1)
+    log_p = t_buckets - torch.logsumexp(t_buckets, dim=-1, keepdim=True)
+    # Student: the same buckets. The masked fill is finite, not -inf, so an empty tail (k = classes)
+    # gives a finite log and a zero gradient instead of NaN from exp(-inf - -inf).
+    s = student_logits.float() / temperature
+    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    s_tail = torch.logsumexp(s.masked_fill(in_top, torch.finfo(s.dtype).min), dim=-1, keepdim=True)
+    log_q = torch.cat([s.gather(-1, idx), s_tail], dim=-1) - torch.logsumexp(s, dim=-1, keepdim=True)
+    p = log_p.exp()
+    # Buckets with no teacher mass (an empty tail, an underflowed class) add 0, not 0 x -inf = NaN.
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+    return kl * (temperature**2)
+
+
+def bytes_per_sample(num_classes: int, k: Optional[int] = None, dtype: torch.dtype = torch.float32, num_temperatures: int = 1) -> int:
+    """Storage for one sample's teacher output: dense logits (k=None), or a `TopK` with k classes."""
+    if k is None:
+        return num_classes * dtype.itemsize
+    return k * (dtype.itemsize + topk_index_dtype(num_classes).itemsize) + num_temperatures * torch.float32.itemsize
+
+
 def distill_loss(
     student_logits: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor],
+    teacher_logits: Optional[Union[torch.Tensor, TopK]],
     labels: torch.Tensor,
     *,
     temperature: float,
@@ -45,7 +145,8 @@ def distill_loss(
 ) -> LossTerms:
     """alpha x KD + (1 - alpha) x cross-entropy, summed over samples and divided by `denominator`.
 
-    With no teacher (supervised training) the KD term is absent and alpha is ignored.
+    With no teacher (supervised training) the KD term is absent and alpha is ignored. The teacher
+    is dense logits (live pool, or a dense cache) or a `TopK` from a compressed cache.
     Autocast is switched off so softmax, log and the reductions run in fp32 even when the
     forward pass ran in bf16/fp16.
     """
@@ -56,7 +157,8 @@ def distill_loss(
             kd = torch.zeros_like(ce)
             per_sample = ce
         else:
-            kd = hinton_kd_per_sample(s, teacher_logits, temperature)
+            kd_per_sample = sparse_kd_per_sample if isinstance(teacher_logits, TopK) else hinton_kd_per_sample
+            kd = kd_per_sample(s, teacher_logits, temperature)
             per_sample = alpha * kd + (1.0 - alpha) * ce
         loss = per_sample.sum() / denominator
         correct = (s.argmax(dim=-1) == labels).sum()

@@ -28,6 +28,8 @@ class RunSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "runs"
     seed: int = 0
+    max_failures: int = Field(3, ge=-1, description="worker/node failures to recover from (-1: no limit)")
+    deterministic: bool = Field(False, description="deterministic kernels: a resumed run ends equal to an uninterrupted one")
 
     @field_validator("name")
     @classmethod
@@ -67,6 +69,7 @@ class DataSpec(_Section):
     preprocess: PreprocessSpec = PreprocessSpec()
     augment: AugmentSpec = AugmentSpec()
     shuffle: Literal["global", "local", "none"] = "global"
+    shuffle_window: int = Field(4, ge=1, description="parquet row groups read and shuffled together")
     eval_split: float = Field(0.2, ge=0, lt=1)
     eval_source: Optional[str] = None
 
@@ -123,7 +126,8 @@ class TrainSpec(_Section):
     max_steps: Optional[int] = Field(None, ge=1)
     global_batch_size: int = Field(ge=1)
     micro_batch_size: int = Field(ge=1)
-    num_workers: int = Field(1, ge=1)
+    num_workers: Union[int, tuple[int, int]] = Field(1, description="a number, or [min, max] for an elastic group")
+    resize_check_seconds: float = Field(60, gt=0, description="elastic: how often Ray Train looks for room to grow")
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = {}
@@ -140,12 +144,25 @@ class TrainSpec(_Section):
     def _budget(self):
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set epochs or max_steps (or both: training stops at whichever comes first)")
+        low, high = self.worker_range
+        if low < 1 or high < low:
+            raise ValueError(f"num_workers must be a number >= 1 or [min, max] with 1 <= min <= max (got {self.num_workers})")
         return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else tuple(self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
 
 
 class CheckpointSpec(_Section):
     every_steps: Optional[int] = Field(None, ge=1)
+    every_minutes: Optional[float] = Field(None, gt=0)
     keep: int = Field(2, ge=1)
+    poll_every_steps: int = Field(10, ge=1, description="how often workers check for preemption, a stop request and the timer")
 
 
 class EvalSpec(_Section):
@@ -292,12 +309,12 @@ def _resolve_paths(spec: JobSpec) -> None:
 
 def _check(spec: JobSpec) -> None:
     from kd_ray.data.sources import check_source
-    from kd_ray.batching import accumulation_steps
+    from kd_ray.batching import check_world_sizes
 
     if "://" in spec.run.storage_path:
         raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
     sample_shape, max_label = check_source(spec.data)
-    accumulation_steps(spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.num_workers)
+    check_world_sizes(spec.train.global_batch_size, spec.train.micro_batch_size, *spec.train.worker_range)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
     if spec.teacher is not None:
@@ -374,3 +391,34 @@ def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None
     if problem:
         raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume compatibility
+
+# What a checkpoint's weights, optimizer state and data cursor mean: a resume that changes any of
+# these would train a different run under the old name. Everything else (epochs, max_steps, micro
+# batch, workers, precision, pools, logging, eval, checkpoint cadence) may change between attempts.
+FIXED_ON_RESUME = (
+    "run.seed", "data.source", "data.eval_source", "data.features", "data.labels", "data.id_column", "data.shape",
+    "data.eval_split", "data.shuffle", "data.shuffle_window", "data.preprocess", "data.augment",
+    "student.model", "student.kwargs", "teacher.model", "teacher.kwargs", "teacher.weights",
+    "distill", "train.global_batch_size", "train.optimizer", "train.schedule", "train.grad_clip",
+)
+
+
+def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:
+    """The fields a resume must not change, as JSON-ready values (plus the number of training
+    rows: the same path holding other data is a different run)."""
+    dumped = spec.model_dump(mode="json")
+    out: dict[str, Any] = {"data.train_rows": train_rows}
+    for key in FIXED_ON_RESUME:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import numpy as np
+import ray
 import pytest
 import torch
 
@@ -100,13 +101,15 @@ def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp
 def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_path):
     """The pool's logits, matched by sample id, equal a plain forward of the teacher."""
     from kd_ray.data import ID, TEACHER, X, pipeline
+    from kd_ray.job import ProgressBoard
     from kd_ray.spec import validate
 
     job = kd_job(tmp_path, "pool", teacher_weights)
     job["data"]["shuffle"] = "none"
     job["teacher"]["pool"] = {"min_actors": 1, "max_actors": 2, "batch_size": 50}
     spec = validate(job, job_dir=str(tmp_path))
-    rows = pipeline.build(spec, passes=1)["train"].take_all()
+    data = pipeline.Sources(spec)
+    rows = pipeline.build_train(spec, data, end=data.train_rows, micro_batch=16, board=ProgressBoard.remote()).take_all()
     ids = np.array([r[ID] for r in rows])
     assert len(set(ids.tolist())) == len(ids)  # every sample once, with a stable id
 
@@ -177,26 +180,37 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     assert read_summary(storage / "quickstart")["status"] == "finished"
 
 
-def test_in_memory_stream_holds_every_pass_in_order(ray_cluster, tmp_path):
-    """One stream, pass after pass; each pass holds every training id exactly once, in an order
-    that is a function of (seed, epoch): the same on a rebuild, different from pass to pass."""
-    from kd_ray.data import EPOCH, ID, pipeline
+@pytest.mark.parametrize("fmt", ["builtin", "parquet"])
+def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fmt):
+    """One stream, epoch after epoch: each epoch holds every training id exactly once, in an order
+    that is a function of (seed, epoch), the same on a rebuild and different from epoch to epoch;
+    a cursor set on the board makes the stream start exactly there; blocks are one micro-batch."""
+    from kd_ray.data import ID, POS, pipeline
+    from kd_ray.job import ProgressBoard
     from kd_ray.spec import validate
 
-    spec = validate(digits_job(tmp_path, "stream"), job_dir=str(tmp_path))
+    job = digits_job(tmp_path, "stream")
+    if fmt == "parquet":
+        job["data"].update(source=write_digits_parquet(tmp_path / "digits"), features="pixels", labels="digit", shuffle_window=1)
+    spec = validate(job, job_dir=str(tmp_path))
+    data = pipeline.Sources(spec)
+    n = data.train_rows
 
-    def read(first_epoch=0):
-        ds = pipeline.build(spec, passes=3, first_epoch=first_epoch)["train"]
+    def read(cursor=0):
+        board = ProgressBoard.remote()
+        ray.get(board.set_cursor.remote(cursor))
+        ds = pipeline.build_train(spec, data, end=3 * n, micro_batch=16, board=board)
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
-        rows = list(ds.iter_rows())
-        return np.array([r[EPOCH] for r in rows]), np.array([r[ID] for r in rows])
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        assert all(len(b[ID]) == 16 for b in blocks[:-1])
+        return np.concatenate([b[POS] for b in blocks]), np.concatenate([b[ID] for b in blocks])
 
-    epochs, ids = read()
-    assert (np.diff(epochs) >= 0).all() and set(epochs.tolist()) == {0, 1, 2}
-    passes = [ids[epochs == e] for e in range(3)]
-    train_ids = set(passes[0].tolist())
-    assert all(len(p) == len(train_ids) and set(p.tolist()) == train_ids for p in passes)
-    assert not np.array_equal(passes[0], passes[1])
-    again_epochs, again_ids = read(first_epoch=1)  # a resumed run starts at its pass
-    assert set(again_epochs.tolist()) == {1, 2}
-    np.testing.assert_array_equal(again_ids, ids[epochs >= 1])
+    pos, ids = read()
+    np.testing.assert_array_equal(pos, np.arange(3 * n))
+    epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
+    assert all(len(set(e.tolist())) == n and set(e.tolist()) == set(epochs[0].tolist()) for e in epochs)
+    assert not np.array_equal(epochs[0], epochs[1])
+    cursor = n + 37  # mid-epoch, as after a checkpoint
+    pos_again, ids_again = read(cursor)
+    np.testing.assert_array_equal(pos_again, np.arange(cursor, 3 * n))
+    np.testing.assert_array_equal(ids_again, ids[cursor:])

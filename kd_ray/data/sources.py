@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,43 +146,115 @@ def standardize(batch: dict, features: str, labels: str, id_column: str | None, 
     return {ID: np.asarray(ids).astype(np.int64), X: x, Y: np.asarray(batch[labels]).astype(np.int64)}
 
 
-def arrays_to_dataset(arrays: Arrays, shape: list[int] | None, num_blocks: int = 8) -> "ray.data.Dataset":
+# ---------------------------------------------------------------------------------------------
+# Readers: a source as units (blocks of rows), each readable on its own in any Ray task.
+
+UNIT_ROWS = 1024  # rows per unit of an in-memory source
+
+
+class ArrayReader:
+    """An in-memory source (numpy file or built-in), cut into units of UNIT_ROWS rows; the id of
+    a sample is its row number."""
+
+    random_access = True
+
+    def __init__(self, arrays: Arrays, shape: list[int] | None):
+        x = arrays.x.reshape((len(arrays.x), *shape)) if shape else arrays.x
+        self.x, self.y = np.ascontiguousarray(x), arrays.y
+
+    def unit_ids(self) -> list[np.ndarray]:
+        n = len(self.y)
+        return [np.arange(a, min(a + UNIT_ROWS, n), dtype=np.int64) for a in range(0, n, UNIT_ROWS)]
+
+    def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
+        index = units * UNIT_ROWS + rows
+        return {ID: index.astype(np.int64), X: self.x[index], Y: self.y[index]}
+
+
+class ParquetReader:
+    """Parquet files, one unit per row group, read with pyarrow (local paths or any filesystem
+    pyarrow understands). The id of a sample is the user's id column, or else a hash of the file's
+    path relative to the source and the row's number in that file."""
+
+    random_access = False
+
+    def __init__(self, source: str, data: "DataSpec", field: str):
+        import pyarrow.dataset as pads
+
+        try:
+            ds = pads.dataset(source, format="parquet")
+            fragments = sorted(ds.get_fragments(), key=lambda f: f.path)
+            self.filesystem = ds.filesystem
+            self.units: list[tuple[str, int, int, int]] = []  # (file, row group, rows, first row in file)
+            for frag in fragments:
+                first = 0
+                for rg in frag.ensure_complete_metadata() or frag.row_groups:
+                    self.units.append((frag.path, rg.id, rg.num_rows, first))
+                    first += rg.num_rows
+        except Exception as e:
+            raise UserError(field, f"cannot read {source} as parquet: {e}") from None
+        self.root = source.rstrip("/")
+        self.features, self.labels, self.id_column, self.shape = data.features, data.labels, data.id_column, data.shape
+
+    def _file_key(self, path: str) -> int:
+        rel = os.path.relpath(path, self.root) if path != self.root else os.path.basename(path)
+        return zlib.crc32(rel.encode()) & 0x7FFFFFFF
+
+    def _table(self, u: int, columns: list[str]):
+        import pyarrow.parquet as pq
+
+        path, rg, _, _ = self.units[u]
+        with self.filesystem.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_group(rg, columns=columns)
+
+    def _ids(self, u: int, table) -> np.ndarray:
+        if self.id_column:
+            return np.asarray(table.column(self.id_column).to_numpy(), dtype=np.int64)
+        path, _, n, first = self.units[u]
+        return (np.int64(self._file_key(path)) << np.int64(32)) | np.arange(first, first + n, dtype=np.int64)
+
+    def unit_ids(self) -> list[np.ndarray]:
+        cols = [self.id_column] if self.id_column else []
+        return [self._ids(u, self._table(u, cols)) if cols else self._ids(u, None) for u in range(len(self.units))]
+
+    def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
+        cols = [c for c in (self.features, self.labels, self.id_column) if c]
+        out: dict | None = None
+        for u in np.unique(units):  # each row group read once per chunk
+            picked = np.flatnonzero(units == u)
+            table = self._table(int(u), cols)
+            batch = {self.features: _column(table.column(self.features)), self.labels: _column(table.column(self.labels)),
+                     "row_hash": self._ids(int(u), table)}
+            part = standardize(batch, self.features, self.labels, None, self.shape)
+            if out is None:
+                out = {k: np.empty((len(units), *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+            for k, v in part.items():
+                out[k][picked] = v[rows[picked]]
+        if out is None:
+            return {ID: np.zeros(0, np.int64), X: np.zeros((0, *(self.shape or [0])), np.float32), Y: np.zeros(0, np.int64)}
+        return out
+
+
+def _column(col) -> np.ndarray:
+    """A parquet column as numpy: fixed-size lists and tensors as one array, lists row by row."""
     import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
 
-    n = len(arrays.x)
-    x = arrays.x.reshape((n, *shape)) if shape else arrays.x
-    ids = np.arange(n, dtype=np.int64)
-    bounds = np.linspace(0, n, min(num_blocks, max(n, 1)) + 1).astype(int)
-    tables = [
-        pa.table({ID: ids[a:b], X: ArrowTensorArray.from_numpy(np.ascontiguousarray(x[a:b])), Y: arrays.y[a:b]})
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    return ray.data.from_arrow(tables)
+    col = col.combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        inner = col.flatten().to_numpy(zero_copy_only=False)
+        return inner.reshape(len(col), -1)
+    if isinstance(col.type, pa.ExtensionType) and hasattr(col, "to_numpy"):
+        return np.asarray(col.to_numpy())
+    return col.to_numpy(zero_copy_only=False)
 
 
-def read(source: str, data: "DataSpec", field: str = "data.source") -> "ray.data.Dataset":
-    """The source as a Ray Dataset in standard columns; nothing is read until it is iterated."""
-    import ray.data
-
-    if kind(source) != "parquet":
-        return arrays_to_dataset(load_arrays(source, data, field), data.shape)
-    columns = [c for c in (data.features, data.labels, data.id_column) if c]
-    ds = ray.data.read_parquet(source, columns=columns, include_row_hash=data.id_column is None)
-    return ds.map_batches(
-        standardize,
-        fn_kwargs=dict(features=data.features, labels=data.labels, id_column=data.id_column, shape=data.shape),
-        batch_format="numpy",
-    )
+def open_source(source: str, data: "DataSpec", field: str = "data.source"):
+    if kind(source) == "parquet":
+        return ParquetReader(source, data, field)
+    return ArrayReader(load_arrays(source, data, field), data.shape)
 
 
 def read_ids(source: str, data: "DataSpec") -> np.ndarray:
-    """Only the sample ids, for counting the split without reading features."""
-    if kind(source) != "parquet":
-        return np.arange(len(load_arrays(source, data).y), dtype=np.int64)
-    import ray.data
-
-    col = data.id_column or "row_hash"
-    ds = ray.data.read_parquet(source, columns=[data.id_column or data.labels], include_row_hash=data.id_column is None)
-    return np.concatenate([np.asarray(b[col]).astype(np.int64) for b in ds.iter_batches(batch_format="numpy", batch_size=None)])
+    """Every sample id of a source, in source order."""
+    ids = open_source(source, data).unit_ids()
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)

@@ -2,11 +2,19 @@
 
     student.safetensors   the full student weights (gathered from FSDP2 shards)
     student.json          model spec and metrics (what `kd-ray eval` and users read)
-    train_state.pt        optimizer, LR scheduler, GradScaler and counters (for resume)
+    train_state.pt        optimizer, LR scheduler and GradScaler state
+    resume.json           step, data cursor, counters, the job's fingerprint, and a SHA-256 of
+                          each file above; written last, so a checkpoint is whole only if every
+                          file is there and matches
+
+FSDP2 weights are gathered to one full state dict (not sharded per rank with DCP): a student is
+small next to its teacher, a full file is what `kd-ray eval` and users load, and it resumes at
+any world size, which an elastic group needs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -20,20 +28,63 @@ from kd_ray.train.parallel import unwrap
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_INFO = "student.json"
 TRAIN_STATE = "train_state.pt"
+RESUME = "resume.json"
+_HASHED = (STUDENT_WEIGHTS, STUDENT_INFO, TRAIN_STATE)
 
 
-def latest_step(run_dir: str) -> int:
-    """The step of the checkpoint Ray Train will restore for this run directory (0 if none).
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    Read from Ray's own record of registered checkpoints, so the driver can start the data
-    stream at the pass that step is in, before the workers restore it.
-    """
+
+def read_resume(directory: str) -> dict | None:
     try:
-        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
-            latest = json.load(f).get("latest_checkpoint_result") or {}
-        return int(latest.get("metrics", {}).get("step", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
+        with open(os.path.join(directory, RESUME)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def problem(directory: str) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (None: it is whole)."""
+    state = read_resume(directory)
+    if state is None:
+        return f"{RESUME} is missing or unreadable (half-written?)"
+    for name, digest in state.get("sha256", {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def candidates(run_dir: str) -> list[str]:
+    """The run's checkpoint directories, newest first (by step, then by Ray's timestamped name)."""
+    try:
+        names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n))]
+    except OSError:
+        return []
+
+    def key(name: str):
+        state = read_resume(os.path.join(run_dir, name)) or {}
+        return (int(state.get("step", -1)), name)
+
+    return [os.path.join(run_dir, n) for n in sorted(names, key=key, reverse=True)]
+
+
+def pick(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest whole checkpoint of a run, and the newer ones skipped with the reason."""
+    skipped = []
+    for path in candidates(run_dir):
+        why = problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
 
 
 def _options(**kw):
@@ -42,7 +93,7 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counters: dict, info: dict) -> bool:
+def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counters: dict, info: dict, resume: dict) -> bool:
     """Gather and write a checkpoint; a collective (every rank calls), rank 0 writes.
     Returns True on the rank that wrote."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -56,6 +107,9 @@ def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counte
     torch.save(state, os.path.join(directory, TRAIN_STATE))
     with open(os.path.join(directory, STUDENT_INFO), "w") as f:
         json.dump(info, f, indent=2)
+    digests = {name: _sha256(os.path.join(directory, name)) for name in _HASHED}
+    with open(os.path.join(directory, RESUME), "w") as f:
+        json.dump({**resume, **counters, "sha256": digests}, f, indent=2)
     return True
 
 

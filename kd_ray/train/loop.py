@@ -1,21 +1,29 @@
 """The per-worker training loop that Ray Train runs on every student worker.
 
-Reads top to bottom as a recipe: build the student, wrap it, then stream (inputs, teacher
-logits) micro-batches from this worker's shard (every pass over the data, in order), take
-micro-steps, update on the accumulation boundary, log, evaluate at the end of each epoch,
-checkpoint, and finally export the student.
+Reads top to bottom as a recipe: build the student, wrap it, restore the newest whole checkpoint
+and set the data cursor, then stream (inputs, teacher logits) micro-batches from this worker's
+shard (the rest of the run, in order), take micro-steps, update on the accumulation boundary,
+log, evaluate at the end of each epoch, checkpoint (every N steps or M minutes, on preemption
+notice, on a stop request), and finally export the student.
+
+Ray Train re-runs this function from the top after any failure or resize, with whatever world
+size it got: everything a restart needs is in the checkpoint and the cursor.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
 from kd_ray import batching
+from kd_ray.data import ID, POS
+from kd_ray.data.ids import mix64
 from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model, make_importable
 from kd_ray.train import checkpoint
@@ -41,13 +49,19 @@ def build_student(spec: dict, device: torch.device) -> torch.nn.Module:
 def train_loop_per_worker(config: dict) -> None:
     spec, board = config["spec"], config["board"]
     make_importable(spec["job_dir"])
-    train, distill = spec["train"], spec["distill"]
+    train, distill, run = spec["train"], spec["distill"], spec["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Re-derived at every (re)start from the world size of this attempt: the global batch, and
+    # so what each optimizer step trains on, never changes.
     plan = batching.plan(config["train_rows"], train["global_batch_size"], train["micro_batch_size"], world,
-                         train["epochs"], train["max_steps"], stream_per_pass=config["stream_per_pass"])
+                         train["epochs"], train["max_steps"])
     has_teacher = spec["teacher"] is not None
+    faults = Faults(config.get("test", {}), rank)
+    if run["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     def say(kind: str, **fields) -> None:
         if rank == 0:
@@ -61,45 +75,63 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = grad_scaler(train["precision"], device)
 
     step, samples = 0, 0
-    resumed_samples = 0
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            counters = checkpoint.restore(d, model, optimizer, scheduler, scaler)
+    chosen, skipped = checkpoint.pick(config["run_dir"])
+    for path, why in skipped:
+        say("warning", message=f"checkpoint {path} cannot be used ({why}); "
+            + (f"resuming from {chosen} instead" if chosen else "no earlier checkpoint is whole: starting at step 0"))
+    if chosen:
+        counters = checkpoint.restore(chosen, model, optimizer, scheduler, scaler)
         step, samples = counters["step"], counters["samples"]
     resumed_samples = samples
+    # The data cursor: the stream (re-executed from the top by Ray after any restart) starts here.
+    if rank == 0:
+        ray.get(board.set_cursor.remote(step * plan.global_batch))
+    # Also the barrier that holds every rank back from the stream until the cursor is set.
+    faults.attempt = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex[:12])
     say("start", world_size=world, accumulation=plan.accumulation, total_steps=plan.total_steps,
-        steps_per_epoch=plan.steps_per_epoch, resumed_step=step if resumed else None)
+        steps_per_epoch=plan.steps_per_epoch, resumed_step=step if chosen else None, position=step * plan.global_batch)
 
-    def save(final: bool, metrics: dict) -> None:
+    def save(final: bool, metrics: dict, why: str = "every") -> None:
+        check_order()
         sync_buffers(model, train["strategy"])
         info = {"model": spec["student"]["model"], "kwargs": spec["student"]["kwargs"], "step": step, "metrics": metrics}
+        resume = {"fingerprint": config["fingerprint"], "position": step * plan.global_batch,
+                  "epoch": step * plan.global_batch // plan.train_rows, "world_size": world, "accumulation": plan.accumulation,
+                  "rng": f"re-seeded from (run.seed={run['seed']}, step, rank) at every step", "reason": why}
         with tempfile.TemporaryDirectory() as d:
-            wrote = checkpoint.write(d, model, optimizer, scheduler, scaler, {"step": step, "samples": samples}, info)
+            counters = {"step": step, "samples": samples}
+            wrote = checkpoint.write(d, model, optimizer, scheduler, scaler, counters, info, resume)
             ckpt = ray.train.Checkpoint.from_directory(d) if wrote else None
             ray.train.report({**metrics, "step": step, "final": final}, checkpoint=ckpt)
+        timer.reset()
 
     eval_every, ckpt_every, log_every = spec["eval"]["every_epochs"], spec["checkpoint"]["every_steps"], train["log_every"]
+    poll_every = spec["checkpoint"]["poll_every_steps"]
+    timer = Timer(spec["checkpoint"]["every_minutes"])
     meter = Meter(device)
     last_eval: dict = {}
     micro = 0
+    m, stride = plan.micro_batch, plan.micro_batch * world
+    # Micro-batch j of this rank must hold positions start + (j x world + rank) x m + [0, m).
+    expected = torch.arange(m, device=device) + step * plan.global_batch + rank * m
+    out_of_order = torch.zeros((), dtype=torch.int64, device=device)
+
+    def check_order() -> None:
+        if int(all_reduce_sum(out_of_order.double().reshape(1)).item()):
+            raise RuntimeError("the data stream delivered rows out of the planned order; the data cursor cannot be trusted")
+
     shard = ray.train.get_dataset_shard("train")
-    local = spec["data"]["shuffle"] == "local"
-
-    def stream():
-        """Every remaining pass, in order: one stream, or (parquet) one stream per pass."""
-        rounds = plan.passes - config["first_epoch"] if config["stream_per_pass"] else 1
-        for _ in range(rounds):
-            yield from shard.iter_torch_batches(
-                batch_size=plan.micro_batch, drop_last=True, device=device,
-                prefetch_batches=train["prefetch_batches"], pin_memory=device.type == "cuda",
-                local_shuffle_buffer_size=plan.micro_batch * 16 if local else None,
-                local_shuffle_seed=spec["run"]["seed"] if local else None,
-            )
-
-    for batch in meter.timed(stream()):
+    batches = shard.iter_torch_batches(batch_size=m, drop_last=True, device=device, prefetch_batches=train["prefetch_batches"],
+                                       pin_memory=device.type == "cuda")
+    stopped = False
+    preempt_saved = False
+    for batch in meter.timed(batches):
         if step >= plan.total_steps:
             break  # every rank reaches the last step on the same micro-batch
+        out_of_order += (batch[POS] != expected).sum()
+        expected += stride
+        if micro % plan.accumulation == 0:
+            torch.manual_seed(step_seed(run["seed"], step, rank))  # RNG (dropout...) is a function of the step
         boundary = (micro + 1) % plan.accumulation == 0
         terms = micro_step(
             model, batch, temperature=distill["temperature"], alpha=distill["alpha"],
@@ -107,6 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
             scaler=scaler, sync=boundary,
         )
         meter.add(terms, plan.micro_batch)
+        faults.record(batch)
         micro += 1
         if not boundary:
             continue
@@ -114,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
         grad_norm = optimizer_step(model, optimizer, scheduler, scaler, train["grad_clip"])
         step += 1
         samples += plan.global_batch
+        faults.after_step(step)
         epoch_ended = plan.epochs_done(step) > plan.epochs_done(step - 1)
         last = step == plan.total_steps
         if step % log_every == 0 or epoch_ended or last:
@@ -129,12 +163,88 @@ def train_loop_per_worker(config: dict) -> None:
             sync_buffers(model, train["strategy"])
             last_eval = evaluate(model, spec, device)
             say("eval", epoch=done_epochs, step=step, **last_eval)
-        if ckpt_every and step % ckpt_every == 0 and not last:
+        if last:
+            continue
+        if ckpt_every and step % ckpt_every == 0:
             save(False, {})
+        if step % poll_every == 0:
+            # Every rank takes the same branch: the flags are rank 0's, shared by one all-reduce.
+            preempted = ray.train.get_preemption_info()  # a barrier across the group
+            flags = torch.tensor([float(rank == 0 and ray.get(board.stop_requested.remote())),
+                                  float(rank == 0 and timer.due())], dtype=torch.float64, device=device)
+            stop, due = (v > 0 for v in all_reduce_sum(flags).tolist())
+            if preempted is not None and not preempt_saved:
+                save(False, {}, why="preemption")
+                preempt_saved = True
+                say("warning", message=f"node(s) {', '.join(preempted.preempted_node_ids)} will be preempted: "
+                    f"checkpoint taken at step {step}")
+            elif stop:
+                save(False, {}, why="stop")
+                say("stopped", step=step)
+                stopped = True
+                break
+            elif due:
+                save(False, {}, why="timer")
 
-    save(True, {**last_eval, "samples": samples})
+    if stopped:
+        return
+    save(True, {**last_eval, "samples": samples}, why="final")
     if rank == 0:  # waited for: the driver reads "done" to call the run finished
         ray.get(board.push.remote({"kind": "done", "step": step, "samples": samples, "resumed_samples": resumed_samples}))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(mix64(np.array([step * 65_537 + rank], dtype=np.int64), seed)[0] >> np.uint64(1))
+
+
+class Timer:
+    """The every-M-minutes checkpoint clock (rank 0's)."""
+
+    def __init__(self, minutes: float | None):
+        self.seconds = minutes * 60 if minutes else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.start >= self.seconds
+
+
+class Faults:
+    """Test-only hooks, set through KD_RAY_TEST_* environment variables of the driver:
+    die (a real process exit, no clean-up) after given steps, once each, and record the sample
+    ids of every optimizer step."""
+
+    def __init__(self, hooks: dict, rank: int):
+        self.rank = rank
+        self.die_at = {int(s) for s in hooks.get("KD_RAY_TEST_DIE_AT", "").split(",") if s}
+        self.die_rank = int(hooks.get("KD_RAY_TEST_DIE_RANK", "-1"))
+        self.marks = hooks.get("KD_RAY_TEST_MARKS")
+        self.trace = hooks.get("KD_RAY_TEST_TRACE")
+        self.ids: list[int] = []
+        self.attempt = ""
+
+    def record(self, batch: dict) -> None:
+        if self.trace:
+            self.ids += batch[ID].tolist()
+
+    def after_step(self, step: int) -> None:
+        import json
+        import os
+
+        if self.trace:
+            with open(os.path.join(self.trace, f"rank{self.rank}.jsonl"), "a") as f:
+                line = {"step": step, "ids": self.ids, "attempt": self.attempt, "time": time.time(),
+                        "world": ray.train.get_context().get_world_size()}
+                f.write(json.dumps(line) + "\n")
+            self.ids = []
+        rank = self.die_rank if self.die_rank >= 0 else ray.train.get_context().get_world_size() - 1
+        if step in self.die_at and self.rank == rank and self.marks:
+            mark = os.path.join(self.marks, f"died_at_{step}")
+            if not os.path.exists(mark):
+                open(mark, "w").close()
+                os._exit(1)
 
 
 class Meter:

@@ -1,0 +1,293 @@
+"""Surviving the cloud, with real process deaths on the session's real Ray cluster.
+
+Workers die by `os._exit` at a given step (a test-only setting, KD_RAY_TEST_DIE_AT), the driver
+by SIGKILL or SIGTERM from the test, worker nodes by SIGKILL of their raylet's process group,
+and a teacher actor by SIGKILL of its process. Each run records the sample ids of every
+optimizer step (KD_RAY_TEST_TRACE) so the tests can check that every epoch's samples were
+trained exactly once by the steps that survived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import ROOT, TEACHER_SPEC, digits_job, run_cli, write_job
+
+pytestmark = pytest.mark.slow
+
+G = 64  # global batch of the jobs below
+
+
+def job_file(tmp_path, name, **train) -> str:
+    job = digits_job(tmp_path, name)
+    job["run"]["deterministic"] = True
+    job["checkpoint"] = {"every_steps": 10, "keep": 3, "poll_every_steps": 2}
+    job["train"].update(train)
+    return write_job(tmp_path / f"{name}.yaml", job)
+
+
+def hooks(tmp_path, **extra) -> dict:
+    trace, marks = tmp_path / "trace", tmp_path / "marks"
+    trace.mkdir(exist_ok=True)
+    marks.mkdir(exist_ok=True)
+    return {"KD_RAY_TEST_TRACE": str(trace), "KD_RAY_TEST_MARKS": str(marks), **extra}
+
+
+def cli(args, cluster, env_extra=None, **popen):
+    env = {**cluster.env(), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def run_to_end(args, cluster, env_extra=None, timeout=600) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "kd_ray", *args], env={**cluster.env(), **(env_extra or {})}, cwd=ROOT,
+                          text=True, capture_output=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def surviving_steps(trace_dir) -> dict[int, list[int]]:
+    """The ids of each optimizer step as the run's final weights saw them: a step taken again
+    after a restart counts only in its last attempt (all ranks of that attempt)."""
+    entries = defaultdict(list)  # step -> [(time, attempt, ids)]
+    for name in os.listdir(trace_dir):
+        for line in open(os.path.join(trace_dir, name)):
+            e = json.loads(line)
+            entries[e["step"]].append((e["time"], e["attempt"], e["ids"], e["world"]))
+    out = {}
+    for step, es in entries.items():
+        last = max(es)[1]
+        chosen = [e for e in es if e[1] == last]
+        assert len(chosen) == chosen[0][3], f"step {step}: {len(chosen)} ranks recorded, world size {chosen[0][3]}"
+        out[step] = [i for e in chosen for i in e[2]]
+    return out
+
+
+def assert_exactly_once(steps: dict[int, list[int]], total_steps: int, train_ids: set[int]) -> None:
+    assert sorted(steps) == list(range(1, total_steps + 1))
+    assert all(len(ids) == G for ids in steps.values())  # the global batch never changed
+    stream = [i for s in sorted(steps) for i in steps[s]]
+    n = len(train_ids)
+    for e in range(len(stream) // n):  # every complete epoch: each sample once
+        epoch = stream[e * n:(e + 1) * n]
+        assert sorted(epoch) == sorted(train_ids), f"epoch {e} lost or repeated samples"
+    tail = stream[(len(stream) // n) * n:]
+    assert len(set(tail)) == len(tail) and set(tail) <= train_ids  # the partial last epoch: no repeats
+
+
+def train_ids(tmp_path) -> set[int]:
+    from kd_ray.data import pipeline
+    from kd_ray.data.sources import UNIT_ROWS
+    from kd_ray.spec import validate
+
+    spec = validate(digits_job(tmp_path, "ids"), job_dir=str(tmp_path))
+    units = pipeline.Sources(spec).train.units
+    return {int(r) + u * UNIT_ROWS for u, rows in enumerate(units) for r in rows}
+
+
+def summary_of(tmp_path, name) -> dict:
+    with open(tmp_path / "runs" / name / "summary.json") as f:
+        return json.load(f)
+
+
+def weights_of(tmp_path, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / "runs" / name / "student.safetensors"))
+
+
+def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path):
+    """Two real worker deaths (between checkpoints): the run finishes with the planned steps,
+    every epoch's samples trained exactly once, and weights equal to an uninterrupted run."""
+    path = job_file(tmp_path, "faulty")
+    code, out = run_to_end(["run", path], ray_cluster, hooks(tmp_path, KD_RAY_TEST_DIE_AT="15,33"))
+    assert code == 0, out[-4000:]
+    summary = summary_of(tmp_path, "faulty")
+    assert summary["restarts"] == 2 and summary["steps"] == 44, summary
+    assert sorted(os.listdir(tmp_path / "marks")) == ["died_at_15", "died_at_33"]
+    assert out.count("from step 10 (data position 640)") == 1 and out.count("from step 30 (data position 1920)") == 1, out
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 44, train_ids(tmp_path))
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    code, out = run_to_end(["run", path, "run.name=clean"], ray_cluster)
+    assert code == 0, out[-4000:]
+    a, b = weights_of(tmp_path, "faulty"), weights_of(tmp_path, "clean")
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def wait_for_checkpoints(run_dir, count: int, proc, timeout=300) -> list[int]:
+    from kd_ray.train import checkpoint
+
+    end = time.time() + timeout
+    while time.time() < end:
+        steps = sorted(int((checkpoint.read_resume(p) or {}).get("step", -1)) for p in checkpoint.candidates(str(run_dir)))
+        steps = [s for s in steps if s > 0]
+        if len(steps) >= count:
+            return steps
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.5)
+    raise AssertionError(f"no {count} checkpoints in {run_dir} after {timeout}s")
+
+
+def test_driver_sigkill_then_corrupt_latest_then_resume(ray_cluster, tmp_path):
+    """SIGKILL the driver after two checkpoints, damage the newest: running the same command
+    again warns, naming both, resumes from the older one (not step 0) and finishes the plan; a
+    job file changed incompatibly is refused with one line naming the field."""
+    path = job_file(tmp_path, "killed", epochs=3)
+    env = hooks(tmp_path)
+    proc = cli(["run", path], ray_cluster, env)
+    steps = wait_for_checkpoints(tmp_path / "runs" / "killed", 2, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from kd_ray.train import checkpoint
+
+    newest, older = checkpoint.candidates(str(tmp_path / "runs" / "killed"))[:2]
+    older_step = checkpoint.read_resume(older)["step"]
+    with open(os.path.join(newest, checkpoint.STUDENT_WEIGHTS), "r+b") as f:
+        f.seek(200)
+        f.write(b"\0" * 64)
+
+    code, out = run_to_end(["run", path, "train.global_batch_size=32", "train.micro_batch_size=8"], ray_cluster)
+    assert code == 2, out[-3000:]
+    line = [ln for ln in out.splitlines() if ln.startswith("kd-ray: error")]
+    assert len(line) == 1 and "train.global_batch_size: 64 -> 32" in line[0] and "--fresh" in line[0], out[-3000:]
+
+    time.sleep(2)  # the killed driver's workers are being cleaned up by Ray
+    code, out = run_to_end(["run", path, "train.log_every=5"], ray_cluster, env)  # a compatible change
+    assert code == 0, out[-4000:]
+    assert f"checkpoint {os.path.basename(newest)} cannot be used" in out and os.path.basename(older) in out, out[-4000:]
+    assert f"resuming run killed from step {older_step}" in out, out[-4000:]
+    summary = summary_of(tmp_path, "killed")
+    assert summary["status"] == "finished" and summary["steps"] == 66 and summary["resumed_from_step"] == older_step
+    assert older_step > 0 and steps[-1] > older_step
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resumes(ray_cluster, tmp_path):
+    path = job_file(tmp_path, "stopped", epochs=3)
+    env = hooks(tmp_path)
+    proc = cli(["run", path], ray_cluster, env)
+    wait_for_checkpoints(tmp_path / "runs" / "stopped", 1, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-4000:]
+    summary = summary_of(tmp_path, "stopped")
+    assert summary["status"] == "stopped" and summary["steps"] > 0, summary
+    assert "stopping: the workers checkpoint" in out and f"stopped at step {summary['steps']} after a checkpoint" in out
+    code, out = run_to_end(["run", path], ray_cluster, env)
+    assert code == 0, out[-4000:]
+    assert f"resuming run stopped from step {summary['steps']}" in out, out[-3000:]
+    assert summary_of(tmp_path, "stopped")["steps"] == 66
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
+
+
+def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teacher_weights, tmp_path):
+    from ray.util.state import list_actors
+
+    job = digits_job(tmp_path, "teacher_killed")
+    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 32}}
+    job["train"].update(epochs=3, num_workers=1, prefetch_batches=1)
+    path = write_job(tmp_path / "teacher_killed.yaml", job)
+    proc = cli(["run", path], ray_cluster, hooks(tmp_path))
+    pid, end = None, time.time() + 240
+    while pid is None and time.time() < end:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        if any(os.listdir(tmp_path / "trace")):  # training has started
+            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if "MapWorker" in (a.class_name or "")]
+            pid = alive[0].pid if alive else None
+        time.sleep(0.5)
+    assert pid, "no teacher actor found"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    summary = summary_of(tmp_path, "teacher_killed")
+    assert summary["steps"] == 66, summary
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several Ray nodes on this machine
+
+
+class Node:
+    """A worker node of the session cluster: `ray start --block` in its own process group, so
+    SIGKILL to the group is the node dying (raylet, workers and all)."""
+
+    def __init__(self, cluster, resources: dict):
+        self.proc = subprocess.Popen(
+            ["ray", "start", "--block", "--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+             "--resources", json.dumps(resources), "--disable-usage-stats"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        end = time.time() + 60
+        self.node_id = None
+        while self.node_id is None and time.time() < end:
+            new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]
+            self.node_id = new[0] if new else None
+            time.sleep(0.5)
+        assert self.node_id, "the node did not join"
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def wait_for_line(proc, lines: list[str], needle: str, timeout=300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        line = proc.stdout.readline()
+        if not line:
+            assert proc.poll() is None, "".join(lines)[-4000:]
+            continue
+        lines.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"no '{needle}' in:\n" + "".join(lines)[-4000:])
+
+
+def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
+    """One student node, then two (the group grows), then the second is drained as preempted
+    (a checkpoint is taken before it goes) and killed (the group shrinks): the run finishes,
+    the global batch is the same throughout, and no sample is lost or repeated."""
+    path = job_file(tmp_path, "elastic", epochs=4, num_workers=[1, 2], resources_per_worker={"student_node": 1},
+                    resize_check_seconds=2)
+    first = Node(ray_cluster, {"student_node": 1})
+    second = None
+    proc = cli(["run", path], ray_cluster, hooks(tmp_path))
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, lines, "start: world size 1, accumulation 4")
+        wait_for_line(proc, lines, "step 10/")
+        second = Node(ray_cluster, {"student_node": 1})
+        wait_for_line(proc, lines, "start: world size 2, accumulation 2")
+        wait_for_line(proc, lines, "epoch ")
+        subprocess.run(["ray", "drain-node", "--address", ray_cluster.address, "--node-id", second.node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                        "--deadline-remaining-seconds", "60"], check=True, capture_output=True, input="y\n", text=True)
+        wait_for_line(proc, lines, "will be preempted: checkpoint taken")
+        second.kill()
+        wait_for_line(proc, lines, "start: world size 1, accumulation 4")
+        rest, _ = proc.communicate(timeout=600)
+        out = "".join(lines) + rest
+        assert proc.returncode == 0, out[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for node in (first, second):
+            if node and node.proc.poll() is None:
+                node.kill()
+    summary = summary_of(tmp_path, "elastic")
+    assert summary["world_sizes"][:3] == [1, 2, 1] and summary["steps"] == 88, summary
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 88, train_ids(tmp_path))
