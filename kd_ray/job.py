@@ -429,6 +429,7 @@ def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
         ("epochs", f"{summary['epochs']:.2f}"),
         ("train seconds", f"{summary['train_seconds']:.1f}"),
         ("samples/s", summary["samples_per_second"]),
+        ("restarts", f"{summary['restarts']} (world sizes {', '.join(map(str, summary['world_sizes']))})"),
         ("student accuracy", _fmt(summary["student"]["accuracy"])),
         ("student loss", _fmt(summary["student"]["loss"])),
         ("teacher accuracy", _fmt(summary["teacher"]["accuracy"]) if summary["teacher"] else "(no teacher)"),

@@ -53,5 +53,5 @@ def test_gpu_job_resources_exist_on_the_node_types():
     # the whole student group fits on the student nodes at their maximum count
     per_node = next(iter(spec.train.resources_per_worker.values()))
     capacity = student_node["max_workers"] * student_node["resources"]["student_node"] // per_node
-    assert capacity >= spec.train.num_workers
+    assert capacity >= spec.train.max_workers
     assert spec.run.storage_path.startswith("/mnt/shared")

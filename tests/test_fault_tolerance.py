@@ -55,27 +55,28 @@ def run_to_end(args, cluster, env_extra=None, timeout=600) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def surviving_steps(trace_dir) -> dict[int, list[int]]:
-    """The ids of each optimizer step as the run's final weights saw them: a step taken again
-    after a restart counts only in its last attempt (all ranks of that attempt)."""
-    entries = defaultdict(list)  # step -> [(time, attempt, ids)]
+def surviving_steps(trace_dir) -> dict[int, list[tuple[int, int]]]:
+    """The (position, id) pairs of each optimizer step as the run's final weights saw them: a
+    step taken again after a restart counts only in its last attempt (all ranks of that attempt)."""
+    entries = defaultdict(list)  # step -> [(time, attempt, pairs, world)]
     for name in os.listdir(trace_dir):
         for line in open(os.path.join(trace_dir, name)):
             e = json.loads(line)
-            entries[e["step"]].append((e["time"], e["attempt"], e["ids"], e["world"]))
+            entries[e["step"]].append((e["time"], e["attempt"], list(zip(e["positions"], e["ids"])), e["world"]))
     out = {}
     for step, es in entries.items():
         last = max(es)[1]
         chosen = [e for e in es if e[1] == last]
         assert len(chosen) == chosen[0][3], f"step {step}: {len(chosen)} ranks recorded, world size {chosen[0][3]}"
-        out[step] = [i for e in chosen for i in e[2]]
+        out[step] = sorted(p for e in chosen for p in e[2])
     return out
 
 
-def assert_exactly_once(steps: dict[int, list[int]], total_steps: int, train_ids: set[int]) -> None:
+def assert_exactly_once(steps: dict[int, list[tuple[int, int]]], total_steps: int, train_ids: set[int]) -> None:
     assert sorted(steps) == list(range(1, total_steps + 1))
-    assert all(len(ids) == G for ids in steps.values())  # the global batch never changed
-    stream = [i for s in sorted(steps) for i in steps[s]]
+    for s, pairs in steps.items():  # step s trained positions [(s - 1) G, s G): the global batch never changed
+        assert [p for p, _ in pairs] == list(range((s - 1) * G, s * G)), f"step {s}"
+    stream = [i for s in sorted(steps) for _, i in steps[s]]
     n = len(train_ids)
     for e in range(len(stream) // n):  # every complete epoch: each sample once
         epoch = stream[e * n:(e + 1) * n]
@@ -197,23 +198,27 @@ def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teach
 
     job = digits_job(tmp_path, "teacher_killed")
     job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 32}}
-    job["train"].update(epochs=3, num_workers=1, prefetch_batches=1)
+    job["train"].update(epochs=8, num_workers=1, prefetch_batches=1)
     path = write_job(tmp_path / "teacher_killed.yaml", job)
     proc = cli(["run", path], ray_cluster, hooks(tmp_path))
     pid, end = None, time.time() + 240
     while pid is None and time.time() < end:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
-        if any(os.listdir(tmp_path / "trace")):  # training has started
-            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if "MapWorker" in (a.class_name or "")]
-            pid = alive[0].pid if alive else None
-        time.sleep(0.5)
+        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TeacherPredictor" in (a.class_name or "")]
+        pid = alive[0].pid if alive else None
+        time.sleep(0.2)
     assert pid, "no teacher actor found"
+    trace = tmp_path / "trace" / "rank0.jsonl"
+    while not (trace.exists() and len(trace.read_text().splitlines()) >= 30):  # mid-epoch 1
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     summary = summary_of(tmp_path, "teacher_killed")
-    assert summary["steps"] == 66, summary
-    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
+    assert summary["steps"] == 176, summary
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 176, train_ids(tmp_path))
+    print(f"teacher actor killed at step >= 30: {summary['restarts']} worker-group restart(s)")
 
 
 # ---------------------------------------------------------------------------------------------

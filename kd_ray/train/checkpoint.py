@@ -63,17 +63,14 @@ def problem(directory: str) -> str | None:
 
 
 def candidates(run_dir: str) -> list[str]:
-    """The run's checkpoint directories, newest first (by step, then by Ray's timestamped name)."""
+    """The run's checkpoint directories, newest first: Ray names them checkpoint_DATE_TIME, so
+    the name orders them by when they were written (after a fallback, the checkpoints written
+    since come before the damaged one, whatever their steps)."""
     try:
         names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n))]
     except OSError:
         return []
-
-    def key(name: str):
-        state = read_resume(os.path.join(run_dir, name)) or {}
-        return (int(state.get("step", -1)), name)
-
-    return [os.path.join(run_dir, n) for n in sorted(names, key=key, reverse=True)]
+    return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)]
 
 
 def pick(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:

@@ -19,6 +19,7 @@ import uuid
 import numpy as np
 import ray.train
 import ray.train.torch
+from ray.train.collective import broadcast_from_rank_zero
 import torch
 
 from kd_ray import batching
@@ -87,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         ray.get(board.set_cursor.remote(step * plan.global_batch))
     # Also the barrier that holds every rank back from the stream until the cursor is set.
-    faults.attempt = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex[:12])
+    faults.attempt = broadcast_from_rank_zero(uuid.uuid4().hex[:12])
     say("start", world_size=world, accumulation=plan.accumulation, total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch, resumed_step=step if chosen else None, position=step * plan.global_batch)
 
@@ -223,11 +224,13 @@ class Faults:
         self.marks = hooks.get("KD_RAY_TEST_MARKS")
         self.trace = hooks.get("KD_RAY_TEST_TRACE")
         self.ids: list[int] = []
+        self.positions: list[int] = []
         self.attempt = ""
 
     def record(self, batch: dict) -> None:
         if self.trace:
             self.ids += batch[ID].tolist()
+            self.positions += batch[POS].tolist()
 
     def after_step(self, step: int) -> None:
         import json
@@ -235,10 +238,10 @@ class Faults:
 
         if self.trace:
             with open(os.path.join(self.trace, f"rank{self.rank}.jsonl"), "a") as f:
-                line = {"step": step, "ids": self.ids, "attempt": self.attempt, "time": time.time(),
+                line = {"step": step, "ids": self.ids, "positions": self.positions, "attempt": self.attempt, "time": time.time(),
                         "world": ray.train.get_context().get_world_size()}
                 f.write(json.dumps(line) + "\n")
-            self.ids = []
+            self.ids, self.positions = [], []
         rank = self.die_rank if self.die_rank >= 0 else ray.train.get_context().get_world_size() - 1
         if step in self.die_at and self.rank == rank and self.marks:
             mark = os.path.join(self.marks, f"died_at_{step}")
