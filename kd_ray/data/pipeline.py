@@ -42,10 +42,12 @@ def _split_layouts(spec: "JobSpec", reader) -> tuple[order.Layout, order.Layout,
     def layout(units, r):
         return order.Layout(units, random_access=r.random_access, window=window)
 
+    def every(i):
+        return np.ones(len(i), dtype=bool)
+
     if data.eval_source:
         eval_reader = sources.open_source(data.eval_source, data, "data.eval_source")
-        eval_units = order.split_units(eval_reader.unit_ids(), lambda i: np.ones(len(i), dtype=bool))
-        return layout(order.split_units(ids, lambda i: np.ones(len(i), dtype=bool)), reader), layout(eval_units, eval_reader), eval_reader
+        return layout(order.split_units(ids, every), reader), layout(order.split_units(eval_reader.unit_ids(), every), eval_reader), eval_reader
     train = order.split_units(ids, lambda i: ~is_eval(i, data.eval_split, spec.run.seed))
     held = order.split_units(ids, lambda i: is_eval(i, data.eval_split, spec.run.seed))
     return layout(train, reader), layout(held, reader), reader
@@ -57,6 +59,9 @@ class Sources:
     def __init__(self, spec: "JobSpec"):
         self.reader = sources.open_source(spec.data.source, spec.data)
         self.train, self.eval, self.eval_reader = _split_layouts(spec, self.reader)
+        # One sample read on the driver, once: the shape of an empty batch (a chunk the cursor skips).
+        first = self.train if self.train.rows else self.eval
+        self.sample_shape = tuple(self.reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
 
     @property
     def train_rows(self) -> int:
@@ -123,12 +128,11 @@ def _transform(spec: "JobSpec", train: bool, sample_shape: tuple) -> dict:
     }
 
 
-def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool, board=None,
-            end: int | None = None) -> "ray.data.Dataset":
+def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool, sample_shape: tuple,
+            board=None, end: int | None = None) -> "ray.data.Dataset":
     import ray
     import ray.data
 
-    sample_shape = tuple(reader.read(*_first_row(layout))[X].shape[1:]) if layout.rows else (0,)
     return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
         _emit, batch_size=1, batch_format="numpy",
         fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
@@ -151,14 +155,14 @@ def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec") -> "ray.data.Dataset":
 def build_eval(spec: "JobSpec", data: Sources | None = None) -> "ray.data.Dataset":
     """The eval split, once through, in source order."""
     data = data or Sources(spec)
-    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), train=False)
+    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, data.sample_shape)
 
 
 def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, board) -> "ray.data.Dataset":
     """The training stream: positions from the board's cursor to `end`, in blocks of exactly
     `micro_batch` rows (the unit the split deals out round-robin)."""
     shuffle = spec.data.shuffle
-    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, board, end)
+    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, data.sample_shape, board, end)
     if spec.teacher is not None:
         train = with_teacher(train, spec)
     return train.repartition(target_num_rows_per_block=micro_batch, strict=True)

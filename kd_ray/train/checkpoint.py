@@ -100,7 +100,7 @@ def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counte
         return False
     os.makedirs(directory, exist_ok=True)
     weights.save(model_sd, os.path.join(directory, STUDENT_WEIGHTS))
-    state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "counters": counters}
+    state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None}
     torch.save(state, os.path.join(directory, TRAIN_STATE))
     with open(os.path.join(directory, STUDENT_INFO), "w") as f:
         json.dump(info, f, indent=2)
@@ -120,4 +120,5 @@ def restore(directory: str, model: nn.Module, optimizer, scheduler, scaler) -> d
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    return state["counters"]
+    resume = read_resume(directory)  # the counters' one home
+    return {"step": resume["step"], "samples": resume["samples"]}

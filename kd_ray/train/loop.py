@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = batching.plan(config["train_rows"], train["global_batch_size"], train["micro_batch_size"], world,
                          train["epochs"], train["max_steps"])
     has_teacher = spec["teacher"] is not None
-    faults = Faults(config.get("test", {}), rank)
+    faults = Faults(config.get("test", {}), rank, world)
     if run["deterministic"]:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -217,10 +217,11 @@ class Faults:
     die (a real process exit, no clean-up) after given steps, once each, and record the sample
     ids of every optimizer step."""
 
-    def __init__(self, hooks: dict, rank: int):
-        self.rank = rank
+    def __init__(self, hooks: dict, rank: int, world: int):
+        self.rank, self.world = rank, world
         self.die_at = {int(s) for s in hooks.get("KD_RAY_TEST_DIE_AT", "").split(",") if s}
-        self.die_rank = int(hooks.get("KD_RAY_TEST_DIE_RANK", "-1"))
+        die_rank = int(hooks.get("KD_RAY_TEST_DIE_RANK", "-1"))
+        self.die_rank = die_rank if die_rank >= 0 else world - 1
         self.marks = hooks.get("KD_RAY_TEST_MARKS")
         self.trace = hooks.get("KD_RAY_TEST_TRACE")
         self.ids: list[int] = []
@@ -239,11 +240,10 @@ class Faults:
         if self.trace:
             with open(os.path.join(self.trace, f"rank{self.rank}.jsonl"), "a") as f:
                 line = {"step": step, "ids": self.ids, "positions": self.positions, "attempt": self.attempt, "time": time.time(),
-                        "world": ray.train.get_context().get_world_size()}
+                        "world": self.world}
                 f.write(json.dumps(line) + "\n")
             self.ids, self.positions = [], []
-        rank = self.die_rank if self.die_rank >= 0 else ray.train.get_context().get_world_size() - 1
-        if step in self.die_at and self.rank == rank and self.marks:
+        if step in self.die_at and self.rank == self.die_rank and self.marks:
             mark = os.path.join(self.marks, f"died_at_{step}")
             if not os.path.exists(mark):
                 open(mark, "w").close()
