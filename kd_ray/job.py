@@ -56,6 +56,7 @@ def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
     train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
     teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if spec.teacher else 0
     ray.init(
+        address="local",  # a new instance, never a `ray start` cluster left on this machine
         num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
         # The dashboard serves the state API that Train V2's placement-group cleaner polls.
         include_dashboard=True,

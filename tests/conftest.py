@@ -8,6 +8,8 @@ their CPUs for a whole run, and on 2 cores they would otherwise wait on each oth
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +49,34 @@ class Cluster:
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
 
     def stop(self) -> None:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        """Stop this cluster's processes only (`ray stop` would also stop any other cluster on the
+        machine, such as a second test session's): the ones that name its GCS port on their
+        command line, and their children."""
+        # The GCS may advertise the machine's own address rather than 127.0.0.1: match the port.
+        mark = re.compile(rb"(gcs-address=|gcs_server_port=|address=)[^\0 ]*?\b%d\b" % self.port)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            procs = {}
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read()
+                    with open(f"/proc/{pid}/stat", "rb") as f:
+                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                procs[int(pid)] = (cmd, ppid)
+            ours = {pid for pid, (cmd, _) in procs.items() if mark.search(cmd) and pid != os.getpid()}
+            while True:
+                more = {pid for pid, (_, ppid) in procs.items() if ppid in ours} - ours
+                if not more:
+                    break
+                ours |= more
+            for pid in ours:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            time.sleep(2)
 
 
 @pytest.fixture(scope="session")
