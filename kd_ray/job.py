@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import ray
 
-from kd_ray import batching
+from kd_ray import batching, telemetry
 from kd_ray.data import pipeline
 from kd_ray.errors import UserError
 from kd_ray.spec import JobSpec, changed_fields, fingerprint
@@ -84,11 +84,25 @@ class ProgressBoard:
 
     def __init__(self):
         self.events: list[dict] = []
+        self.pool: dict[str, tuple[int, float]] = {}
+        self.pool_logged: dict[str, tuple[int, float]] = {}
+        self.pool_logged_at = time.time()
         self.position = 0
         self.stop = False
 
     def push(self, event: dict) -> None:
-        self.events.append({**event, "time": time.time()})
+        now = time.time()
+        if event["kind"] == "train" and self.pool:
+            # What the teacher pool did over the same window as the student's log line.
+            event = {**event, "teacher_pool": telemetry.pool_window(self.pool_logged, self.pool, now - self.pool_logged_at)}
+            self.pool_logged, self.pool_logged_at = dict(self.pool), now
+        self.events.append({**event, "time": now})
+
+    # Teacher actors' running totals (kd_ray.teacher.TeacherPredictor), a few times a minute.
+    def teacher_report(self, actor: str, rows: int, busy: float) -> None:
+        if not self.pool:
+            self.pool_logged_at = time.time()
+        self.pool[actor] = (rows, busy)
 
     def since(self, index: int) -> list[dict]:
         return self.events[index:]
@@ -149,6 +163,15 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ms(e: dict) -> str:
+    steps = e.get("window_steps") or 0
+    return f"{1000 * (e['window_seconds'] - e['data_wait_seconds']) / steps:.0f} ms" if steps else "-"
+
+
+def _pool(p: dict) -> str:
+    return f"{p['actors']} actor(s) {p['rows_per_second']:.0f} rows/s busy {100 * p['busy_fraction']:.0f}%"
+
+
 def format_event(e: dict) -> str | None:
     kind = e["kind"]
     if kind == "start":
@@ -162,7 +185,8 @@ def format_event(e: dict) -> str | None:
     if kind == "train":
         return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {_fmt(e['loss'])}  "
                 f"kd {_fmt(e['kd_loss'])}  ce {_fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
-                f"{e['samples_per_second']:.0f} samples/s  data wait {e['data_wait_seconds']:.2f}s")
+                f"{e['samples_per_second']:.0f} samples/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
+                + (f"  teacher {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else ""))
     if kind == "eval":
         return f"eval  after epoch {e['epoch']} (step {e['step']}): student acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"
     return None
@@ -376,6 +400,7 @@ def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: bat
     done = [e for e in events if e["kind"] == "done"]
     stopped = [e for e in events if e["kind"] == "stopped"]
     evals = [e for e in events if e["kind"] == "eval"]
+    trains = [e for e in events if e["kind"] == "train"]
     last = evals[-1] if evals else {}
     end = done[-1] if done else (stopped[-1] if stopped else None)
     train_seconds = end["time"] - starts[0]["time"] if end else wall
@@ -400,6 +425,7 @@ def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: bat
         "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
         "teacher": {"accuracy": teacher["accuracy"], "loss": teacher["loss"]} if teacher else None,
         "student_weights": _export(result, spec.run_dir) if done else None,
+        "telemetry": telemetry.run_telemetry(trains),
     }
 
 
@@ -422,7 +448,14 @@ def _write_summary(run_dir: str, summary: dict) -> None:
     os.replace(tmp, os.path.join(run_dir, SUMMARY))
 
 
+def _pool_summary(p: dict | None) -> str:
+    if not p:
+        return "-"
+    return f"{p['actors_max']} actor(s) at most, {p['rows_per_second']:.0f} rows/s, busy {100 * p['busy_fraction']:.0f}%"
+
+
 def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
+    t = summary.get("telemetry") or {}
     rows = [
         ("status", summary["status"]),
         ("steps", summary["steps"]),
@@ -434,6 +467,10 @@ def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
         ("student accuracy", _fmt(summary["student"]["accuracy"])),
         ("student loss", _fmt(summary["student"]["loss"])),
         ("teacher accuracy", _fmt(summary["teacher"]["accuracy"]) if summary["teacher"] else "(no teacher)"),
+        ("student step", f"{1000 * t['student_step_seconds']:.1f} ms" if t.get("student_step_seconds") else "-"),
+        ("data wait", f"{100 * t.get('data_wait_fraction', 0):.0f}% of train time"),
+        ("teacher pool", _pool_summary(t.get("teacher_pool"))),
+        ("bottleneck", f"{t.get('bottleneck', '-')}: {t.get('advice', '')}"),
         ("student weights", summary["student_weights"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -170,6 +170,12 @@ class EvalSpec(_Section):
     batch_size: int = Field(512, ge=1)
 
 
+class ProfileSpec(_Section):
+    start_step: Optional[int] = Field(None, ge=1, description="record a torch.profiler trace after this optimizer step (none: off)")
+    steps: int = Field(5, ge=1, description="how many optimizer steps the trace covers")
+    memory: bool = Field(True, description="on CUDA, also a memory snapshot of the same steps")
+
+
 class JobSpec(_Section):
     run: RunSpec
     data: DataSpec
@@ -179,6 +185,7 @@ class JobSpec(_Section):
     train: TrainSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
+    profile: ProfileSpec = ProfileSpec()
     # Where the job file lives: its directory is importable and anchors relative paths.
     job_dir: str = ""
 

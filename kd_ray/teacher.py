@@ -44,7 +44,12 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 class TeacherPredictor:
     """A callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy(min, max))`."""
 
-    def __init__(self, teacher: dict, job_dir: str):
+    REPORT_EVERY_S = 2.0
+
+    def __init__(self, teacher: dict, job_dir: str, board=None):
+        import time
+        import uuid
+
         from kd_ray.registry import make_importable
 
         make_importable(job_dir)
@@ -54,15 +59,25 @@ class TeacherPredictor:
         self.channels_last = is_conv_net(self.model)
         self.precision = teacher["precision"]
         self.out_dtype = LOGITS_DTYPES[teacher["logits_dtype"]]
+        # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
+        self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
+        self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
 
     def __call__(self, batch: dict) -> dict:
+        start = self.clock()
         x = as_tensor(batch[X]).to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.precision, self.device):
             logits = self.model(x)
         # A new dict: the input batch (read-only zero-copy arrays) is left untouched.
-        return {**batch, TEACHER: logits.float().cpu().numpy().astype(self.out_dtype, copy=False)}
+        out = {**batch, TEACHER: logits.float().cpu().numpy().astype(self.out_dtype, copy=False)}
+        self.rows += len(x)
+        self.busy += self.clock() - start
+        if self.board is not None and self.clock() - self.reported >= self.REPORT_EVERY_S:
+            self.board.teacher_report.remote(self.name, self.rows, self.busy)
+            self.reported = self.clock()
+        return out
 
 
 def pool_options(teacher: dict) -> dict:

@@ -70,12 +70,21 @@ def test_supervised_teacher_job(teacher_weights):
 
 def test_kd_ddp_two_workers_then_eval(ray_cluster, teacher_weights, tmp_path):
     path = write_job(tmp_path / "kd.yaml", kd_job(tmp_path, "kd_ddp", teacher_weights, strategy="ddp"))
-    proc = run_cli(["run", path], ray_cluster)
+    proc = run_cli(["run", path, "profile.start_step=3", "profile.steps=2"], ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "student accuracy" in proc.stdout and "run directory:" in proc.stdout
     assert re.search(r"^epoch 1\.\d\d step \d+/\d+  loss", proc.stdout, re.M)  # a progress line per report
     summary = read_summary(tmp_path / "runs" / "kd_ddp")
     assert summary["teacher"]["accuracy"] > 0.9
+    # Telemetry: both sides measured, and a verdict.
+    t = summary["telemetry"]
+    assert t["student_step_seconds"] > 0 and 0 <= t["data_wait_fraction"] <= 1
+    assert t["teacher_pool"]["actors_max"] >= 1 and t["teacher_pool"]["rows_per_second"] > 0
+    assert t["bottleneck"] in ("student", "teacher pool", "input pipeline") and re.search(r"^bottleneck\s+\w", proc.stdout, re.M)
+    # Profiling: a trace per worker, readable as JSON with events in it.
+    profile = tmp_path / "runs" / "kd_ddp" / "profile"
+    assert sorted(os.listdir(profile)) == ["rank0.top_ops.txt", "rank0.trace.json", "rank1.top_ops.txt", "rank1.trace.json"]
+    assert json.loads((profile / "rank0.trace.json").read_text())["traceEvents"]
     assert_loadable(summary, 0.7)
 
     proc = run_cli(["eval", path], ray_cluster)

@@ -135,9 +135,19 @@ def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks:
 
     return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
         _emit, batch_size=1, batch_format="numpy",
+        # Reading and preprocessing stay CPU tasks spread over the cluster, one per chunk. Args
+        # given by a function also keep Ray from fusing these tasks into the teacher's actors
+        # (it fuses ops whose static remote args match, as they do on CPU): fused, they ran
+        # serially with the teacher in one task holding many chunks, and nothing reached the
+        # trainers until that whole task had finished.
+        ray_remote_args_fn=_spread,
         fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
                        transform=_transform(spec, train, sample_shape), board=board, end=end),
     )
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def _first_row(layout: order.Layout) -> tuple[np.ndarray, np.ndarray]:
@@ -145,11 +155,12 @@ def _first_row(layout: order.Layout) -> tuple[np.ndarray, np.ndarray]:
     return np.array([u]), layout.units[u][:1]
 
 
-def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec") -> "ray.data.Dataset":
+def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None) -> "ray.data.Dataset":
     from kd_ray.teacher import TeacherPredictor, pool_options
 
     teacher = spec.teacher.model_dump()
-    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(teacher=teacher, job_dir=spec.job_dir), **pool_options(teacher))
+    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(teacher=teacher, job_dir=spec.job_dir, board=board),
+                          **pool_options(teacher))
 
 
 def build_eval(spec: "JobSpec", data: Sources | None = None) -> "ray.data.Dataset":
@@ -164,5 +175,5 @@ def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, boar
     shuffle = spec.data.shuffle
     train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, data.sample_shape, board, end)
     if spec.teacher is not None:
-        train = with_teacher(train, spec)
+        train = with_teacher(train, spec, board)
     return train.repartition(target_num_rows_per_block=micro_batch, strict=True)

@@ -31,6 +31,7 @@ from kd_ray.train import checkpoint
 from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
 from kd_ray.train.precision import grad_scaler
+from kd_ray.train.profile import StepProfiler
 from kd_ray.train.step import micro_step, optimizer_step, student_eval_sums
 from kd_ray.weights import load_into
 
@@ -126,6 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
                                        pin_memory=device.type == "cuda")
     stopped = False
     preempt_saved = False
+    logged_step = step
+    profiler = StepProfiler(spec["profile"], config["run_dir"], rank, device, step)
     for batch in meter.timed(batches):
         if step >= plan.total_steps:
             break  # every rank reaches the last step on the same micro-batch
@@ -149,6 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         samples += plan.global_batch
         faults.after_step(step)
+        profiler.after_step(step)
         epoch_ended = plan.epochs_done(step) > plan.epochs_done(step - 1)
         last = step == plan.total_steps
         if step % log_every == 0 or epoch_ended or last:
@@ -158,7 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
                 loss=(alpha * kd + (1 - alpha) * ce) / count, kd_loss=kd / count if has_teacher else None,
                 ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
                 grad_norm=float(grad_norm), samples_per_second=window * world / elapsed,
-                data_wait_seconds=wait, samples=samples)
+                data_wait_seconds=wait, window_seconds=elapsed, window_steps=step - logged_step, samples=samples)
+            logged_step = step
         done_epochs = plan.epochs_done(step)
         if last or (epoch_ended and eval_every and done_epochs % eval_every == 0):
             sync_buffers(model, train["strategy"])
@@ -187,6 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
             elif due:
                 save(False, {}, why="timer")
 
+    profiler.close()
     if stopped:
         return
     save(True, {**last_eval, "samples": samples}, why="final")

@@ -1,0 +1,68 @@
+"""Where a run's time goes, as pure arithmetic on what the workers and teacher actors report.
+
+The student side: every log line's window (seconds, seconds waiting for the next batch, optimizer
+steps). The teacher side: each pool actor's running totals (rows, seconds busy in the forward).
+From the two comes one verdict: the student, the teacher pool or the input pipeline is what
+holds the run back, with the setting that would help.
+"""
+
+from __future__ import annotations
+
+# The student waiting more than this fraction of its time means it is starved.
+STARVED = 0.10
+# Teacher actors busy more than this fraction of the time means the pool is at its limit.
+SATURATED = 0.80
+
+
+def pool_window(before: dict[str, tuple[int, float]], now: dict[str, tuple[int, float]], seconds: float) -> dict:
+    """The pool between two snapshots of actor -> (rows, busy seconds): actors that did work,
+    rows per second, and the fraction of those actors' time spent in the forward."""
+    delta = {a: (rows - before.get(a, (0, 0.0))[0], busy - before.get(a, (0, 0.0))[1]) for a, (rows, busy) in now.items()}
+    active = [d for d in delta.values() if d[0] > 0]
+    rows = sum(r for r, _ in active)
+    busy = sum(b for _, b in active)
+    return {
+        "actors": len(active),
+        "rows_per_second": rows / seconds if seconds > 0 else 0.0,
+        "busy_fraction": min(1.0, busy / (seconds * len(active))) if active and seconds > 0 else 0.0,
+    }
+
+
+def verdict(wait_fraction: float, teacher_busy: float | None) -> tuple[str, str]:
+    """(bottleneck, what to change)."""
+    if wait_fraction < STARVED:
+        return "student", ("the student rarely waits for data: a faster student step (bf16, compile, a larger "
+                           "train.micro_batch_size) or more train.num_workers would speed the run")
+    if teacher_busy is not None and teacher_busy >= SATURATED:
+        return "teacher pool", ("the student waits for teacher outputs and the teacher actors are busy: raise "
+                                "teacher.pool.max_actors (or gpus), or cache the teacher's outputs (teacher.mode: cached)")
+    return "input pipeline", ("the student waits for data but the teacher is not what is slow: reading and "
+                              "preprocessing or the transfer is; give the read tasks more CPUs or raise train.prefetch_batches")
+
+
+def run_telemetry(train_events: list[dict]) -> dict:
+    """The run's figures from its log-line events: each carries its window and, with a teacher
+    pool that has reported, the pool's window (`teacher_pool`)."""
+    seconds = sum(e["window_seconds"] for e in train_events)
+    wait = sum(e["data_wait_seconds"] for e in train_events)
+    steps = sum(e["window_steps"] for e in train_events)
+    wait_fraction = wait / seconds if seconds > 0 else 0.0
+    out: dict = {
+        "student_step_seconds": (seconds - wait) / steps if steps else None,
+        "data_wait_seconds": round(wait, 3),
+        "data_wait_fraction": round(wait_fraction, 4),
+    }
+    pooled = [(e["teacher_pool"], e["window_seconds"]) for e in train_events if e.get("teacher_pool")]
+    span = sum(t for _, t in pooled)
+    busy = None
+    if pooled and span > 0:
+        actor_seconds = sum(w["actors"] * t for w, t in pooled)
+        busy = sum(w["busy_fraction"] * w["actors"] * t for w, t in pooled) / actor_seconds if actor_seconds else 0.0
+        out["teacher_pool"] = {
+            "actors_max": max(w["actors"] for w, _ in pooled),
+            "actors_mean": round(actor_seconds / span, 2),
+            "rows_per_second": round(sum(w["rows_per_second"] * t for w, t in pooled) / span, 2),
+            "busy_fraction": round(busy, 4),
+        }
+    out["bottleneck"], out["advice"] = verdict(wait_fraction, busy)
+    return out
