@@ -390,7 +390,7 @@ def _write_shards(spec: "JobSpec", data: "Sources", store: Store, outputs: dict,
 
     if not todo:
         return
-    ensure_ray(spec, verbose)
+    ensure_ray(spec, verbose, teacher_pool=True)
     quiet_data()
     teacher = spec.teacher.model_dump()
     items = [{"part": part, "unit": unit, "rows": planned[(part, unit)]} for part, unit in todo]

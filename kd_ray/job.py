@@ -42,11 +42,12 @@ def local_cpu_budget(physical: int, train_cpus: float, teacher_cpus: float) -> i
     return int(max(physical, train_cpus + teacher_cpus + data_tasks + 1))
 
 
-def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
+def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start an embedded one.
 
     The embedded instance keeps workers' and actors' own logs in Ray's session directory
     (printed on failure) unless `verbose`: kd_ray's progress lines are what a user follows.
+    `teacher_pool`: whether the teacher's pool runs (default: unless the job reads a cache).
     """
     if ray.is_initialized():
         return
@@ -54,7 +55,9 @@ def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
         ray.init(log_to_driver=True)
         return
     train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
-    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if spec.teacher and not spec.teacher.cached else 0
+    if teacher_pool is None:
+        teacher_pool = spec.teacher is not None and not spec.teacher.cached
+    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
     ray.init(
         address="local",  # a new instance, never a `ray start` cluster left on this machine
         num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),

@@ -223,7 +223,7 @@ def _teacher_pool_actors() -> int:
 
 
 def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, teacher_weights, tmp_path, monkeypatch):
-    """Top-k bf16 cache, FSDP2, 2 workers x accumulation 4: a worker dies at step 12, the group
+    """Top-k bf16 cache, FSDP2, bf16 autocast, 2 workers x accumulation 4: a worker dies at step 12, the group
     restarts from the step-10 checkpoint and the run ends with every step in order (the loop
     checks each micro-batch's positions), no teacher pool ever started."""
     from kd_ray.job import run
@@ -233,7 +233,7 @@ def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, t
     marks.mkdir()
     monkeypatch.setenv("KD_RAY_TEST_DIE_AT", "12")
     monkeypatch.setenv("KD_RAY_TEST_MARKS", str(marks))
-    job = kd_job(tmp_path, "topk", teacher_weights, topk_cache["block"], micro_batch_size=8, strategy="fsdp", epochs=1)
+    job = kd_job(tmp_path, "topk", teacher_weights, topk_cache["block"], micro_batch_size=8, strategy="fsdp", precision="bf16", epochs=1)
     job["checkpoint"] = {"every_steps": 5}
     pools = _teacher_pool_actors()
     lines: list[str] = []
