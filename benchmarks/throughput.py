@@ -10,7 +10,8 @@ Modes (each in a fresh process, so peak RSS and thread settings belong to that m
                  Hinton KL(T) + CE: the training step of seed 000, written plainly (no kd_ray code)
   3 kd_ray       the product path: a generated job file + .npz data, `python -m kd_ray run JOB`,
                  teacher in a Ray Data actor pool, student in a Ray Train worker
-  4 cached       kd_ray from a teacher-output cache: a hook, skipped until the cache exists
+  4 cached       kd_ray from a teacher-output cache: `python -m kd_ray cache JOB` once (its time
+                 is reported apart), then the same job with teacher.mode=cached: no teacher runs
   (kd_step)      optional (`--modes ...,kd_step`): kd_ray's own micro_step/optimizer_step with the
                  teacher in the same process, without Ray: separates the step from the pipeline
 
@@ -47,7 +48,6 @@ from contextlib import nullcontext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CACHED_SKIP = "skipped: needs the teacher-output cache (issue 4)"
 
 # ---------------------------------------------------------------------------------------------
 # Workloads
@@ -596,7 +596,7 @@ def write_job(cfg: dict, workdir: str, args) -> tuple[str, int]:
                  "num_classes": cfg["classes"]},
         "teacher": {"model": "bench_models:teacher", "kwargs": cfg["teacher"], "weights": "teacher.safetensors",
                     "pool": teacher_pool, "precision": cfg["precision"], "compile": cfg["compile"],
-                    "logits_dtype": "float32"},
+                    "logits_dtype": "float32", "cache": {"path": "teacher_cache", "format": "full", "dtype": "float32"}},
         "student": {"model": "bench_models:student", "kwargs": cfg["student"]},
         "distill": {"loss": "hinton", "temperature": cfg["temperature"], "alpha": cfg["alpha"]},
         "train": train,
@@ -609,15 +609,10 @@ def write_job(cfg: dict, workdir: str, args) -> tuple[str, int]:
     return path, kd_warmup
 
 
-def run_kd_ray(cfg: dict, workdir: str, args) -> dict:
-    job_path, kd_warmup = write_job(cfg, workdir, args)
-    open(os.path.join(workdir, "THREADS_PROBE"), "w").close()
-    # Forward timing hooks: CPU and eager only (CUDA forwards return before the work is done,
-    # and a hook that writes a file would break a compiled graph).
-    forward_probe = cfg["device"] == "cpu" and not cfg["compile"]
-    if forward_probe:
-        open(os.path.join(workdir, "FORWARD_PROBE"), "w").close()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray of its own
+def _kd_env() -> tuple[dict, list[str], str | None]:
+    """The environment of a kd-ray command: an embedded Ray of its own. Returns (env, notes, a
+    temporary Ray directory to remove afterwards)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     notes = []
     own_ray_tmp = None
@@ -631,7 +626,44 @@ def run_kd_ray(cfg: dict, workdir: str, args) -> dict:
         # session's, say), and kd_ray's embedded init then fails: give the run its own temp dir.
         env["RAY_TMPDIR"] = own_ray_tmp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths
         notes.append(f"a `ray start` cluster is registered in {ray_tmp}; kd-ray ran with RAY_TMPDIR={env['RAY_TMPDIR']}")
-    cmd = [sys.executable, "-m", "kd_ray", "run", job_path, "--fresh"]
+    return env, notes, own_ray_tmp
+
+
+def capture_cache(cfg: dict, workdir: str, args) -> dict:
+    """Mode 4's set-up, timed apart: `python -m kd_ray cache JOB` writes the teacher's outputs."""
+    job_path, _ = write_job(cfg, workdir, args)
+    env, notes, own_ray_tmp = _kd_env()
+    cmd = [sys.executable, "-m", "kd_ray", "cache", job_path]
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.kd_timeout)
+    except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(cmd, "timed out", e.stdout or "", e.stderr or "")
+    wall = time.time() - started
+    if own_ray_tmp:
+        shutil.rmtree(own_ray_tmp, ignore_errors=True)
+    out = {"command": " ".join(["python", "-m", *cmd[2:]]), "exit_code": proc.returncode, "wall_seconds": wall, "notes": notes}
+    m = re.search(r"\(([\d.]+) bytes/sample on disk.*?in ([\d.]+) s, ([\d.]+) samples/s", proc.stdout)
+    if m:
+        out.update(bytes_per_sample=float(m.group(1)), pool_seconds=float(m.group(2)), samples_per_second=float(m.group(3)))
+    if proc.returncode != 0:
+        out["error"] = f"exit {proc.returncode}"
+        out["log_tail"] = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    return out
+
+
+def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
+    job_path, kd_warmup = write_job(cfg, workdir, args)
+    open(os.path.join(workdir, "THREADS_PROBE"), "w").close()
+    for stale in glob.glob(os.path.join(workdir, "forward_*.log")):  # an earlier mode's (or the capture's) forwards
+        os.remove(stale)
+    # Forward timing hooks: CPU and eager only (CUDA forwards return before the work is done,
+    # and a hook that writes a file would break a compiled graph).
+    forward_probe = cfg["device"] == "cpu" and not cfg["compile"]
+    if forward_probe:
+        open(os.path.join(workdir, "FORWARD_PROBE"), "w").close()
+    env, notes, own_ray_tmp = _kd_env()
+    cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + (["teacher.mode=cached"] if cached else []) + ["--fresh"]
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             cwd=ROOT, env=env, start_new_session=True)
@@ -664,12 +696,12 @@ def run_kd_ray(cfg: dict, workdir: str, args) -> dict:
     wall = time.time() - started
     monitor.stop.set()
     monitor.join(timeout=5)
-    result: dict = {"mode": "kd_ray", "launched_at": started, "command": " ".join(["python", "-m", "kd_ray", "run", job_path, "--fresh"]),
+    result: dict = {"mode": "cached" if cached else "kd_ray", "launched_at": started, "command": " ".join(["python", "-m", *cmd[2:]]),
                     "exit_code": rc, "wall_seconds": wall, "job": job_path, "notes": notes,
                     "seconds_to_start_line": stamps.get("start:"), "seconds_to_first_step_report": stamps.get("epoch ")}
     summary_path = os.path.join(workdir, "runs", "throughput", "summary.json")
     summary = {}
-    if os.path.exists(summary_path):
+    if os.path.exists(summary_path) and os.path.getmtime(summary_path) >= started:  # not an earlier mode's
         with open(summary_path) as f:
             summary = json.load(f)
     result["summary_json"] = {k: summary.get(k) for k in ("status", "steps", "samples", "train_seconds", "wall_seconds", "samples_per_second")}
@@ -790,7 +822,7 @@ def print_table(results: dict, cfg: dict) -> None:
         sps = r.get("samples_per_second")
         win = r.get("windows_samples_per_second") or []
         spread = f"{min(win):,.0f}-{max(win):,.0f}" if win else "-"
-        if key == "kd_ray":
+        if key in ("kd_ray", "cached"):
             mem = r.get("memory", {}).get("by_role", {})
             peak = f"driver {mem.get('driver (kd-ray CLI)', {}).get('max_peak_rss_mb', 0):,.0f}"
             for role, short in (("train worker", "worker"), ("teacher actor", "teacher")):
@@ -830,10 +862,17 @@ def print_details(results: dict, cfg: dict) -> None:
               f"({cost['teacher_flops_per_sample'] / 1e6:,.1f} vs {cost['student_flops_per_sample'] / 1e6:,.1f} MFLOP/sample), "
               f"{cost['timed_forward_ratio']:.1f}x timed eager forward "
               f"({cost['teacher_forward_ms']:.1f} vs {cost['student_forward_ms']:.1f} ms per batch of {cfg['batch_size']})")
-    kd = results.get("kd_ray")
-    if kd and "skipped" not in kd:
+    for key, label in (("kd_ray", "online"), ("cached", "cached")):
+        kd = results.get(key)
+        if not kd or "skipped" in kd:
+            continue
         s = kd.get("summary_json", {})
-        print(f"\nkd_ray online: `{kd['command']}`")
+        print(f"\nkd_ray {label}: `{kd['command']}`")
+        capture = kd.get("capture")
+        if capture:
+            print(f"  capture, before the run: `{capture['command']}`: {_num(capture.get('samples_per_second'))} samples/s "
+                  f"({capture.get('pool_seconds')} s from the pool's start to the last shard, {capture['wall_seconds']:.1f} s with Ray's "
+                  f"start), {capture.get('bytes_per_sample')} bytes/sample on disk")
         if s.get("samples_per_second") is not None:
             print(f"  summary.json aggregate (all {s.get('steps')} steps, start-up window and final eval/checkpoint included): "
                   f"{s['samples_per_second']:,.1f} samples/s over {s.get('train_seconds')} s train, {s.get('wall_seconds')} s run")
@@ -985,14 +1024,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     order = [m for m in ("student", "reference", "kd_step", "kd_ray", "cached") if m in modes]
     for mode in order:
-        if mode == "cached":
-            # Hook for mode 4: kd_ray from cached teacher outputs. When the cache lands, write the
-            # cache with its command here and run the same job with the cache as the data source.
-            results["cached"] = {"skipped": CACHED_SKIP}
-            print(f"[4 cached] {CACHED_SKIP}", flush=True)
-            continue
         print(f"[{mode}] running (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
-        if mode == "kd_ray":
+        if mode == "cached":
+            # The capture first, timed apart: a cache is written once, and every run after it trains
+            # without the teacher.
+            capture = capture_cache(cfg, workdir, args)
+            print(f"[cached] capture: {_num(capture.get('samples_per_second'))} samples/s in {capture['wall_seconds']:.1f} s"
+                  + (f"  ERROR {capture['error']}" if capture.get("error") else ""), flush=True)
+            r = {"mode": "cached", "error": "the capture failed"} if capture.get("error") else run_kd_ray(cfg, workdir, args, cached=True)
+            r["capture"] = capture
+        elif mode == "kd_ray":
             r = run_kd_ray(cfg, workdir, args)
         else:
             r = run_child(mode, {**cfg, "measure_cost": mode == "reference"}, workdir)

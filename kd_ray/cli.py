@@ -1,4 +1,4 @@
-"""`kd-ray run | eval | validate`: the command line. User mistakes exit 2 with one line."""
+"""`kd-ray run | cache | eval | validate`: the command line. User mistakes exit 2 with one line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
     run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors")
+    ca = sub.add_parser("cache", help="run the job's teacher once over its data and write its outputs to teacher.cache.path "
+                        "(resumable: run it again after an interruption)")
+    ca.add_argument("job")
+    ca.add_argument("overrides", nargs="*")
+    ca.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors")
     ev = sub.add_parser("eval", help="evaluate an exported student on a job's eval split")
     ev.add_argument("job")
     ev.add_argument("overrides", nargs="*")
@@ -47,6 +52,11 @@ def _dispatch(args) -> int:
     spec = load_job(args.job, args.overrides)
     if args.command == "validate":
         print(f"{args.job}: valid")
+        return 0
+    if args.command == "cache":
+        from kd_ray.cache import capture
+
+        capture(spec, verbose=args.verbose)
         return 0
     if args.command == "eval":
         from kd_ray.evaluate import evaluate_student

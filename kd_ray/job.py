@@ -42,11 +42,12 @@ def local_cpu_budget(physical: int, train_cpus: float, teacher_cpus: float) -> i
     return int(max(physical, train_cpus + teacher_cpus + data_tasks + 1))
 
 
-def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
+def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start an embedded one.
 
     The embedded instance keeps workers' and actors' own logs in Ray's session directory
     (printed on failure) unless `verbose`: kd_ray's progress lines are what a user follows.
+    `teacher_pool`: whether the teacher's pool runs (default: unless the job reads a cache).
     """
     if ray.is_initialized():
         return
@@ -54,7 +55,9 @@ def ensure_ray(spec: JobSpec, verbose: bool = False) -> None:
         ray.init(log_to_driver=True)
         return
     train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
-    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if spec.teacher else 0
+    if teacher_pool is None:
+        teacher_pool = spec.teacher is not None and not spec.teacher.cached
+    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
     ray.init(
         address="local",  # a new instance, never a `ray start` cluster left on this machine
         num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
@@ -235,6 +238,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     quiet_data()
     _check_cluster(spec, echo)
     data = pipeline.Sources(spec)
+    teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
     low, high = spec.train.worker_range
     G, m = spec.train.global_batch_size, spec.train.micro_batch_size
     # Steps depend on the data and the global batch only, never on the world size.
@@ -248,7 +252,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
 
-    teacher_scores = score_teacher(spec, data, echo) if spec.teacher else None
+    teacher_scores = score_teacher(spec, data, echo, teacher_cache) if spec.teacher else None
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
@@ -264,7 +268,8 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         datasets={
             # One global batch past the last step: the split's end-of-stream balancing only
             # ever touches rows no step uses.
-            "train": pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board),
+            "train": pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board,
+                                          cache=teacher_cache.train if teacher_cache else None),
             "eval": pipeline.build_eval(spec, data),
         },
         # The train stream holds the run in order; keep that order through the split.
@@ -343,21 +348,38 @@ def _ordered():
     return options
 
 
-def score_teacher(spec: JobSpec, data: "pipeline.Sources", echo: Callable[[str], None]) -> dict:
+def _open_cache(spec: JobSpec, data: "pipeline.Sources", echo: Callable[[str], None]):
+    from kd_ray import cache
+
+    opened = cache.open_for_training(spec, data)
+    out = opened.manifest["outputs"]
+    kind = f"top-{out['k']} {out['dtype']}" if out["format"] == "topk" else f"full {out['dtype']} logits"
+    echo(f"teacher: cached outputs ({kind}) from {spec.teacher.cache.path}: {len(opened.manifest['shards'])} shards checked")
+    return opened
+
+
+def score_teacher(spec: JobSpec, data: "pipeline.Sources", echo: Callable[[str], None], teacher_cache=None) -> dict:
     """The teacher's accuracy on the eval split, once, before training: its pool runs and is
-    gone before the student's workers and the training pool take their resources."""
+    gone before the student's workers and the training pool take their resources. From a
+    cache, no pool: its outputs for the eval rows (a top-k gives the accuracy, not the loss)."""
+    import math
+
     import torch
 
-    from kd_ray.data import TEACHER, Y
+    from kd_ray.data import X
     from kd_ray.teacher import as_tensor
     from kd_ray.train.step import teacher_eval_sums
 
     sums = torch.zeros(3, dtype=torch.float64)
-    for batch in pipeline.with_teacher(pipeline.build_eval(spec, data), spec).iter_batches(batch_size=1024, batch_format="numpy"):
-        sums += teacher_eval_sums([{TEACHER: as_tensor(batch[TEACHER]), Y: as_tensor(batch[Y])}], torch.device("cpu"))
+    if teacher_cache is None:
+        scored = pipeline.with_teacher(pipeline.build_eval(spec, data), spec)
+    else:
+        scored = pipeline.build_eval(spec, data, cache=teacher_cache.eval)
+    for batch in scored.iter_batches(batch_size=1024, batch_format="numpy"):
+        sums += teacher_eval_sums([{k: as_tensor(v) for k, v in batch.items() if k != X}], torch.device("cpu"))
     loss, correct, count = sums.tolist()
-    scores = {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
-    echo(f"teacher on the eval split: acc {scores['accuracy']:.4f} loss {scores['loss']:.4f}")
+    scores = {"accuracy": correct / max(count, 1), "loss": None if math.isnan(loss) else loss / max(count, 1)}
+    echo(f"teacher on the eval split: acc {scores['accuracy']:.4f} loss {_fmt(scores['loss'])}")
     return scores
 
 
@@ -383,7 +405,7 @@ def _check_cluster(spec: JobSpec, echo: Callable[[str], None]) -> None:
     have = ray.cluster_resources()
     wants = [("train.use_gpu", "GPU", 1 if spec.train.use_gpu else 0)]
     wants += [("train.resources_per_worker", k, v) for k, v in spec.train.resources_per_worker.items()]
-    if spec.teacher:
+    if spec.teacher and not spec.teacher.cached:
         wants.append(("teacher.pool.gpus_per_actor", "GPU", spec.teacher.pool.gpus_per_actor))
         wants += [("teacher.pool.resources", k, v) for k, v in spec.teacher.pool.resources.items()]
     for field, name, amount in wants:

@@ -84,7 +84,7 @@ def topk_compress(
     return TopK(values, indices.to(topk_index_dtype(num_classes)), tail_lse, temperatures)
 
 
-def _tail_column(temperatures: tuple[float, ...], temperature: float) -> int:
+def tail_column(temperatures: tuple[float, ...], temperature: float) -> int:
     for i, t in enumerate(temperatures):
         if math.isclose(t, temperature, rel_tol=1e-6):
             return i
@@ -108,7 +108,7 @@ def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperatur
     T (q - p~), pushes the student's total tail mass to the teacher's and spreads it over the tail
     classes in the student's own proportions (p~_j = p_tail q_j / q_tail).
     """
-    column = _tail_column(teacher.temperatures, temperature)
+    column = tail_column(teacher.temperatures, temperature)
     idx = teacher.indices.long()
     # Teacher: k+1 log-probabilities that sum to one by construction, whatever the storage rounding.
     t_top = teacher.values.float() / temperature

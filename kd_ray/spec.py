@@ -95,11 +95,31 @@ class PoolSpec(_Section):
         return self
 
 
+class CacheSpec(_Section):
+    """Where `kd-ray cache` writes the teacher's outputs, and in what form (see kd_ray.cache)."""
+
+    path: str = Field(description="a directory, or any URI pyarrow opens (file://, s3://, gs://)")
+    format: Literal["full", "topk"] = "full"
+    k: Optional[int] = Field(None, ge=1, description="topk: classes kept per sample")
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(None, description="default: float32 (full), float16 (topk)")
+    temperatures: Optional[list[float]] = Field(None, description="topk: the T its tail mass is exact for; default [distill.temperature]")
+
+    @property
+    def value_dtype(self) -> str:
+        return self.dtype or ("float32" if self.format == "full" else "float16")
+
+
 class TeacherSpec(ModelSpec):
     pool: PoolSpec = PoolSpec()
     precision: Precision = "fp32"
     compile: bool = False
     logits_dtype: Literal["float32", "float16"] = "float32"
+    mode: Literal["online", "cached"] = Field("online", description="cached: read teacher.cache instead of running the teacher")
+    cache: Optional[CacheSpec] = None
+
+    @property
+    def cached(self) -> bool:
+        return self.mode == "cached"
 
 
 class DistillSpec(_Section):
@@ -312,6 +332,8 @@ def _resolve_paths(spec: JobSpec) -> None:
     for section in (spec.teacher, spec.student):
         if section is not None and section.weights:
             section.weights = _abs(section.weights, jd)
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        spec.teacher.cache.path = _abs(spec.teacher.cache.path, jd)
 
 
 def _check(spec: JobSpec) -> None:
@@ -329,6 +351,11 @@ def _check(spec: JobSpec) -> None:
             raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
         if not spec.teacher.weights:
             raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
+        if spec.teacher.cached:
+            if spec.teacher.cache is None:
+                raise UserError("teacher.cache", "teacher.mode: cached reads the teacher's outputs from a cache; add teacher.cache: "
+                                "{path: DIR} and write it with `kd-ray cache JOB.yaml`")
+            refuse_augmentation(spec)
     p = spec.data.preprocess
     for name, value in (("mean", p.mean), ("std", p.std)):
         if isinstance(value, list) and sample_shape is not None and (len(sample_shape) < 2 or len(value) != sample_shape[0]):
@@ -339,7 +366,7 @@ def _check(spec: JobSpec) -> None:
     for section_name in ("student", "teacher"):
         section = getattr(spec, section_name)
         if section is not None:
-            outputs[section_name] = _check_model(section, section_name, spec.job_dir, sample_shape)
+            outputs[section_name] = check_model(section, section_name, spec.job_dir, sample_shape)
     classes = spec.data.num_classes
     if max_label is not None and outputs.get("student") is not None and max_label >= outputs["student"]:
         raise UserError("student.kwargs", f"the labels go up to {max_label} but {spec.student.model} gives {outputs['student']} outputs per sample; give it {max_label + 1} classes")
@@ -347,9 +374,11 @@ def _check(spec: JobSpec) -> None:
         raise UserError("student.kwargs", f"{spec.student.model} gives {outputs['student']} outputs per sample but data.num_classes is {classes}; set its number of classes to {classes}")
     if None not in (outputs.get("student"), outputs.get("teacher")) and outputs["student"] != outputs["teacher"]:
         raise UserError("teacher.kwargs", f"the teacher gives {outputs['teacher']} outputs per sample and the student {outputs['student']}; distillation needs the same classes in both")
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        check_cache(spec, outputs.get("teacher"))
 
 
-def _check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple[int, ...] | None) -> int | None:
+def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple[int, ...] | None) -> int | None:
     """Resolve the model, check its kwargs and weights, and return its number of outputs for
     one sample (found by a forward on the meta device: no memory, no compute), when the sample
     shape is known."""
@@ -372,6 +401,45 @@ def _check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tupl
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"{name}.model", f"{section.model} must return logits of shape [batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
     return int(out.shape[-1])
+
+
+def check_cache(spec: JobSpec, classes: int | None) -> None:
+    """The teacher.cache block: a format its options fit, and a top-k with room in the classes
+    (when they are known: here from the sample shape, in `kd-ray cache` from the data)."""
+    cache, distill = spec.teacher.cache, spec.distill
+    if cache.format == "full":
+        for name in ("k", "temperatures"):
+            if getattr(cache, name) is not None:
+                raise UserError(f"teacher.cache.{name}", "only applies to format: topk; remove it, or set teacher.cache.format: topk")
+        if cache.dtype == "bfloat16":
+            raise UserError("teacher.cache.dtype", "full logits are stored as float32 or float16; bfloat16 is for format: topk")
+        return
+    if cache.k is None:
+        raise UserError("teacher.cache.k", "format: topk needs k, the number of classes kept per sample (e.g. k: 10)")
+    if classes is not None and cache.k > classes:
+        raise UserError("teacher.cache.k", f"k={cache.k} but the teacher gives {classes} classes; use k <= {classes} (or format: full)")
+    if cache.temperatures is not None and (not cache.temperatures or min(cache.temperatures) <= 0):
+        raise UserError("teacher.cache.temperatures", f"{cache.temperatures}: give one or more temperatures, all > 0")
+    if spec.teacher.cached:
+        from kd_ray.losses import tail_column
+
+        try:
+            tail_column(tuple(cache_temperatures(spec)), distill.temperature)
+        except ValueError:
+            raise UserError("distill.temperature", f"{distill.temperature} is not among teacher.cache.temperatures {cache.temperatures}: "
+                            "a top-k cache holds the tail mass only for those; add it there (and recapture) or use one of them") from None
+
+
+def cache_temperatures(spec: JobSpec) -> list[float]:
+    """The temperatures a top-k capture records the tail mass for."""
+    cache = spec.teacher.cache
+    return [float(t) for t in cache.temperatures] if cache.temperatures else [float(spec.distill.temperature)]
+
+
+def refuse_augmentation(spec: JobSpec) -> None:
+    if spec.data.augment.active:
+        raise UserError("data.augment", "random augmentation gives new inputs every epoch, but a teacher-output cache holds one "
+                        "deterministic view per sample; remove data.augment (override data.augment={}) or use teacher.mode: online")
 
 
 def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None:
@@ -424,6 +492,12 @@ def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         out[key] = node
+    cache = spec.teacher.cache if spec.teacher is not None and spec.teacher.cached else None
+    if cache is not None and cache.format == "topk":
+        # A top-k cache changes the loss. Full logits train as the live pool does, so a run may
+        # switch between online and a full cache when it resumes (and older checkpoints, which
+        # lack this key, still match).
+        out["teacher.outputs"] = f"top-{cache.k} {cache.value_dtype}"
     return out
 
 

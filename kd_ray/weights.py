@@ -5,6 +5,7 @@ The one place that knows how a state dict is read, checked against a model, and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Mapping
 
@@ -89,3 +90,12 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def sha256(path: str) -> str:
+    """A file's SHA-256, read in blocks: checkpoint files and a cached teacher's weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

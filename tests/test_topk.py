@@ -342,3 +342,27 @@ def test_bytes_per_sample():
     topk = topk_compress(random_logits(n=8, classes=1000), 10, temperatures=(1.0, 4.0))
     stored = sum(x.element_size() * x.numel() for x in (topk.values, topk.indices, topk.tail_lse)) / 8
     assert stored == bytes_per_sample(1000, 10, torch.float16, num_temperatures=2)
+
+
+@pytest.mark.parametrize("case, k", [("digits", 5), ("1000-class", 10)])
+def test_cache_shard_bytes_per_sample(case, k, request):
+    """kd_ray.cache shards of these real teachers' outputs: what a sample costs on disk,
+    id and row included, against the payload of kd_ray.losses.bytes_per_sample. zstd shrinks
+    little of the logits (noisy mantissas), so a top-k is what makes a cache small."""
+    from kd_ray import cache
+
+    _, teacher, _ = request.getfixturevalue({"digits": "digits_outputs", "1000-class": "thousand_class_outputs"}[case])
+    classes, rows = teacher.shape[1], len(teacher)
+    full = dict(format="full", dtype="float32", k=None, temperatures=None, classes=classes)
+    topk = dict(format="topk", dtype="bfloat16", k=k, temperatures=[2.0], classes=classes)
+    formats = {"full fp32": full, "full fp16": {**full, "dtype": "float16"}, f"top-{k} fp16": {**topk, "dtype": "float16"}, f"top-{k} bf16": topk}
+    sizes = {}
+    for name, outputs in formats.items():
+        on_disk = len(cache.to_parquet(cache.shard_table(np.arange(rows), cache.encode(teacher, outputs)))) / rows
+        payload = bytes_per_sample(classes, outputs["k"], cache.TORCH_DTYPES[outputs["dtype"]], len(outputs["temperatures"] or [1]))
+        assert on_disk < payload + 16, (name, on_disk, payload)  # ids, rows and parquet's own bytes stay small
+        sizes[name] = (on_disk, payload)
+    print(f"\n{case} ({rows} samples in one shard), bytes per sample on disk (payload): "
+          + ", ".join(f"{n} {d:.1f} ({p})" for n, (d, p) in sizes.items()))
+    on_disk = [d for d, _ in sizes.values()]
+    assert on_disk[2] < on_disk[1] < on_disk[0] and on_disk[3] < on_disk[1]

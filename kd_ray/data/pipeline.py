@@ -3,6 +3,8 @@
     train: chunks of every epoch, in the order of kd_ray.data.order, from the cursor on
            -> read + preprocess + augment (one task per chunk) -> teacher pool
            -> blocks of exactly one micro-batch
+           (teacher.mode: cached: the read task joins the cached outputs of the same rows, kd_ray.cache,
+           and there is no pool)
     eval:  the eval split in source order -> read + preprocess
 
 The train dataset is ONE ordered stream of the whole run, so the teacher pool starts once per
@@ -95,12 +97,14 @@ def _augment_chunk(batch: dict, seed: int, index: int, args: dict) -> dict:
     return augment(batch, rng=rng, **args)
 
 
-def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, board, end: int | None) -> dict:
+def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, board, end: int | None, cache=None) -> dict:
     """The rows of the chunks named in the batch, preprocessed and augmented, from the run's
-    cursor (read from the board) up to `end`, with their positions."""
+    cursor (read from the board) up to `end`, with their positions (and their cached teacher
+    outputs, given a kd_ray.cache.CacheReader)."""
     import ray
 
     reader, layout = _fetch(reader), _fetch(layout)
+    cache = _fetch(cache) if cache is not None else None
     start = ray.get(board.cursor.remote()) if board is not None else 0
     parts = []
     for index in np.asarray(batch["id"]).tolist():
@@ -112,11 +116,14 @@ def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict,
         out = preprocess(out, **transform["preprocess"])
         if transform["augment"]:
             out = _augment_chunk(out, seed, int(index), transform["augment"])
+        if cache is not None:
+            out = {**out, **cache.read(units, rows, out[ID])}
         parts.append({**{k: v[keep] for k, v in out.items()}, POS: positions[keep]})
     if not parts:
         x_shape = transform["sample_shape"]
-        return {ID: np.zeros(0, np.int64), X: np.zeros((0, *x_shape), np.float32), Y: np.zeros(0, np.int64), POS: np.zeros(0, np.int64)}
-    return {k: np.concatenate([p[k] for p in parts]) for k in (ID, X, Y, POS)}
+        return {ID: np.zeros(0, np.int64), X: np.zeros((0, *x_shape), np.float32), Y: np.zeros(0, np.int64), POS: np.zeros(0, np.int64),
+                **(cache.empty_columns if cache is not None else {})}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _transform(spec: "JobSpec", train: bool, sample_shape: tuple) -> dict:
@@ -129,7 +136,7 @@ def _transform(spec: "JobSpec", train: bool, sample_shape: tuple) -> dict:
 
 
 def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool, sample_shape: tuple,
-            board=None, end: int | None = None) -> "ray.data.Dataset":
+            board=None, end: int | None = None, cache=None) -> "ray.data.Dataset":
     import ray
     import ray.data
 
@@ -142,7 +149,8 @@ def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks:
         # trainers until that whole task had finished.
         ray_remote_args_fn=_spread,
         fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
-                       transform=_transform(spec, train, sample_shape), board=board, end=end),
+                       transform=_transform(spec, train, sample_shape), board=board, end=end,
+                       cache=ray.put(cache) if cache is not None else None),
     )
 
 
@@ -163,17 +171,20 @@ def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None) -> "ray.da
                           **pool_options(teacher))
 
 
-def build_eval(spec: "JobSpec", data: Sources | None = None) -> "ray.data.Dataset":
-    """The eval split, once through, in source order."""
+def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray.data.Dataset":
+    """The eval split, once through, in source order (with the cached teacher outputs of its
+    rows, given the eval reader of a kd_ray.cache.TeacherCache)."""
     data = data or Sources(spec)
-    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, data.sample_shape)
+    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, data.sample_shape, cache=cache)
 
 
-def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, board) -> "ray.data.Dataset":
+def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, board, cache=None) -> "ray.data.Dataset":
     """The training stream: positions from the board's cursor to `end`, in blocks of exactly
-    `micro_batch` rows (the unit the split deals out round-robin)."""
+    `micro_batch` rows (the unit the split deals out round-robin). The teacher's outputs come
+    from the pool, or from `cache` (the train reader of a kd_ray.cache.TeacherCache)."""
     shuffle = spec.data.shuffle
-    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, data.sample_shape, board, end)
-    if spec.teacher is not None:
+    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, data.sample_shape,
+                    board, end, cache)
+    if spec.teacher is not None and cache is None:
         train = with_teacher(train, spec, board)
     return train.repartition(target_num_rows_per_block=micro_batch, strict=True)

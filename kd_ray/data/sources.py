@@ -7,11 +7,12 @@ Each source becomes a Ray Dataset in kd_ray's standard columns (id, x, y). Sampl
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -170,6 +171,12 @@ class ArrayReader:
         index = units * UNIT_ROWS + rows
         return {ID: index.astype(np.int64), X: self.x[index], Y: self.y[index]}
 
+    def identity(self) -> str:
+        """A digest of every sample's features."""
+        h = hashlib.blake2b(repr(self.x.shape).encode(), digest_size=16)
+        h.update(self.x.data)
+        return h.hexdigest()
+
 
 class ParquetReader:
     """Parquet files, one unit per row group, read with pyarrow (local paths or any filesystem
@@ -219,30 +226,53 @@ class ParquetReader:
 
     def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
         cols = [c for c in (self.features, self.labels, self.id_column) if c]
-        out: dict | None = None
-        for u in np.unique(units):  # each row group read once per chunk
-            picked = np.flatnonzero(units == u)
-            table = self._table(int(u), cols)
-            batch = {self.features: _column(table.column(self.features)), self.labels: _column(table.column(self.labels)),
-                     "row_hash": self._ids(int(u), table)}
-            part = standardize(batch, self.features, self.labels, None, self.shape)
-            if out is None:
-                out = {k: np.empty((len(units), *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
-            for k, v in part.items():
-                out[k][picked] = v[rows[picked]]
+
+        def unit(u: int) -> dict:
+            table = self._table(u, cols)
+            batch = {self.features: to_numpy(table.column(self.features)), self.labels: to_numpy(table.column(self.labels)),
+                     "row_hash": self._ids(u, table)}
+            return standardize(batch, self.features, self.labels, None, self.shape)
+
+        out = gather(units, rows, unit)
         if out is None:
             return {ID: np.zeros(0, np.int64), X: np.zeros((0, *(self.shape or [0])), np.float32), Y: np.zeros(0, np.int64)}
         return out
 
+    def identity(self) -> str:
+        """A digest of the files: paths relative to the source, sizes, rows per row group. The
+        data pages are not read: a file rewritten to the same size and row groups goes unnoticed
+        (a teacher-output cache also compares the sample ids)."""
+        h = hashlib.blake2b(digest_size=16)
+        sizes: dict[str, int] = {}
+        for path, rg, rows, _ in self.units:
+            if path not in sizes:
+                sizes[path] = self.filesystem.get_file_info(path).size
+            h.update(repr((os.path.relpath(path, self.root) if path != self.root else "", sizes[path], rg, rows)).encode())
+        return h.hexdigest()
 
-def _column(col) -> np.ndarray:
+
+def gather(units: np.ndarray, rows: np.ndarray, unit_columns: Callable[[int], dict]) -> dict | None:
+    """Rows (units[i], rows[i]) of per-unit column arrays, in the order asked: each unit is read
+    once (`unit_columns(u)` gives every row of unit u). None when nothing is asked."""
+    out: dict | None = None
+    for u in np.unique(units):
+        picked = np.flatnonzero(units == u)
+        part = unit_columns(int(u))
+        if out is None:
+            out = {k: np.empty((len(units), *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][picked] = v[rows[picked]]
+    return out
+
+
+def to_numpy(col) -> np.ndarray:
     """A parquet column as numpy: fixed-size lists and tensors as one array, lists row by row."""
     import pyarrow as pa
 
     col = col.combine_chunks()
     if pa.types.is_fixed_size_list(col.type):
         inner = col.flatten().to_numpy(zero_copy_only=False)
-        return inner.reshape(len(col), -1)
+        return inner.reshape(len(col), col.type.list_size)
     if isinstance(col.type, pa.ExtensionType) and hasattr(col, "to_numpy"):
         return np.asarray(col.to_numpy())
     return col.to_numpy(zero_copy_only=False)

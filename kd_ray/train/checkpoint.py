@@ -14,7 +14,6 @@ any world size, which an elastic group needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -30,14 +29,6 @@ STUDENT_INFO = "student.json"
 TRAIN_STATE = "train_state.pt"
 RESUME = "resume.json"
 _HASHED = (STUDENT_WEIGHTS, STUDENT_INFO, TRAIN_STATE)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_resume(directory: str) -> dict | None:
@@ -57,7 +48,7 @@ def problem(directory: str) -> str | None:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if weights.sha256(path) != digest:
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -104,7 +95,7 @@ def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counte
     torch.save(state, os.path.join(directory, TRAIN_STATE))
     with open(os.path.join(directory, STUDENT_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    digests = {name: _sha256(os.path.join(directory, name)) for name in _HASHED}
+    digests = {name: weights.sha256(os.path.join(directory, name)) for name in _HASHED}
     with open(os.path.join(directory, RESUME), "w") as f:
         json.dump({**resume, **counters, "sha256": digests}, f, indent=2)
     return True

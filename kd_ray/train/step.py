@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_ray.data import TEACHER, X, Y
-from kd_ray.losses import LossTerms, distill_loss
+from kd_ray.data import TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES, X, Y
+from kd_ray.losses import LossTerms, TopK, distill_loss
 from kd_ray.train.parallel import grad_sync
 from kd_ray.train.precision import autocast
 
@@ -32,9 +32,21 @@ def micro_step(
     with grad_sync(model, sync):
         with autocast(precision, device):
             logits = model(batch[X])
-        terms = distill_loss(logits, batch.get(TEACHER), batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
+        teacher = teacher_output(batch, temperature)
+        terms = distill_loss(logits, teacher, batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
         (scaler.scale(terms.loss) if scaler else terms.loss).backward()
     return terms
+
+
+def teacher_output(batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor | TopK | None:
+    """What the student distills from: dense logits (the pool, or a full cache), a top-k from a
+    cache (its tail column is the one for `temperature`, see kd_ray.cache), or None (no teacher)."""
+    if TOPK_VALUES not in batch:
+        return batch.get(TEACHER)
+    values = batch[TOPK_VALUES]
+    if values.dtype == torch.uint16:  # bfloat16, carried as its bits (numpy has no bfloat16)
+        values = values.view(torch.bfloat16)
+    return TopK(values, batch[TOPK_INDICES], batch[TAIL_LSE], (temperature,))
 
 
 def optimizer_step(
@@ -63,13 +75,19 @@ def optimizer_step(
 def score_sums(batches, logits_of, device: torch.device) -> torch.Tensor:
     """[cross-entropy sum, correct, count] over some batches; sums, so ranks can add them.
 
-    `logits_of(batch)` gives the logits to score: the student's forward, or the teacher logits
-    that the pool already added to each batch.
+    `logits_of(batch)` gives the logits to score: the student's forward, or the teacher's
+    outputs already in each batch. A top-k scores its top-1 exactly, but its cross-entropy sum is
+    NaN: it needs the probability of labels outside the top k, which a top-k does not hold.
     """
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in batches:
-        terms = distill_loss(logits_of(batch), None, batch[Y], temperature=1.0, alpha=0.0, denominator=1.0)
+        logits = logits_of(batch)
         count = torch.tensor(len(batch[Y]), device=device, dtype=torch.float64)
+        if isinstance(logits, TopK):
+            correct = (logits.indices[:, 0].long() == batch[Y]).sum().double()
+            sums += torch.stack([torch.tensor(float("nan"), dtype=torch.float64, device=device), correct, count])
+            continue
+        terms = distill_loss(logits, None, batch[Y], temperature=1.0, alpha=0.0, denominator=1.0)
         sums += torch.stack([terms.ce_sum.double(), terms.correct.double(), count])
     return sums
 
@@ -85,4 +103,4 @@ def student_eval_sums(model: nn.Module, batches, precision: str, device: torch.d
 
 
 def teacher_eval_sums(batches, device: torch.device) -> torch.Tensor:
-    return score_sums(batches, lambda b: b[TEACHER], device)
+    return score_sums(batches, lambda b: teacher_output(b, temperature=1.0), device)  # a top-k: only its top-1 is scored

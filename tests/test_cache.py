@@ -1,0 +1,427 @@
+"""The teacher-output cache (kd_ray.cache): format, capture, checks, and training from it.
+
+The format and the reader are tested without Ray; capture and cached training on the session's
+real Ray cluster, with the session's trained digits teacher. Captures are shared per module
+where a test only reads them (copied where a test damages or edits one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TEACHER_SPEC, digits_job, run_cli, write_job
+from kd_ray import cache
+from kd_ray.data import ID, TAIL_LSE, TEACHER
+from kd_ray.losses import distill_loss, topk_compress
+from kd_ray.registry import build_model
+from kd_ray.weights import load_into, read_state_dict, save
+
+FULL = dict(format="full", dtype="float32", k=None, temperatures=None, classes=10)
+TOPK = dict(format="topk", dtype="bfloat16", k=4, temperatures=[2.0], classes=10)
+
+
+def kd_job(tmp_path, name: str, teacher_weights: str, cache_block: dict, mode: str = "cached", **train) -> dict:
+    job = digits_job(tmp_path, name)
+    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 64},
+                      "mode": mode, "cache": cache_block}
+    job["distill"] = {"temperature": 2.0, "alpha": 0.5}
+    job["train"].update(train)
+    return job
+
+
+def teacher_logits(teacher_weights: str, x: np.ndarray) -> np.ndarray:
+    teacher = build_model(TEACHER_SPEC["model"], TEACHER_SPEC["kwargs"])
+    load_into(teacher, teacher_weights)
+    with torch.inference_mode():
+        return teacher.eval()(torch.from_numpy(x)).numpy()
+
+
+def shards_of(path: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path)) if n.endswith(".parquet")}
+
+
+# ---------------------------------------------------------------- the format, without Ray
+
+
+@pytest.mark.parametrize("outputs", [FULL, {**FULL, "dtype": "float16"}, TOPK, {**TOPK, "dtype": "float16", "temperatures": [1.0, 4.0]},
+                                     {**TOPK, "classes": 1000, "k": 20}], ids=["full32", "full16", "topk_bf16", "topk16", "topk1000"])
+def test_shard_round_trip_and_same_bytes(outputs):
+    logits = torch.randn(37, outputs["classes"], generator=torch.Generator().manual_seed(0)) * 4
+    columns = cache.encode(logits, outputs)
+    data = cache.to_parquet(cache.shard_table(np.arange(37) * 7, columns))
+    assert cache.to_parquet(cache.shard_table(np.arange(37) * 7, cache.encode(logits, outputs))) == data  # a unit's shard is one byte string
+    back = cache.decode(data)
+    np.testing.assert_array_equal(back[ID], np.arange(37) * 7)
+    np.testing.assert_array_equal(back[cache.ROW], np.arange(37))
+    for name, values in columns.items():
+        assert back[name].dtype == values.dtype and back[name].shape == values.shape
+        np.testing.assert_array_equal(back[name], values)
+    assert set(cache.schema(outputs)) == set(back)
+
+
+def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
+    """encode -> shard on disk -> CacheReader (rows picked across units, the job's tail column)
+    -> tensors -> micro_step's teacher_output: the same TopK, and loss, as compressing live."""
+    from kd_ray.train.step import teacher_output
+
+    outputs = {**TOPK, "temperatures": [1.0, 2.0, 4.0]}
+    store = cache.Store(str(tmp_path))
+    logits = [torch.randn(n, 10, generator=torch.Generator().manual_seed(n)) * 3 for n in (5, 8)]
+    files = {}
+    for unit, z in enumerate(logits):
+        data = cache.to_parquet(cache.shard_table(np.arange(len(z)) + 100 * unit, cache.encode(z, outputs)))
+        files[unit] = cache.shard_name("source", unit, cache._sha256(data))
+        store.write(files[unit], data)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    reader = cache.CacheReader(store, outputs, files, temperature=4.0, contents=None)
+    units, rows = np.array([1, 0, 1, 0]), np.array([7, 2, 0, 4])
+    columns = reader.read(units, rows, ids=units * 100 + rows)
+    assert columns[TAIL_LSE].shape == (4, 1)
+    got = teacher_output({k: torch.from_numpy(v) for k, v in columns.items()}, temperature=4.0)
+    live = topk_compress(torch.stack([logits[u][r] for u, r in zip(units, rows)]), 4, temperatures=4.0, dtype=torch.bfloat16)
+    assert got.values.dtype == torch.bfloat16
+    for a, b in zip(got[:3], live[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    student, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    kw = dict(temperature=4.0, alpha=0.5, denominator=4.0)
+    torch.testing.assert_close(distill_loss(student, got, labels, **kw).loss, distill_loss(student, live, labels, **kw).loss)
+    with pytest.raises(RuntimeError, match="ids differ"):
+        reader.read(units, rows, ids=units * 100 + rows + 1)
+
+
+def test_mismatch_rules():
+    job = {"teacher": {"model": "convnet", "kwargs": {"width": 16}, "weights_sha256": "a" * 64},
+           "inputs": {"features": "x", "shape": [1, 8, 8], "preprocess": {"scale": 0.0625, "mean": 0.0, "std": 1.0}},
+           "outputs": dict(TOPK), "data": {"source": {"rows": 10, "units": 1, "digest": "d" * 32}, "eval_source": None}}
+    assert cache.mismatch(job, job, temperature=None) is None
+    assert cache.mismatch(job, job, temperature=2.0) is None
+    changed = json.loads(json.dumps(job))
+    changed["teacher"]["weights_sha256"] = "b" * 64
+    field, detail = cache.mismatch(job, changed, temperature=2.0)
+    assert field == "teacher.weights" and "sha256 aaaaaaaaaaaa" in detail and "sha256 bbbbbbbbbbbb" in detail
+    assert cache.mismatch(job, job, temperature=4.0)[0] == "distill.temperature"
+    wider = json.loads(json.dumps(job))
+    wider["outputs"]["temperatures"] = [2.0, 4.0]
+    assert cache.mismatch(wider, job, temperature=2.0) is None  # training: any cached temperature serves
+    assert cache.mismatch(wider, job, temperature=None)[0] == "teacher.cache.temperatures"  # capture: exactly the same
+
+
+# ---------------------------------------------------------------- captures, shared by the tests below
+
+
+def _capture(spec) -> dict:
+    lines: list[str] = []
+    summary = cache.capture(spec, echo=lines.append)
+    print("\n".join(lines))
+    return summary
+
+
+@pytest.fixture(scope="module")
+def full_cache(ray_cluster, teacher_weights, tmp_path_factory):
+    """Full fp32 logits of the digits job (2 shards: the in-memory source's units of 1024 rows)."""
+    from kd_ray.spec import validate
+
+    tmp = tmp_path_factory.mktemp("full_cache")
+    job = kd_job(tmp, "capture", teacher_weights, {"path": str(tmp / "cache")})
+    summary = _capture(validate(job, job_dir=str(tmp)))
+    return {"path": str(tmp / "cache"), "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def topk_cache(ray_cluster, teacher_weights, tmp_path_factory):
+    from kd_ray.spec import validate
+
+    tmp = tmp_path_factory.mktemp("topk_cache")
+    block = {"path": str(tmp / "cache"), "format": "topk", "k": 4, "dtype": "bfloat16", "temperatures": [2.0]}
+    summary = _capture(validate(kd_job(tmp, "capture", teacher_weights, block), job_dir=str(tmp)))
+    return {"path": block["path"], "block": block, "summary": summary}
+
+
+def test_capture_holds_the_teachers_outputs(full_cache, teacher_weights):
+    from sklearn.datasets import load_digits
+
+    manifest = json.load(open(os.path.join(full_cache["path"], cache.MANIFEST)))
+    assert manifest["status"] == "complete" and manifest["rows"] == 1797 and manifest["kd_ray_version"]
+    assert [(s["part"], s["unit"], s["rows"]) for s in manifest["shards"]] == [("source", 0, 1024), ("source", 1, 773)]
+    assert manifest["teacher"]["model"] == "convnet" and manifest["outputs"]["format"] == "full"
+    assert manifest["schema"] == {"id": "int64", "row": "int32", "teacher_logits": "fixed_size_list<item: float>[10]"}
+    shards = shards_of(full_cache["path"])
+    assert sorted(shards) == sorted(s["file"] for s in manifest["shards"])
+    for s in manifest["shards"]:
+        assert cache._sha256(shards[s["file"]]) == s["sha256"]
+    columns = [cache.decode(shards[s["file"]]) for s in manifest["shards"]]
+    ids = np.concatenate([c[ID] for c in columns])
+    np.testing.assert_array_equal(ids, np.arange(1797))  # every sample, train and eval rows alike
+    x, _ = load_digits(return_X_y=True)
+    direct = teacher_logits(teacher_weights, (x.astype(np.float32) * 0.0625).reshape(-1, 1, 8, 8))
+    np.testing.assert_allclose(np.concatenate([c[TEACHER] for c in columns]), direct, rtol=1e-5, atol=1e-5)
+    s = full_cache["summary"]
+    print(f"\ndigits full fp32: {s['bytes_per_sample']:.1f} bytes/sample on disk, payload {s['payload_bytes_per_sample']}; "
+          f"capture {s['samples_per_second']} samples/s ({s['seconds']} s, pool start-up included)")
+
+
+def test_cached_run_equals_online_run(ray_cluster, teacher_weights, full_cache, tmp_path):
+    """The same job from the pool and from a full fp32 cache. The tolerance: on CPU this teacher's
+    logits do not depend on how rows are batched (the pool batches shuffled chunks, the capture
+    each unit in order; measured bitwise equal), so both runs do the same arithmetic and end
+    with the same weights; 1e-6 leaves room only for float summation order."""
+    from kd_ray.job import run
+    from kd_ray.spec import validate
+
+    summaries, states = {}, {}
+    for mode in ("online", "cached"):
+        job = kd_job(tmp_path, mode, teacher_weights, {"path": full_cache["path"]}, mode=mode, epochs=1)
+        lines: list[str] = []
+        summaries[mode] = run(validate(job, job_dir=str(tmp_path)), echo=lines.append)
+        assert summaries[mode]["status"] == "finished", lines
+        states[mode] = read_state_dict(summaries[mode]["student_weights"])
+    assert any("2 shards checked" in line for line in lines)
+    for name, online in states["online"].items():
+        torch.testing.assert_close(states["cached"][name], online, rtol=0, atol=1e-6)
+    assert summaries["cached"]["student"] == summaries["online"]["student"]
+    assert summaries["cached"]["teacher"]["accuracy"] == summaries["online"]["teacher"]["accuracy"] > 0.9
+    print(f"\nsamples/s: online {summaries['online']['samples_per_second']}, cached {summaries['cached']['samples_per_second']}")
+
+
+def _teacher_pool_actors() -> int:
+    from ray.util.state import list_actors
+
+    return sum("TeacherPredictor" in (a.class_name or "") for a in list_actors(limit=10_000))
+
+
+def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, teacher_weights, tmp_path, monkeypatch):
+    """Top-k bf16 cache, FSDP2, bf16 autocast, 2 workers x accumulation 4: a worker dies at step 12, the group
+    restarts from the step-10 checkpoint and the run ends with every step in order (the loop
+    checks each micro-batch's positions), no teacher pool ever started."""
+    from kd_ray.job import run
+    from kd_ray.spec import validate
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("KD_RAY_TEST_DIE_AT", "12")
+    monkeypatch.setenv("KD_RAY_TEST_MARKS", str(marks))
+    job = kd_job(tmp_path, "topk", teacher_weights, topk_cache["block"], micro_batch_size=8, strategy="fsdp", precision="bf16", epochs=1)
+    job["checkpoint"] = {"every_steps": 5}
+    pools = _teacher_pool_actors()
+    lines: list[str] = []
+    summary = run(validate(job, job_dir=str(tmp_path)), echo=lines.append)
+    assert summary["status"] == "finished", lines
+    assert summary["restarts"] == 1 and summary["accumulation"] == 4 and os.listdir(marks) == ["died_at_12"]
+    assert summary["student"]["accuracy"] > 0.6
+    assert summary["teacher"]["accuracy"] > 0.9 and summary["teacher"]["loss"] is None  # top-1 exact; no p(label) past the top k
+    assert _teacher_pool_actors() == pools
+    assert any("top-4 bfloat16" in line for line in lines)
+
+
+# ---------------------------------------------------------------- every mismatch: exit 2, one line
+
+
+def _copy_cache(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _edit_manifest(path: str, edit) -> None:
+    with open(os.path.join(path, cache.MANIFEST)) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(os.path.join(path, cache.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+
+
+def _refused(capsys, tmp_path, job: dict, field: str, *overrides: str) -> str:
+    """`kd-ray run` exits 2 with one line naming `field`, before any training."""
+    from kd_ray.cli import main
+
+    path = write_job(tmp_path / "job.yaml", job)
+    code = main(["run", path, *overrides])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"kd-ray: error: {field}: "), (code, err, out[-2000:])
+    assert "start:" not in out and not (tmp_path / "runs" / job["run"]["name"]).exists()  # no worker started, nothing written
+    return lines[0]
+
+
+def _perturbed_weights(teacher_weights: str, path) -> str:
+    state = read_state_dict(teacher_weights)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1e-3
+    save(state, str(path))
+    return str(path)
+
+
+def _digits_npz(path, change_one_pixel: bool) -> str:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    if change_one_pixel:
+        x[5, 10] += 1
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+MISMATCHES = {
+    # case: (field named, how the job or the cache differs)
+    "weights": "teacher.weights",
+    "kwargs": "teacher.kwargs",
+    "model": "teacher.model",
+    "preprocess": "data.preprocess",
+    "data": "data.source",
+    "format": "teacher.cache.format",
+    "dtype": "teacher.cache.dtype",
+    "k": "teacher.cache.k",
+    "temperature": "distill.temperature",
+    "no_manifest": "teacher.cache.path",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_each_mismatch_is_refused_in_one_line(case, ray_cluster, teacher_weights, full_cache, topk_cache, tmp_path, capsys):
+    source = topk_cache if case in ("k", "temperature") else full_cache
+    block = dict(source.get("block", {"path": source["path"]}))
+    block["path"] = _copy_cache(source["path"], tmp_path / "cache")
+    job = kd_job(tmp_path, f"mismatch_{case}", teacher_weights, block)
+    overrides: list[str] = []
+    if case == "weights":
+        job["teacher"]["weights"] = _perturbed_weights(teacher_weights, tmp_path / "other.safetensors")
+    elif case == "kwargs":
+        _edit_manifest(block["path"], lambda m: m["teacher"]["kwargs"].update(width=32))
+    elif case == "model":
+        _edit_manifest(block["path"], lambda m: m["teacher"].update(model="mymodels:net"))
+    elif case == "preprocess":
+        overrides.append("data.preprocess.scale=0.0625001")
+    elif case == "data":
+        job["data"]["source"] = _digits_npz(tmp_path / "digits.npz", change_one_pixel=True)
+    elif case == "format":
+        overrides += ["teacher.cache.format=topk", "teacher.cache.k=4"]
+    elif case == "dtype":
+        overrides.append("teacher.cache.dtype=float16")
+    elif case == "k":
+        overrides.append("teacher.cache.k=3")
+    elif case == "temperature":
+        overrides += ["distill.temperature=4.0", "teacher.cache.temperatures=null"]
+    elif case == "no_manifest":
+        os.remove(os.path.join(block["path"], cache.MANIFEST))
+    line = _refused(capsys, tmp_path, job, MISMATCHES[case], *overrides)
+    print(f"\n{case}: {line}")
+
+
+def test_data_identity_is_the_content_not_the_path(teacher_weights, full_cache, tmp_path):
+    """The digits as a user's .npz match the cache of the built-in digits; one pixel changed does not."""
+    from kd_ray.data.pipeline import Sources
+    from kd_ray.spec import validate
+
+    def data_identity(source: str) -> dict:
+        job = kd_job(tmp_path, "data", teacher_weights, {"path": full_cache["path"]})
+        job["data"]["source"] = source
+        spec = validate(job, job_dir=str(tmp_path))
+        return cache.identity(spec, Sources(spec))[0]["data"]["source"]
+
+    manifest = json.load(open(os.path.join(full_cache["path"], cache.MANIFEST)))
+    same = data_identity(_digits_npz(tmp_path / "same.npz", change_one_pixel=False))
+    assert same == manifest["data"]["source"] != data_identity(_digits_npz(tmp_path / "other.npz", change_one_pixel=True))
+
+
+def test_augmentation_refuses_a_cache(ray_cluster, teacher_weights, full_cache, tmp_path, capsys):
+    from kd_ray.cli import main
+
+    job = kd_job(tmp_path, "augmented", teacher_weights, {"path": full_cache["path"]})
+    job["data"]["augment"] = {"noise_std": 0.1}
+    proc = run_cli(["run", write_job(tmp_path / "job.yaml", job)], ray_cluster, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("kd-ray: error: data.augment: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert main(["cache", write_job(tmp_path / "job.yaml", job), "teacher.mode=online"]) == 2  # an online job may not capture one either
+    assert capsys.readouterr().err.startswith("kd-ray: error: data.augment: ")
+
+
+# ---------------------------------------------------------------- damaged caches
+
+
+def test_corrupt_or_missing_shard_is_caught_before_training_and_recapture_repairs_it(
+        ray_cluster, teacher_weights, full_cache, tmp_path, capsys):
+    from kd_ray.spec import validate
+
+    path = _copy_cache(full_cache["path"], tmp_path / "cache")
+    original = shards_of(path)
+    first, second = sorted(original)
+    with open(os.path.join(path, second), "r+b") as f:  # one flipped byte in the middle of a shard
+        f.seek(len(original[second]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    job = kd_job(tmp_path, "damaged", teacher_weights, {"path": path})
+    line = _refused(capsys, tmp_path, job, "teacher.cache.path")
+    assert f"shard {second} " in line and "corrupt" in line and "kd-ray cache" in line
+    os.remove(os.path.join(path, first))
+    line = _refused(capsys, tmp_path, job, "teacher.cache.path")
+    assert f"shard {first} " in line and "is missing" in line and "1 more" in line
+
+    summary = _capture(validate(job, job_dir=str(tmp_path)))
+    assert summary["written"] == 2 and summary["kept"] == 0
+    assert shards_of(path) == original  # rewritten byte for byte
+
+
+# ---------------------------------------------------------------- a capture killed part-way
+
+
+def _digits_parquet(path, rows_per_group: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    table = pa.table({"pixels": pa.array(x.astype(np.float32).tolist(), pa.list_(pa.float32(), 64)), "digit": y})
+    pq.write_table(table, str(path), row_group_size=rows_per_group)
+    return str(path)
+
+
+def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, teacher_weights, tmp_path, capsys):
+    """A parquet source of 9 row groups (9 shards). The capture process is SIGKILLed right after
+    the 3rd shard is written (a test hook in the pool actor), a half-written temporary is left
+    next to the shards;
+    the rerun keeps the whole shards untouched, writes only the others, and the cache equals
+    one captured in one go, byte for byte."""
+    from kd_ray.cli import main
+    from kd_ray.spec import validate
+
+    source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
+    job = kd_job(tmp_path, "killed", teacher_weights, {"path": str(tmp_path / "cache")})
+    job["data"].update(source=source, features="pixels", labels="digit")
+    path = write_job(tmp_path / "job.yaml", job)
+    env = {**ray_cluster.env(), "KD_RAY_TEST_CAPTURE_KILL_AFTER": "3"}
+    proc = subprocess.run([sys.executable, "-m", "kd_ray", "cache", path], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    cache_dir = tmp_path / "cache"
+    assert json.load(open(cache_dir / cache.MANIFEST))["status"] == "incomplete"
+    before = {n: os.stat(cache_dir / n) for n in os.listdir(cache_dir) if n.endswith(".parquet")}
+    assert len(before) == 3  # one pool actor, stopped at its 3rd shard
+    (cache_dir / ".tmp-0123456789ab-source-00008.0000000000000000.parquet").write_bytes(b"PAR1 half a shard")
+    main(["run", path])  # an incomplete cache is refused before training
+    assert "is incomplete" in capsys.readouterr().err
+
+    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(before)} already whole; writing {9 - len(before)}" in proc.stdout, proc.stdout
+    for name, st in before.items():  # kept, not rewritten
+        now = os.stat(cache_dir / name)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert not [n for n in os.listdir(cache_dir) if n.startswith(".tmp")]
+
+    proc = run_cli(["cache", path], ray_cluster, timeout=300)  # complete: checked, nothing written
+    assert proc.returncode == 0 and "nothing to write" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+    one_go = dict(job["teacher"]["cache"], path=str(tmp_path / "one_go"))
+    spec = validate({**job, "teacher": {**job["teacher"], "cache": one_go}}, job_dir=str(tmp_path))
+    _capture(spec)
+    assert shards_of(str(cache_dir)) == shards_of(one_go["path"]) and len(shards_of(one_go["path"])) == 9
+    resumed, whole = (json.load(open(os.path.join(p, cache.MANIFEST))) for p in (cache_dir, one_go["path"]))
+    assert resumed["shards"] == whole["shards"] and resumed["status"] == whole["status"] == "complete"
