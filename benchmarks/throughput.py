@@ -417,7 +417,7 @@ class TreeMonitor(threading.Thread):
                 "processes_seen": len(self.procs)}
 
 
-TRAIN_LINE = re.compile(r"step (\d+)/(\d+)\s.*?([\d.]+) samples/s\s+data wait ([\d.]+)s")
+TRAIN_LINE = re.compile(r"step (\d+)/(\d+)\s.*?([\d.]+) samples/s\s+(?:step \S+ ms\s+)?data wait ([\d.]+)s")
 
 
 def kd_windows(lines: list[str], warmup_steps: int, window_steps: int, global_batch: int) -> list[dict]:

@@ -40,9 +40,12 @@ def verdict(wait_fraction: float, teacher_busy: float | None) -> tuple[str, str]
                               "preprocessing or the transfer is; give the read tasks more CPUs or raise train.prefetch_batches")
 
 
-def run_telemetry(train_events: list[dict]) -> dict:
+def run_telemetry(events: list[dict]) -> dict:
     """The run's figures from its log-line events: each carries its window and, with a teacher
-    pool that has reported, the pool's window (`teacher_pool`)."""
+    pool that has reported, the pool's window (`teacher_pool`). The first window of each
+    (re)start, which waits for the pipeline to start, counts apart, unless there is no other."""
+    train_events = [e for e in events if not e.get("startup")] or events
+    startup_wait = sum(e["data_wait_seconds"] for e in events if e.get("startup"))
     seconds = sum(e["window_seconds"] for e in train_events)
     wait = sum(e["data_wait_seconds"] for e in train_events)
     steps = sum(e["window_steps"] for e in train_events)
@@ -51,6 +54,7 @@ def run_telemetry(train_events: list[dict]) -> dict:
         "student_step_seconds": (seconds - wait) / steps if steps else None,
         "data_wait_seconds": round(wait, 3),
         "data_wait_fraction": round(wait_fraction, 4),
+        "startup_wait_seconds": round(startup_wait, 3),
     }
     pooled = [(e["teacher_pool"], e["window_seconds"]) for e in train_events if e.get("teacher_pool")]
     span = sum(t for _, t in pooled)

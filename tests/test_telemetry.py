@@ -54,3 +54,11 @@ def test_run_telemetry_without_teacher_or_windows():
     t = run_telemetry([event(10.0, 0.1, 5), event(10.0, 0.1, 5)])
     assert "teacher_pool" not in t and t["bottleneck"] == "student"
     assert run_telemetry([])["student_step_seconds"] is None
+
+
+def test_start_up_windows_count_apart():
+    events = [{**event(20.0, 15.0, 10), "startup": True}, event(10.0, 0.2, 10), event(10.0, 0.2, 10)]
+    t = run_telemetry(events)
+    assert t["data_wait_fraction"] == pytest.approx(0.02) and t["startup_wait_seconds"] == 15.0
+    assert t["bottleneck"] == "student"
+    assert run_telemetry(events[:1])["data_wait_fraction"] == pytest.approx(0.75)  # nothing else to go on

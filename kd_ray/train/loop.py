@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
                                        pin_memory=device.type == "cuda")
     stopped = False
     preempt_saved = False
-    logged_step = step
+    logged_step = resumed_step = step
     profiler = StepProfiler(spec["profile"], config["run_dir"], rank, device, step)
     for batch in meter.timed(batches):
         if step >= plan.total_steps:
@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
                 loss=(alpha * kd + (1 - alpha) * ce) / count, kd_loss=kd / count if has_teacher else None,
                 ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
                 grad_norm=float(grad_norm), samples_per_second=window * world / elapsed,
-                data_wait_seconds=wait, window_seconds=elapsed, window_steps=step - logged_step, samples=samples)
+                data_wait_seconds=wait, window_seconds=elapsed, window_steps=step - logged_step, samples=samples,
+                startup=logged_step == resumed_step)  # this window includes the stream's start
             logged_step = step
         done_epochs = plan.epochs_done(step)
         if last or (epoch_ended and eval_every and done_epochs % eval_every == 0):
