@@ -56,7 +56,9 @@ def run_telemetry(events: list[dict]) -> dict:
         "data_wait_fraction": round(wait_fraction, 4),
         "startup_wait_seconds": round(startup_wait, 3),
     }
-    pooled = [(e["teacher_pool"], e["window_seconds"]) for e in train_events if e.get("teacher_pool")]
+    # The pool over the windows it worked in, the start included: on a fast teacher it may have
+    # streamed the whole run out before the student's steady windows.
+    pooled = [(e["teacher_pool"], e["window_seconds"]) for e in events if (e.get("teacher_pool") or {}).get("actors")]
     span = sum(t for _, t in pooled)
     busy = None
     if pooled and span > 0:

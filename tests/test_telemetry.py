@@ -62,3 +62,12 @@ def test_start_up_windows_count_apart():
     assert t["data_wait_fraction"] == pytest.approx(0.02) and t["startup_wait_seconds"] == 15.0
     assert t["bottleneck"] == "student"
     assert run_telemetry(events[:1])["data_wait_fraction"] == pytest.approx(0.75)  # nothing else to go on
+
+
+def test_pool_figures_come_from_the_windows_it_worked_in():
+    idle = {"actors": 0, "rows_per_second": 0.0, "busy_fraction": 0.0}
+    events = [{**event(10.0, 8.0, 10, {"actors": 2, "rows_per_second": 500.0, "busy_fraction": 0.9}), "startup": True},
+              event(10.0, 0.1, 10, idle), event(10.0, 0.1, 10, idle)]
+    t = run_telemetry(events)
+    assert t["teacher_pool"] == {"actors_max": 2, "actors_mean": 2.0, "rows_per_second": 500.0, "busy_fraction": 0.9}
+    assert t["bottleneck"] == "student"  # it streamed everything out early; the student never waited after
