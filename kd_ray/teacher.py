@@ -7,6 +7,8 @@ autocast to bf16/fp16 on CUDA, channels_last for conv nets, and optionally torch
 
 from __future__ import annotations
 
+import time
+import uuid
 import warnings
 
 import numpy as np
@@ -47,9 +49,6 @@ class TeacherPredictor:
     REPORT_EVERY_S = 2.0
 
     def __init__(self, teacher: dict, job_dir: str, board=None):
-        import time
-        import uuid
-
         from kd_ray.registry import make_importable
 
         make_importable(job_dir)
