@@ -14,6 +14,14 @@ Modes (each in a fresh process, so peak RSS and thread settings belong to that m
                  is reported apart), then the same job with teacher.mode=cached: no teacher runs
   (kd_step)      optional (`--modes ...,kd_step`): kd_ray's own micro_step/optimizer_step with the
                  teacher in the same process, without Ray: separates the step from the pipeline
+  (kd_student)   optional: the student alone through kd_ray (a job with no teacher): what Ray Train and the
+                 data stream cost the student, apart from anything distillation adds. Mode 4
+                 against this row is the cost of the cache; this row against mode 1 is the
+                 cost of running under Ray on this machine
+
+For each kd_ray mode the benchmark also reports how many cores each process role used during
+the timed windows (CPU seconds from /proc): on a small CPU machine, where the student's threads
+share the cores with Ray's own processes, that is where the time goes.
 
 samples/s is the median over timed windows after a warm-up. Modes 1-2 time their own windows
 (CUDA-synchronised). For kd_ray the windows come from its per-report progress lines (each line
@@ -52,6 +60,8 @@ ROOT = os.path.dirname(HERE)
 # ---------------------------------------------------------------------------------------------
 # Workloads
 
+MODES = ("student", "reference", "kd_step", "kd_student", "kd_ray", "cached")  # in the order they run
+
 
 PRESETS = {
     # 2-core CPU: the teacher costs ~14x the student in FLOPs (measured and printed each run).
@@ -60,7 +70,7 @@ PRESETS = {
         teacher="convnet:width=48,blocks=3", student="convnet:width=16,blocks=2",
         batch_size=64, warmup=16, window_steps=16, windows=5,
         precision="fp32", channels_last=False, compile=False,
-        kd_cpus_per_worker=1, kd_cpus_per_actor=1, kd_timeout=600, kd_warmup_steps=128,
+        kd_cpus_per_worker=1, kd_cpus_per_actor=1, kd_timeout=600, kd_warmup_steps=64,
     ),
     # One or more CUDA GPUs: seed 000's anchor workload.
     "gpu": dict(
@@ -353,6 +363,9 @@ class TreeMonitor(threading.Thread):
         self.max_total_rss_kb = 0
         self.max_total_pss_kb = 0
         self.gpu_mb: dict[int, float] = {}
+        # pid -> [(wall time, CPU seconds user + system)], one per poll: what each role burnt in
+        # the timed windows (cpu_by_role)
+        self.cpu: dict[int, list[tuple[float, float, str | None]]] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -370,8 +383,13 @@ class TreeMonitor(threading.Thread):
                 try:
                     hwm, rss = _proc_status(p.pid)
                     cmd = " ".join(p.cmdline())
+                    t = p.cpu_times()
                 except (OSError, psutil.Error):
                     continue
+                # Ray names a worker process after the task or actor it runs now ("ray::IDLE" between tasks)
+                label = cmd.split()[0] if cmd.startswith("ray::") and "RayTrainWorker" not in cmd and "TeacherPredictor" not in cmd \
+                    and "TrainController" not in cmd else None
+                self.cpu.setdefault(p.pid, []).append((time.time(), t.user + t.system, label))
                 rec = self.procs.setdefault(p.pid, {"hwm_kb": 0, "role": ROLE_ORDER[-1], "cmd": cmd})
                 rec["hwm_kb"] = max(rec["hwm_kb"], hwm)
                 role = _role(p.pid, self.root_pid, cmd)
@@ -401,6 +419,22 @@ class TreeMonitor(threading.Thread):
                 self.gpu_mb[int(pid)] = max(self.gpu_mb.get(int(pid), 0.0), float(mb))
             except ValueError:
                 continue
+
+    def cpu_by_role(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores each role used on average between wall times t0 and t1 (CPU seconds / seconds).
+        Ray's other worker processes are named by what they ran (ray::SplitCoordinator, the read
+        tasks' ray::MapBatches(_emit), ...): each interval between two polls counts for the name
+        at its end, so the names are approximate for processes that switch tasks quickly."""
+        out: dict[str, float] = {}
+        for pid, samples in self.cpu.items():
+            role = self.procs.get(pid, {}).get("role", ROLE_ORDER[-1])
+            prev = None
+            for ts, c, label in samples:
+                if prev is not None and t0 < ts <= t1 and c > prev:
+                    key = label or role
+                    out[key] = out.get(key, 0.0) + (c - prev) / (t1 - t0)
+                prev = c
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def summary(self) -> dict:
         roles: dict[str, dict] = {}
@@ -567,7 +601,9 @@ def pipeline_timeline(workdir: str, windows: list[dict], batch: int, driver_pid:
     return out
 
 
-def write_job(cfg: dict, workdir: str, args) -> tuple[str, int]:
+def write_job(cfg: dict, workdir: str, args, teacher: bool = True) -> tuple[str, int]:
+    """The benchmark's job file (job.yaml; job_student.yaml without the teacher and the
+    distillation loss: the student alone through kd_ray) and its warm-up steps."""
     import yaml
 
     # Longer than modes 1-2: the first window holds the pipeline's start-up, and the teacher pool
@@ -603,7 +639,9 @@ def write_job(cfg: dict, workdir: str, args) -> tuple[str, int]:
         "checkpoint": {"keep": 1},
         "eval": {"every_epochs": 0, "batch_size": 512},
     }
-    path = os.path.join(workdir, "job.yaml")
+    if not teacher:
+        del job["teacher"], job["distill"]
+    path = os.path.join(workdir, "job.yaml" if teacher else "job_student.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
     return path, kd_warmup
@@ -652,8 +690,10 @@ def capture_cache(cfg: dict, workdir: str, args) -> dict:
     return out
 
 
-def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
-    job_path, kd_warmup = write_job(cfg, workdir, args)
+def run_kd_ray(cfg: dict, workdir: str, args, mode: str = "kd_ray") -> dict:
+    """Mode kd_ray (online), cached or kd_student (the student alone through kd_ray: no teacher)."""
+    cached = mode == "cached"
+    job_path, kd_warmup = write_job(cfg, workdir, args, teacher=mode != "kd_student")
     open(os.path.join(workdir, "THREADS_PROBE"), "w").close()
     for stale in glob.glob(os.path.join(workdir, "forward_*.log")):  # an earlier mode's (or the capture's) forwards
         os.remove(stale)
@@ -663,7 +703,10 @@ def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
     if forward_probe:
         open(os.path.join(workdir, "FORWARD_PROBE"), "w").close()
     env, notes, own_ray_tmp = _kd_env()
-    cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + (["teacher.mode=cached"] if cached else []) + ["--fresh"]
+    cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + (["teacher.mode=cached"] if cached else [])
+    if mode != "kd_ray":  # no teacher actor on this machine: the student may have the cores mode 1 has
+        cmd.append(f"train.cpus_per_worker={args.kd_cpus_per_worker_alone:g}")
+    cmd.append("--fresh")
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             cwd=ROOT, env=env, start_new_session=True)
@@ -680,10 +723,11 @@ def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
 
     timer = threading.Timer(args.kd_timeout, kill_on_timeout)
     timer.start()
-    lines, stamps = [], {}
+    lines, stamps, times = [], {}, []
     for line in proc.stdout:
         line = line.rstrip("\n")
         lines.append(line)
+        times.append(time.time())
         if args.verbose:
             print(f"    | {line}", flush=True)
         for key in ("start:", "epoch "):
@@ -696,7 +740,7 @@ def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
     wall = time.time() - started
     monitor.stop.set()
     monitor.join(timeout=5)
-    result: dict = {"mode": "cached" if cached else "kd_ray", "launched_at": started, "command": " ".join(["python", "-m", *cmd[2:]]),
+    result: dict = {"mode": mode, "launched_at": started, "command": " ".join(["python", "-m", *cmd[2:]]),
                     "exit_code": rc, "wall_seconds": wall, "job": job_path, "notes": notes,
                     "seconds_to_start_line": stamps.get("start:"), "seconds_to_first_step_report": stamps.get("epoch ")}
     summary_path = os.path.join(workdir, "runs", "throughput", "summary.json")
@@ -713,6 +757,12 @@ def run_kd_ray(cfg: dict, workdir: str, args, cached: bool = False) -> dict:
     all_windows = kd_windows(lines, kd_warmup, cfg["window_steps"], cfg["batch_size"])
     result["warmup_steps"] = kd_warmup
     result["windows"] = all_windows
+    if all_windows:
+        # Wall times of the progress lines that open and close the timed windows.
+        at_step = {int(m.group(1)): t for ln, t in zip(lines, times) if (m := TRAIN_LINE.search(ln))}
+        t0, t1 = at_step.get(all_windows[0]["end"] - all_windows[0]["steps"]), at_step.get(all_windows[-1]["end"])
+        if t0 and t1 and t1 > t0:
+            result["cores_by_role_in_windows"] = monitor.cpu_by_role(t0, t1)
     timeline = pipeline_timeline(workdir, all_windows, cfg["batch_size"], proc.pid) if forward_probe else None
     if timeline:
         for key in ("teacher_first_forward", "student_first_step", "teacher_last_forward"):
@@ -810,9 +860,10 @@ def print_table(results: dict, cfg: dict) -> None:
     reference = results.get("reference", {}).get("samples_per_second")
     rows = []
     labels = {"student": "1 student only (torch)", "reference": "2 reference KD (torch)",
-              "kd_step": "  kd_ray step fns, no Ray", "kd_ray": "3 kd_ray online",
+              "kd_step": "  kd_ray step fns, no Ray", "kd_student": "  kd_ray, student alone",
+              "kd_ray": "3 kd_ray online",
               "cached": "4 kd_ray cached"}
-    for key in ("student", "reference", "kd_step", "kd_ray", "cached"):
+    for key in MODES:
         if key not in results:
             continue
         r = results[key]
@@ -822,7 +873,7 @@ def print_table(results: dict, cfg: dict) -> None:
         sps = r.get("samples_per_second")
         win = r.get("windows_samples_per_second") or []
         spread = f"{min(win):,.0f}-{max(win):,.0f}" if win else "-"
-        if key in ("kd_ray", "cached"):
+        if key in ("kd_student", "kd_ray", "cached"):
             mem = r.get("memory", {}).get("by_role", {})
             peak = f"driver {mem.get('driver (kd-ray CLI)', {}).get('max_peak_rss_mb', 0):,.0f}"
             for role, short in (("train worker", "worker"), ("teacher actor", "teacher")):
@@ -862,7 +913,7 @@ def print_details(results: dict, cfg: dict) -> None:
               f"({cost['teacher_flops_per_sample'] / 1e6:,.1f} vs {cost['student_flops_per_sample'] / 1e6:,.1f} MFLOP/sample), "
               f"{cost['timed_forward_ratio']:.1f}x timed eager forward "
               f"({cost['teacher_forward_ms']:.1f} vs {cost['student_forward_ms']:.1f} ms per batch of {cfg['batch_size']})")
-    for key, label in (("kd_ray", "online"), ("cached", "cached")):
+    for key, label in (("kd_student", "student alone"), ("kd_ray", "online"), ("cached", "cached")):
         kd = results.get(key)
         if not kd or "skipped" in kd:
             continue
@@ -898,6 +949,10 @@ def print_details(results: dict, cfg: dict) -> None:
               + (f", teacher's first training forward {tl['teacher_first_forward_s_after_launch']:.1f} s, student's first step "
                  f"{tl['student_first_step_s_after_launch']:.1f} s, teacher's last forward {tl['teacher_last_forward_s_after_launch']:.1f} s" if tl else "")
               + f", first step report {_num(kd.get('seconds_to_first_step_report'))} s")
+        cores = kd.get("cores_by_role_in_windows")
+        if cores:
+            print(f"  cores used in the timed windows (of {os.cpu_count()}), total {sum(cores.values()):.2f}: "
+                  + ", ".join(f"{role} {c:.2f}" for role, c in cores.items() if c >= 0.005))
         mem = kd.get("memory", {})
         if mem:
             print(f"  peak RSS by process role ({mem.get('processes_seen')} processes seen; RSS counts shared object-store pages in each):")
@@ -914,6 +969,10 @@ def print_details(results: dict, cfg: dict) -> None:
             print(f"  note: {note}")
         if kd.get("error"):
             print(f"  ERROR {kd['error']}; last lines:\n" + "\n".join("    " + ln for ln in kd.get("log_tail", "").splitlines()))
+    drift = results.get("student", {}).get("drift")
+    if drift is not None:
+        print(f"\ndrift: mode 1 run again at the end gave {drift:.2f}x its first rate"
+              + (" (more than 10% apart: the host's speed changed during the run, so read the ratios with that margin)" if abs(drift - 1) > 0.1 else ""))
     pss = [f"{k} {results[k]['pss_at_end_mb']:,.0f} MB" for k in ("student", "reference", "kd_step") if results.get(k, {}).get("pss_at_end_mb")]
     if pss:
         print(f"\nPSS of the single-process modes at their end (compare with kd_ray's tree PSS): {', '.join(pss)}")
@@ -927,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--modes", default="student,reference,kd_ray,cached",
-                   help="comma list of student, reference, kd_step, kd_ray, cached (default: all but kd_step)")
+                   help="comma list of " + ", ".join(MODES) + " (default: the four numbered modes; kd_step and kd_student "
+                        "split kd_ray's time further)")
     p.add_argument("--teacher", help="bench_models arch, e.g. 'convnet:width=48,blocks=3' or 'resnet50'")
     p.add_argument("--student", help="e.g. 'convnet:width=16,blocks=2' or 'resnet18'")
     p.add_argument("--image", help="sample shape C,H,W, e.g. 3,32,32")
@@ -945,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kd-cpus-per-worker", type=float)
+    p.add_argument("--kd-cpus-per-worker-alone", type=float,
+                   help="train worker CPUs of the modes without a teacher process (cached, kd_student); default: on CPU "
+                        "every usable CPU, as mode 1's threads (no teacher actor needs a core), else --kd-cpus-per-worker")
     p.add_argument("--kd-cpus-per-actor", type=float)
     p.add_argument("--kd-gpus-per-actor", type=float, help="default: 1 with 2+ GPUs, else 0.5 (teacher and student share the GPU)")
     p.add_argument("--kd-gpus-per-worker", type=float, help="default: 1 with 2+ GPUs, else 0.5")
@@ -985,8 +1048,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in ("kd_cpus_per_worker", "kd_cpus_per_actor", "kd_timeout", "kd_warmup_steps"):
         setattr(args, name, pick(name))
+    if args.kd_cpus_per_worker_alone is None:
+        args.kd_cpus_per_worker_alone = float(cfg["threads"]) if cfg["device"] == "cpu" else args.kd_cpus_per_worker
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"student", "reference", "kd_step", "kd_ray", "cached"}
+    unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes: {', '.join(sorted(unknown))}")
 
@@ -1017,30 +1082,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"          batch {cfg['batch_size']}, {cfg['precision']}, channels_last {cfg['channels_last']}, compile {cfg['compile']}; "
           f"warm-up {cfg['warmup']} steps, then {cfg['windows']} windows x {cfg['window_steps']} steps; T={cfg['temperature']} alpha={cfg['alpha']}")
     print(f"threads: modes 1-2 use torch.set_num_threads({cfg['threads']}) in one process; kd_ray runs its own processes "
-          f"(train worker {args.kd_cpus_per_worker} CPU, teacher actor {args.kd_cpus_per_actor} CPU; Ray sets their threads, probed below)")
+          f"(online: train worker {args.kd_cpus_per_worker:g} CPU, teacher actor {args.kd_cpus_per_actor:g} CPU; cached and student alone: "
+          f"train worker {args.kd_cpus_per_worker_alone:g} CPU; Ray sets their threads, probed below)")
     print(f"work dir: {workdir}", flush=True)
     prepare(cfg, workdir)
 
     results: dict = {}
-    order = [m for m in ("student", "reference", "kd_step", "kd_ray", "cached") if m in modes]
+    order = [m for m in MODES if m in modes]
     for mode in order:
-        print(f"[{mode}] running (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
+        load_before = os.getloadavg()[0]
+        print(f"[{mode}] running (load average {load_before:.2f}) ...", flush=True)
         if mode == "cached":
             # The capture first, timed apart: a cache is written once, and every run after it trains
             # without the teacher.
             capture = capture_cache(cfg, workdir, args)
             print(f"[cached] capture: {_num(capture.get('samples_per_second'))} samples/s in {capture['wall_seconds']:.1f} s"
                   + (f"  ERROR {capture['error']}" if capture.get("error") else ""), flush=True)
-            r = {"mode": "cached", "error": "the capture failed"} if capture.get("error") else run_kd_ray(cfg, workdir, args, cached=True)
+            r = {"mode": "cached", "error": "the capture failed"} if capture.get("error") else run_kd_ray(cfg, workdir, args, "cached")
             r["capture"] = capture
-        elif mode == "kd_ray":
-            r = run_kd_ray(cfg, workdir, args)
+        elif mode in ("kd_ray", "kd_student"):
+            r = run_kd_ray(cfg, workdir, args, mode)
         else:
             r = run_child(mode, {**cfg, "measure_cost": mode == "reference"}, workdir)
-        r["load_average_before"] = os.getloadavg()[0]
+        r["load_average_before"] = load_before
         results[mode] = r
         print(f"[{mode}] {_num(r.get('samples_per_second'))} samples/s in {r.get('wall_seconds', 0):.1f} s"
               + (f"  ERROR {r['error']}" if r.get("error") else ""), flush=True)
+
+    if "student" in results and results["student"].get("samples_per_second") and len(order) > 1:
+        # The machine's own drift over the run: modes run one after another, so a host that got
+        # faster or slower between them would bend the ratios. Mode 1 again, at the end, says by how much.
+        again = run_child("student", cfg, workdir, tag="_again")
+        results["student"]["again_at_end"] = {k: again.get(k) for k in ("samples_per_second", "windows_samples_per_second", "error")}
+        if again.get("samples_per_second"):
+            results["student"]["drift"] = again["samples_per_second"] / results["student"]["samples_per_second"]
+            print(f"[student] again at the end: {_num(again['samples_per_second'])} samples/s "
+                  f"({results['student']['drift']:.2f}x the first run: the machine's drift over this invocation)", flush=True)
 
     print_table(results, cfg)
     print_details(results, cfg)
@@ -1049,7 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = time.time() - t_begin
     blob = {"benchmark": "kd_ray throughput", "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
             "host": host, "workload": {k: v for k, v in cfg.items() if k not in ("train_npz", "models_dir", "teacher_weights")},
-            "kd_ray_resources": {"cpus_per_worker": args.kd_cpus_per_worker, "cpus_per_actor": args.kd_cpus_per_actor,
+            "kd_ray_resources": {"cpus_per_worker": args.kd_cpus_per_worker, "cpus_per_worker_without_teacher": args.kd_cpus_per_worker_alone,
+                                 "cpus_per_actor": args.kd_cpus_per_actor,
                                  "gpus_per_actor": args.kd_gpus_per_actor if cfg["device"] == "cuda" else 0,
                                  "gpus_per_worker": args.kd_gpus_per_worker if cfg["device"] == "cuda" else 0},
             "modes": results, "ladder": ladder_out, "runtime_seconds": runtime}
