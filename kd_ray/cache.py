@@ -315,6 +315,12 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
     if manifest is not None and manifest.get("status") == "complete" and not todo and not dropped:
         echo(f"cache: {store.path} is complete ({len(planned)} shards, every one checked); nothing to write")
         return {**summary, **_sizes(manifest)}
+    if todo:
+        # Before anything is written: a pool that asks for what an embedded Ray lacks would wait forever.
+        from kd_ray.job import check_cluster, ensure_ray
+
+        ensure_ray(spec, verbose, teacher_pool=True)
+        check_cluster(spec, echo, train=False, teacher_pool=True)
     store.make()
     for name in store.names():
         if name.startswith(_TMP):  # a write that a killed capture left half-done: never visible as a shard

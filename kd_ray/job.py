@@ -236,7 +236,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     note = prepare_run_dir(spec, fresh)
     ensure_ray(spec, verbose)
     quiet_data()
-    _check_cluster(spec, echo)
+    check_cluster(spec, echo)
     data = pipeline.Sources(spec)
     teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
     low, high = spec.train.worker_range
@@ -398,23 +398,33 @@ def _reason(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _check_cluster(spec: JobSpec, echo: Callable[[str], None]) -> None:
+def missing_resources(spec: JobSpec, have: dict, train: bool = True, teacher_pool: bool | None = None) -> list[tuple[str, str, float]]:
+    """(job-file field, resource, amount) of what the job's processes ask for and the cluster
+    resources `have` lack. `train`: the trainers run (not for `kd-ray cache`); `teacher_pool`:
+    the teacher's pool runs (default: unless the job reads a cache)."""
+    if teacher_pool is None:
+        teacher_pool = spec.teacher is not None and not spec.teacher.cached
+    wants = []
+    if train:
+        wants.append(("train.use_gpu", "GPU", 1 if spec.train.use_gpu else 0))
+        wants += [("train.resources_per_worker", k, v) for k, v in spec.train.resources_per_worker.items()]
+    if teacher_pool and spec.teacher is not None:
+        wants.append(("teacher.pool.gpus_per_actor", "GPU", spec.teacher.pool.gpus_per_actor))
+        wants += [("teacher.pool.resources", k, v) for k, v in spec.teacher.pool.resources.items()]
+    return [(field, name, amount) for field, name, amount in wants if amount and have.get(name, 0) < amount]
+
+
+def check_cluster(spec: JobSpec, echo: Callable[[str], None], train: bool = True, teacher_pool: bool | None = None) -> None:
     """Resources the job asks for that the cluster does not have. An autoscaling cluster (joined
     through RAY_ADDRESS) may add them on demand, so there it is a warning; an embedded instance
     never will, so there it is an error rather than a run that waits forever."""
     have = ray.cluster_resources()
-    wants = [("train.use_gpu", "GPU", 1 if spec.train.use_gpu else 0)]
-    wants += [("train.resources_per_worker", k, v) for k, v in spec.train.resources_per_worker.items()]
-    if spec.teacher and not spec.teacher.cached:
-        wants.append(("teacher.pool.gpus_per_actor", "GPU", spec.teacher.pool.gpus_per_actor))
-        wants += [("teacher.pool.resources", k, v) for k, v in spec.teacher.pool.resources.items()]
-    for field, name, amount in wants:
-        if amount and have.get(name, 0) < amount:
-            message = f"the Ray cluster has no '{name}' resource now (it has: {', '.join(sorted(have))})"
-            if os.environ.get("RAY_ADDRESS"):
-                echo(f"warning: {field}: {message}; waiting for the autoscaler to add it")
-            else:
-                raise UserError(field, f"{message}; remove it from the job or run on a cluster that has it")
+    for field, name, _ in missing_resources(spec, have, train, teacher_pool):
+        message = f"the Ray cluster has no '{name}' resource now (it has: {', '.join(sorted(have))})"
+        if os.environ.get("RAY_ADDRESS"):
+            echo(f"warning: {field}: {message}; waiting for the autoscaler to add it")
+        else:
+            raise UserError(field, f"{message}; remove it from the job or run on a cluster that has it")
 
 
 def _summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:

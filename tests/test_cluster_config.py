@@ -55,3 +55,21 @@ def test_gpu_job_resources_exist_on_the_node_types():
     capacity = student_node["max_workers"] * student_node["resources"]["student_node"] // per_node
     assert capacity >= spec.train.max_workers
     assert spec.run.storage_path.startswith("/mnt/shared")
+
+
+def test_missing_resources_name_the_fields_for_run_and_for_cache():
+    from kd_ray.job import missing_resources
+
+    with open(os.path.join(ROOT, "jobs", "resnet50_to_resnet18.yaml")) as f:
+        spec = JobSpec.model_validate(yaml.safe_load(f))
+    laptop = {"CPU": 6.0, "memory": 1e10}
+    run = {field for field, _, _ in missing_resources(spec, laptop)}
+    assert run == {"train.use_gpu", "train.resources_per_worker", "teacher.pool.gpus_per_actor", "teacher.pool.resources"}
+    # `kd-ray cache` starts only the teacher's pool, even for a job whose mode is cached
+    cached = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"mode": "cached"})})
+    capture = {field for field, _, _ in missing_resources(cached, laptop, train=False, teacher_pool=True)}
+    assert capture == {"teacher.pool.gpus_per_actor", "teacher.pool.resources"}
+    assert {f for f, _, _ in missing_resources(cached, laptop)} == {"train.use_gpu", "train.resources_per_worker"}
+    # the cluster of cluster.yaml at its full size has all of it
+    full = {"CPU": 64.0, "GPU": 8.0, **{k: 8.0 for t in load()["available_node_types"].values() for k in t.get("resources", {})}}
+    assert missing_resources(spec, full) == []
