@@ -7,8 +7,8 @@
 On a small CPU machine a Ray job is never alone: Ray's daemons (gcs, raylet, dashboard, agents)
 and the small actors of Ray Train and Ray Data (controller, split coordinator, ...) take a few
 percent of a core each; throughput.py measures about 0.25 of a core in all on 2 cores. This
-script measures, side by side in one run, what such load does to the plain student step of
-throughput.py's mode 1, without Ray: the step alone, then with N busy-waiting processes that
+script measures, side by side in one run, what such load does to a plain training step of
+throughput.py's CPU student (AdamW, cross-entropy, fp32, random inputs), without Ray: the step alone, then with N busy-waiting processes that
 each use a DUTY share of a core in 10 ms cycles, for each thread count. torch's intra-op threads
 meet at a barrier after every kernel, so when one of them loses its core for a moment the
 others wait: a step with as many threads as cores loses more than the load's share.
@@ -33,7 +33,7 @@ LOAD = "import time\nwhile True:\n t = time.perf_counter()\n while time.perf_cou
 
 
 def step_rate(threads: int, args) -> float:
-    """The student's training step, as throughput.py's mode 1 runs it (AdamW, CE, fp32)."""
+    """samples/s of a plain training step of the CPU preset's student with `threads` torch threads."""
     import torch
 
     sys.path.insert(0, HERE)

@@ -363,8 +363,8 @@ class TreeMonitor(threading.Thread):
         self.max_total_rss_kb = 0
         self.max_total_pss_kb = 0
         self.gpu_mb: dict[int, float] = {}
-        # pid -> [(wall time, CPU seconds user + system)], one per poll: what each role burnt in
-        # the timed windows (cpu_by_role)
+        # pid -> [(wall time, CPU seconds user + system, what a Ray worker ran)], one per poll:
+        # what each role burnt in the timed windows (cpu_by_role)
         self.cpu: dict[int, list[tuple[float, float, str | None]]] = {}
         self.stop = threading.Event()
 
@@ -386,13 +386,12 @@ class TreeMonitor(threading.Thread):
                     t = p.cpu_times()
                 except (OSError, psutil.Error):
                     continue
+                role = _role(p.pid, self.root_pid, cmd)
                 # Ray names a worker process after the task or actor it runs now ("ray::IDLE" between tasks)
-                label = cmd.split()[0] if cmd.startswith("ray::") and "RayTrainWorker" not in cmd and "TeacherPredictor" not in cmd \
-                    and "TrainController" not in cmd else None
+                label = cmd.split()[0] if role == ROLE_ORDER[4] and cmd.startswith("ray::") else None
                 self.cpu.setdefault(p.pid, []).append((time.time(), t.user + t.system, label))
                 rec = self.procs.setdefault(p.pid, {"hwm_kb": 0, "role": ROLE_ORDER[-1], "cmd": cmd})
                 rec["hwm_kb"] = max(rec["hwm_kb"], hwm)
-                role = _role(p.pid, self.root_pid, cmd)
                 if ROLE_ORDER.index(role) < ROLE_ORDER.index(rec["role"]):
                     rec["role"], rec["cmd"] = role, cmd
                 total += rss

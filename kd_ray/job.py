@@ -56,7 +56,7 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         return
     train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
     if teacher_pool is None:
-        teacher_pool = spec.teacher is not None and not spec.teacher.cached
+        teacher_pool = spec.runs_teacher_pool
     teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
     ray.init(
         address="local",  # a new instance, never a `ray start` cluster left on this machine
@@ -403,7 +403,7 @@ def missing_resources(spec: JobSpec, have: dict, train: bool = True, teacher_poo
     resources `have` lack. `train`: the trainers run (not for `kd-ray cache`); `teacher_pool`:
     the teacher's pool runs (default: unless the job reads a cache)."""
     if teacher_pool is None:
-        teacher_pool = spec.teacher is not None and not spec.teacher.cached
+        teacher_pool = spec.runs_teacher_pool
     wants = []
     if train:
         wants.append(("train.use_gpu", "GPU", 1 if spec.train.use_gpu else 0))

@@ -213,6 +213,11 @@ class JobSpec(_Section):
     def run_dir(self) -> str:
         return os.path.join(self.run.storage_path, self.run.name)
 
+    @property
+    def runs_teacher_pool(self) -> bool:
+        """Whether a run starts the teacher's actor pool: a teacher that is not read from a cache."""
+        return self.teacher is not None and not self.teacher.cached
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
