@@ -323,7 +323,9 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
         wait_for_line(proc, lines, "start: world size 2, accumulation 2")
         delay.write_text("0.1")
         wait_for_line(proc, lines, "epoch ")
-        delay.write_text("0.5")  # little progress between the notice and the node's death: the run
+        # Little progress between the notice and the node's death (4 s a step): the next every-10-steps
+        # checkpoint must not land in between, or the run would rightly resume from that one instead.
+        delay.write_text("2.0")
         subprocess.run(["ray", "drain-node", "--address", ray_cluster.address, "--node-id", second.node_id,
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                         "--deadline-remaining-seconds", "60"], check=True, capture_output=True, input="y\n", text=True)
