@@ -14,7 +14,8 @@ URI pyarrow opens: file://, s3://, gs://):
     source-00000.<sha16>.parquet        one shard per unit of data.source (an in-memory block of
     eval_source-00000.<sha16>.parquet   1024 rows, or a parquet row group): every row of the unit,
                                         in order: id, row (with the shard's name, a reference to
-                                        the source row) and the teacher's outputs.
+                                        the source row), a 64-bit digest of the row's input as the
+                                        source gave it, and the teacher's outputs.
 
 Inputs are not stored: a cached run reads them from the source as an online run does, which its
 ordered stream needs anyway, so a shard holds only what the teacher adds.
@@ -28,10 +29,14 @@ always sees a unit in the same batches).
 
 A cached run (`teacher.mode: cached`) keeps the run's ordered stream (kd_ray.data.order): each
 chunk's inputs are read from the source as before, and the teacher's outputs are joined from the
-shards of the same units, ids checked. So resume, the data cursor, elastic groups and the
+shards of the same units, ids and input digests checked. So resume, the data cursor, elastic groups and the
 exactly-once order work unchanged, while no teacher is loaded and no pool starts. Before
 training, the manifest is compared with the job (a difference is one error naming the job-file
-field) and every shard's SHA-256 is checked.
+field) and every shard's SHA-256 is checked. The manifest's digest of a parquet source covers its
+files' sizes and row groups, not every data page (reading them all at each start would cost a
+pass over the data); so each row's input is also compared with its digest in the shard as the
+stream reads it, and a source rewritten in place in the same shape stops the run before any of
+its changed rows reach a student.
 
 Why an online run does not write the cache as it goes: its rows reach the teacher in shuffled
 chunks dealt to several workers, a restart resumes the stream at the cursor (rows before it are
@@ -72,8 +77,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # of the layout above; a cache of another version is refused, not misread
+FORMAT_VERSION = 2  # of the layout above; a cache of another version is refused, not misread
 ROW = "row"  # a sample's row within its unit
+INPUT = "input_digest"  # input_digests of the sample's input, as the source gave it
 _SHARD = re.compile(r"^(source|eval_source)-(\d+)\.([0-9a-f]{16})\.parquet$")
 _TMP = ".tmp-"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,11 +105,25 @@ def encode(logits: torch.Tensor, outputs: dict) -> dict[str, np.ndarray]:
     return {TOPK_VALUES: values.numpy(), TOPK_INDICES: top.indices.numpy(), TAIL_LSE: top.tail_lse.numpy()}
 
 
-def shard_table(ids: np.ndarray, columns: dict[str, np.ndarray]) -> "pa.Table":
-    """One unit's rows: id, row, and each output as a fixed-size list per sample."""
+def input_digests(x: np.ndarray) -> np.ndarray:
+    """A 64-bit BLAKE2b digest of each row of `x` (with its dtype and shape): what ties a cached
+    output to the exact input the teacher saw."""
+    x = np.ascontiguousarray(x)
+    head = hashlib.blake2b(repr((x.dtype.str, x.shape[1:])).encode(), digest_size=8)
+    out = np.empty(len(x), dtype=np.uint64)
+    for i, row in enumerate(x):
+        h = head.copy()
+        h.update(row.data)
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def shard_table(ids: np.ndarray, digests: np.ndarray, columns: dict[str, np.ndarray]) -> "pa.Table":
+    """One unit's rows: id, row, input digest, and each output as a fixed-size list per sample."""
     import pyarrow as pa
 
-    arrays = {ID: pa.array(np.asarray(ids, dtype=np.int64)), ROW: pa.array(np.arange(len(ids), dtype=np.int32))}
+    arrays = {ID: pa.array(np.asarray(ids, dtype=np.int64)), ROW: pa.array(np.arange(len(ids), dtype=np.int32)),
+              INPUT: pa.array(np.asarray(digests, dtype=np.uint64))}
     for name, values in columns.items():
         arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
     return pa.table(arrays)
@@ -132,7 +152,7 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
 
 def schema(outputs: dict) -> dict[str, str]:
     """The shards' columns and types, for the manifest."""
-    table = shard_table(np.zeros(0, np.int64), encode(torch.zeros((0, outputs["classes"])), outputs))
+    table = shard_table(np.zeros(0, np.int64), np.zeros(0, np.uint64), encode(torch.zeros((0, outputs["classes"])), outputs))
     return {field.name: str(field.type) for field in table.schema}
 
 
@@ -435,10 +455,12 @@ class ShardWriter:
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in ("part", "unit", "file", "rows", "sha256", "bytes")}
         for part, unit, rows in zip(batch["part"].tolist(), batch["unit"].tolist(), batch["rows"].tolist()):
-            samples = preprocess(self.readers[part].read(np.full(rows, unit, dtype=np.int64), np.arange(rows)), **self.transform)
+            raw = self.readers[part].read(np.full(rows, unit, dtype=np.int64), np.arange(rows))
+            digests = input_digests(raw[X])
+            samples = preprocess(raw, **self.transform)
             logits = [self.predictor({X: samples[X][a:a + self.batch_size]})[TEACHER] for a in range(0, rows, self.batch_size)]
             logits = torch.from_numpy(np.concatenate(logits)) if logits else torch.zeros((0, self.outputs["classes"]))
-            data = to_parquet(shard_table(samples[ID], encode(logits, self.outputs)))
+            data = to_parquet(shard_table(samples[ID], digests, encode(logits, self.outputs)))
             digest = _sha256(data)
             name = shard_name(part, unit, digest)
             self.store.write(name, data)
@@ -459,8 +481,9 @@ class CacheReader:
     """One source's cached outputs, as the training stream's columns (kd_ray.data): dense
     TEACHER logits, or the top-k columns with the tail at the job's temperature only."""
 
-    def __init__(self, store: Store, outputs: dict, files: dict[int, str], temperature: float, contents: dict[int, bytes] | None):
-        self.store, self.files = store, files
+    def __init__(self, part: str, store: Store, outputs: dict, files: dict[int, str], temperature: float,
+                 contents: dict[int, bytes] | None):
+        self.field, self.store, self.files = f"data.{part}", store, files
         self.tail = tail_column(tuple(outputs["temperatures"]), temperature) if outputs["format"] == "topk" else None
         # In-memory sources shuffle rows across all units (every chunk touches every shard): their
         # outputs are decoded once here and travel with the reader; others are read per chunk.
@@ -482,14 +505,20 @@ class CacheReader:
             raise RuntimeError(f"cache shard {self.files[unit]} vanished from {self.store.path} after it was checked")
         return self._select(decode(data))
 
-    def read(self, units: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> dict:
-        """The outputs for rows (units[i], rows[i]) of the source, whose ids the caller read."""
+    def read(self, units: np.ndarray, rows: np.ndarray, ids: np.ndarray, x: np.ndarray) -> dict:
+        """The outputs for rows (units[i], rows[i]) of the source, whose ids and inputs (as the
+        source gave them, before preprocessing) the caller read."""
         out = gather(units, rows, self._unit)
         if out is None:
             return dict(self.empty_columns)
-        if not np.array_equal(out.pop(ID), ids):
-            raise RuntimeError(f"the cached outputs at {self.store.path} do not belong to the rows read (the ids differ): "
-                               "the data changed after the cache was checked")
+        changed = (out.pop(ID) != ids) | (out.pop(INPUT) != input_digests(x))
+        if changed.any():
+            # A RuntimeError, not a UserError: it is raised in a Ray task, and reaches the user as
+            # the run's one-line failure either way.
+            raise RuntimeError(f"{self.field}: {int(changed.sum())} of {len(ids)} rows read (the first with id "
+                               f"{int(ids[np.argmax(changed)])}) differ from the inputs the cache at {self.store.path} "
+                               "was captured from: the data changed after the capture. Delete that cache (or choose a "
+                               "new teacher.cache.path) and run `kd-ray cache JOB.yaml` again")
         return out
 
 
@@ -522,7 +551,7 @@ def open_for_training(spec: "JobSpec", data: "Sources") -> TeacherCache:
     readers = {}
     for part, _ in _parts(spec, data):
         entries = [s for s in manifest["shards"] if s["part"] == part]
-        readers[part] = CacheReader(store, manifest["outputs"], {s["unit"]: s["file"] for s in entries}, spec.distill.temperature,
+        readers[part] = CacheReader(part, store, manifest["outputs"], {s["unit"]: s["file"] for s in entries}, spec.distill.temperature,
                                     {s["unit"]: contents[s["file"]] for s in entries} if part in in_memory else None)
     return TeacherCache(train=readers["source"], eval=readers.get("eval_source", readers["source"]), manifest=manifest)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A mistake in the job file, its overrides or the files it names.
@@ -16,3 +18,30 @@ class UserError(Exception):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+# Python's words between the exceptions of a chain, the cause printed first.
+_CHAIN = re.compile(r"^(The above exception was the direct cause of the following exception:"
+                    r"|During handling of the above exception, another exception occurred:)$", re.M)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray's own wrappers around a task's or a worker's error: what they say ("UDF failed to process a
+# data block") is never what the user can act on; the exception they wrap is.
+_WRAPPERS = ("ray.exceptions.", "ray.train.", "ray.data.")
+
+
+def reason(e: BaseException) -> str:
+    """Why a run failed, on one line: the message of the user's exception (not of the wrappers
+    Ray puts around it when it crosses a task, an actor or the worker group), from the lowest
+    failed rank."""
+    failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: by rank
+    if isinstance(failures, dict) and failures:
+        e = failures[min(failures)]
+    last = ""
+    for part in reversed(_CHAIN.split(_ANSI.sub("", str(e)))):
+        lines = [ln.strip() for ln in part.splitlines() if ln.strip() and not ln.strip().startswith(("File ", "Traceback", "^", "~"))]
+        if not lines or _CHAIN.match(lines[-1]):
+            continue
+        last = last or lines[-1]
+        if not lines[-1].startswith(_WRAPPERS):
+            return lines[-1]
+    return last or type(e).__name__

@@ -19,7 +19,7 @@ import ray
 
 from kd_ray import batching, telemetry
 from kd_ray.data import pipeline
-from kd_ray.errors import UserError
+from kd_ray.errors import UserError, reason
 from kd_ray.spec import JobSpec, changed_fields, fingerprint
 from kd_ray.train import checkpoint
 
@@ -183,6 +183,8 @@ def format_event(e: dict) -> str | None:
                 f"{e['steps_per_epoch']:.1f} steps/epoch, {e['total_steps']} steps{resumed}")
     if kind == "warning":
         return f"warning: {e['message']}"
+    if kind == "error":
+        return f"warning: worker {e['rank']} failed: {e['message']}"
     if kind == "stopped":
         return f"stopped at step {e['step']} after a checkpoint"
     if kind == "train":
@@ -208,10 +210,17 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     events: list[dict] = []
+    failed: set[str] = set()  # the reasons shown since the group's last start: each rank reports its own
     while True:
         alive = thread.is_alive()
         for e in ray.get(board.since.remote(len(events))):
             events.append(e)
+            if e["kind"] == "start":
+                failed.clear()
+            elif e["kind"] == "error":
+                if e["message"] in failed:
+                    continue
+                failed.add(e["message"])
             line = format_event(e)
             if line:
                 echo(line)
@@ -281,7 +290,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         with stop_on_signals(board, spec, echo):
             result, events = follow(board, trainer.fit, echo)
     except Exception as e:
-        summary["error"] = _reason(e)
+        summary["error"] = reason(e)
         _write_summary(spec.run_dir, summary)
         if _session_logs():
             echo(f"workers' and actors' logs: {_session_logs()}")
@@ -389,13 +398,6 @@ class RunFailed(Exception):
 
 class RunStopped(Exception):
     exit_code = 130
-
-
-def _reason(e: BaseException) -> str:
-    """The innermost message, on one line: a worker's error arrives wrapped several times."""
-    text = str(e).strip().splitlines()
-    lines = [ln.strip() for ln in text if ln.strip() and not ln.strip().startswith(("File ", "Traceback", "^", "~"))]
-    return lines[-1] if lines else type(e).__name__
 
 
 def missing_resources(spec: JobSpec, have: dict, train: bool = True, teacher_pool: bool | None = None) -> list[tuple[str, str, float]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,15 +57,33 @@ def shards_of(path: str) -> dict[str, bytes]:
 def test_shard_round_trip_and_same_bytes(outputs):
     logits = torch.randn(37, outputs["classes"], generator=torch.Generator().manual_seed(0)) * 4
     columns = cache.encode(logits, outputs)
-    data = cache.to_parquet(cache.shard_table(np.arange(37) * 7, columns))
-    assert cache.to_parquet(cache.shard_table(np.arange(37) * 7, cache.encode(logits, outputs))) == data  # a unit's shard is one byte string
+    digests = cache.input_digests(np.random.default_rng(0).random((37, 1, 8, 8), dtype=np.float32))
+    data = cache.to_parquet(cache.shard_table(np.arange(37) * 7, digests, columns))
+    same = cache.to_parquet(cache.shard_table(np.arange(37) * 7, digests.copy(), cache.encode(logits, outputs)))
+    assert same == data  # a unit's shard is one byte string
     back = cache.decode(data)
     np.testing.assert_array_equal(back[ID], np.arange(37) * 7)
     np.testing.assert_array_equal(back[cache.ROW], np.arange(37))
+    assert back[cache.INPUT].dtype == np.uint64
+    np.testing.assert_array_equal(back[cache.INPUT], digests)
     for name, values in columns.items():
         assert back[name].dtype == values.dtype and back[name].shape == values.shape
         np.testing.assert_array_equal(back[name], values)
     assert set(cache.schema(outputs)) == set(back)
+
+
+def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
+    x = np.random.default_rng(1).random((50, 3, 4), dtype=np.float32)
+    d = cache.input_digests(x)
+    assert len(set(d.tolist())) == 50
+    np.testing.assert_array_equal(d, cache.input_digests(x.copy()))
+    np.testing.assert_array_equal(d[[4, 2]], cache.input_digests(x[[4, 2]]))  # a row's digest is its own
+    y = x.copy()
+    y[7, 2, 3] = np.nextafter(y[7, 2, 3], np.float32(2))  # the smallest change a float32 allows
+    assert (cache.input_digests(y) != d).tolist() == [i == 7 for i in range(50)]
+    assert not (cache.input_digests(x.astype(np.float64)) == d).any()
+    assert not (cache.input_digests(x.reshape(50, 4, 3)) == d).any()
+    assert not (cache.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
 
 
 def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
@@ -75,15 +94,17 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     outputs = {**TOPK, "temperatures": [1.0, 2.0, 4.0]}
     store = cache.Store(str(tmp_path))
     logits = [torch.randn(n, 10, generator=torch.Generator().manual_seed(n)) * 3 for n in (5, 8)]
+    inputs = [np.random.default_rng(n).random((n, 64), dtype=np.float32) for n in (5, 8)]
     files = {}
     for unit, z in enumerate(logits):
-        data = cache.to_parquet(cache.shard_table(np.arange(len(z)) + 100 * unit, cache.encode(z, outputs)))
+        data = cache.to_parquet(cache.shard_table(np.arange(len(z)) + 100 * unit, cache.input_digests(inputs[unit]), cache.encode(z, outputs)))
         files[unit] = cache.shard_name("source", unit, cache._sha256(data))
         store.write(files[unit], data)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    reader = cache.CacheReader(store, outputs, files, temperature=4.0, contents=None)
+    reader = cache.CacheReader("source", store, outputs, files, temperature=4.0, contents=None)
     units, rows = np.array([1, 0, 1, 0]), np.array([7, 2, 0, 4])
-    columns = reader.read(units, rows, ids=units * 100 + rows)
+    x = np.stack([inputs[u][r] for u, r in zip(units, rows)])
+    columns = reader.read(units, rows, ids=units * 100 + rows, x=x)
     assert columns[TAIL_LSE].shape == (4, 1)
     got = teacher_output({k: torch.from_numpy(v) for k, v in columns.items()}, temperature=4.0)
     live = topk_compress(torch.stack([logits[u][r] for u, r in zip(units, rows)]), 4, temperatures=4.0, dtype=torch.bfloat16)
@@ -93,8 +114,11 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     student, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     kw = dict(temperature=4.0, alpha=0.5, denominator=4.0)
     torch.testing.assert_close(distill_loss(student, got, labels, **kw).loss, distill_loss(student, live, labels, **kw).loss)
-    with pytest.raises(RuntimeError, match="ids differ"):
-        reader.read(units, rows, ids=units * 100 + rows + 1)
+    with pytest.raises(RuntimeError, match=r"^data.source: 4 of 4 rows read \(the first with id 108\) differ from the inputs"):
+        reader.read(units, rows, ids=units * 100 + rows + 1, x=x)
+    x[2, 5] += 1  # the source rewritten under the cache: same ids, another input
+    with pytest.raises(RuntimeError, match=r"^data.source: 1 of 4 rows read \(the first with id 100\) .* `kd-ray cache JOB.yaml` again$"):
+        reader.read(units, rows, ids=units * 100 + rows, x=x)
 
 
 def test_mismatch_rules():
@@ -152,7 +176,8 @@ def test_capture_holds_the_teachers_outputs(full_cache, teacher_weights):
     assert manifest["status"] == "complete" and manifest["rows"] == 1797 and manifest["kd_ray_version"]
     assert [(s["part"], s["unit"], s["rows"]) for s in manifest["shards"]] == [("source", 0, 1024), ("source", 1, 773)]
     assert manifest["teacher"]["model"] == "convnet" and manifest["outputs"]["format"] == "full"
-    assert manifest["schema"] == {"id": "int64", "row": "int32", "teacher_logits": "fixed_size_list<item: float>[10]"}
+    assert manifest["schema"] == {"id": "int64", "row": "int32", "input_digest": "uint64",
+                                  "teacher_logits": "fixed_size_list<item: float>[10]"}
     shards = shards_of(full_cache["path"])
     assert sorted(shards) == sorted(s["file"] for s in manifest["shards"])
     for s in manifest["shards"]:
@@ -161,7 +186,9 @@ def test_capture_holds_the_teachers_outputs(full_cache, teacher_weights):
     ids = np.concatenate([c[ID] for c in columns])
     np.testing.assert_array_equal(ids, np.arange(1797))  # every sample, train and eval rows alike
     x, _ = load_digits(return_X_y=True)
-    direct = teacher_logits(teacher_weights, (x.astype(np.float32) * 0.0625).reshape(-1, 1, 8, 8))
+    x = x.astype(np.float32).reshape(-1, 1, 8, 8)  # as the source gives it (data.shape), before preprocessing
+    np.testing.assert_array_equal(np.concatenate([c[cache.INPUT] for c in columns]), cache.input_digests(x))
+    direct = teacher_logits(teacher_weights, x * 0.0625)
     np.testing.assert_allclose(np.concatenate([c[TEACHER] for c in columns]), direct, rtol=1e-5, atol=1e-5)
     s = full_cache["summary"]
     print(f"\ndigits full fp32: {s['bytes_per_sample']:.1f} bytes/sample on disk, payload {s['payload_bytes_per_sample']}; "
@@ -373,14 +400,18 @@ def test_corrupt_or_missing_shard_is_caught_before_training_and_recapture_repair
 # ---------------------------------------------------------------- a capture killed part-way
 
 
-def _digits_parquet(path, rows_per_group: int) -> str:
+def _digits_parquet(path, rows_per_group: int, change_one_pixel: bool = False) -> str:
+    """Uncompressed, plain-encoded pages: a changed pixel keeps the file's size to the byte."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    table = pa.table({"pixels": pa.array(x.astype(np.float32).tolist(), pa.list_(pa.float32(), 64)), "digit": y})
-    pq.write_table(table, str(path), row_group_size=rows_per_group)
+    x = x.astype(np.float32)
+    if change_one_pixel:
+        x[5, 10] += 1
+    table = pa.table({"pixels": pa.array(x.tolist(), pa.list_(pa.float32(), 64)), "digit": y})
+    pq.write_table(table, str(path), row_group_size=rows_per_group, compression="none", use_dictionary=False)
     return str(path)
 
 
@@ -391,6 +422,7 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     the rerun keeps the whole shards untouched, writes only the others, and the cache equals
     one captured in one go, byte for byte."""
     from kd_ray.cli import main
+    from kd_ray.data.sources import read_ids
     from kd_ray.spec import validate
 
     source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
@@ -425,3 +457,17 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     assert shards_of(str(cache_dir)) == shards_of(one_go["path"]) and len(shards_of(one_go["path"])) == 9
     resumed, whole = (json.load(open(os.path.join(p, cache.MANIFEST))) for p in (cache_dir, one_go["path"]))
     assert resumed["shards"] == whole["shards"] and resumed["status"] == whole["status"] == "complete"
+
+    # The source rewritten in place with one pixel changed: same files, sizes and row groups, so
+    # the manifest's digest of it (which reads no data pages) cannot tell; the run stops when the
+    # stream reads the changed row, before it reaches the student. The attempt says why as it fails.
+    size = os.path.getsize(source)
+    _digits_parquet(source, rows_per_group=200, change_one_pixel=True)
+    assert os.path.getsize(source) == size
+    proc = run_cli(["run", path, "train.epochs=1", "run.max_failures=0"], ray_cluster, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    why = f"RuntimeError: data.source: 1 of \\d+ rows read \\(the first with id {int(read_ids(source, spec.data)[5])}\\) differ"
+    assert len(re.findall(rf"^warning: worker \d failed: {why}", proc.stdout, re.M)) == 1, proc.stdout[-3000:]  # once, for 2 ranks
+    verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
+    assert len(verdicts) == 1 and re.match(rf"kd-ray: run failed: {why}", verdicts[0]), proc.stderr[-3000:]
+    assert "the cache at" in verdicts[0] and "`kd-ray cache JOB.yaml` again" in verdicts[0], verdicts

@@ -160,13 +160,17 @@ def test_file_sources(ray_cluster, tmp_path, fmt):
 
 def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     """A mistake only the data reveals (labels 0..9 in a user's parquet files, which the spec does
-    not read, for a 5-class student): non-zero exit, the reason in one line, a failed summary."""
+    not read, for a 5-class student): shown as each attempt fails, then non-zero exit, the reason
+    in one line, a failed summary."""
     source = write_digits_parquet(tmp_path / "digits")
     job = digits_job(tmp_path, "broken", data={"source": source, "features": "pixels", "labels": "digit", "shape": [64]})
     job["student"]["kwargs"]["num_classes"] = 5
     job["train"].update(num_workers=1, epochs=1)
+    job["run"]["max_failures"] = 1  # two attempts
     proc = run_cli(["run", write_job(tmp_path / "broken.yaml", job)], ray_cluster)
     assert proc.returncode == 1, proc.stderr[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
+    assert len(warnings) == 2 and all("out of bounds" in w and "ray." not in w for w in warnings), proc.stdout[-3000:]
     # joined to a cluster, the CLI also relays the workers' logs; its own verdict is one line
     verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: run failed:")]
     assert len(verdicts) == 1 and "out of bounds" in verdicts[0], proc.stderr[-2000:]

@@ -315,7 +315,10 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
     path = write_job(tmp_path / "elastic.yaml", job)
     first = Node(ray_cluster, {"student_node": 1})
     second = None
-    proc = cli(["run", path], ray_cluster, hooks(tmp_path))
+    # After the node's death Ray Train first restarts the group at the old size: its view of the
+    # nodes is refreshed every 20 s. That start waits for a placement that never comes, for this
+    # timeout (60 s by default), before the group starts at the new size; here 20 s is plenty.
+    proc = cli(["run", path], ray_cluster, hooks(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20"))
     lines: list[str] = []
     try:
         wait_for_line(proc, lines, "start: world size 1, accumulation 4")

@@ -358,7 +358,8 @@ def test_cache_shard_bytes_per_sample(case, k, request):
     formats = {"full fp32": full, "full fp16": {**full, "dtype": "float16"}, f"top-{k} fp16": {**topk, "dtype": "float16"}, f"top-{k} bf16": topk}
     sizes = {}
     for name, outputs in formats.items():
-        on_disk = len(cache.to_parquet(cache.shard_table(np.arange(rows), cache.encode(teacher, outputs)))) / rows
+        digests = cache.input_digests(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
+        on_disk = len(cache.to_parquet(cache.shard_table(np.arange(rows), digests, cache.encode(teacher, outputs)))) / rows
         payload = bytes_per_sample(classes, outputs["k"], cache.TORCH_DTYPES[outputs["dtype"]], len(outputs["temperatures"] or [1]))
         assert on_disk < payload + 16, (name, on_disk, payload)  # ids, rows and parquet's own bytes stay small
         sizes[name] = (on_disk, payload)

@@ -113,11 +113,11 @@ def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict,
         if not keep.any():
             continue
         out = reader.read(units, rows)
+        teacher = cache.read(units, rows, out[ID], out[X]) if cache is not None else {}
         out = preprocess(out, **transform["preprocess"])
         if transform["augment"]:
             out = _augment_chunk(out, seed, int(index), transform["augment"])
-        if cache is not None:
-            out = {**out, **cache.read(units, rows, out[ID])}
+        out = {**out, **teacher}
         parts.append({**{k: v[keep] for k, v in out.items()}, POS: positions[keep]})
     if not parts:
         x_shape = transform["sample_shape"]

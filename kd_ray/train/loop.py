@@ -25,6 +25,7 @@ import torch
 from kd_ray import batching
 from kd_ray.data import ID, POS
 from kd_ray.data.ids import mix64
+from kd_ray.errors import reason
 from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model, make_importable
 from kd_ray.train import checkpoint
@@ -49,6 +50,20 @@ def build_student(spec: dict, device: torch.device) -> torch.nn.Module:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    try:
+        _train(config)
+    except Exception as e:
+        # Ray restarts the group up to run.max_failures times (forever with -1) and says why only
+        # after the last: the driver shows each failure's reason as it happens.
+        try:
+            ray.get(config["board"].push.remote({"kind": "error", "rank": ray.train.get_context().get_world_rank(),
+                                                 "message": reason(e)}), timeout=10)
+        except Exception:  # the board is only told; the error itself goes on to Ray
+            pass
+        raise
+
+
+def _train(config: dict) -> None:
     spec, board = config["spec"], config["board"]
     make_importable(spec["job_dir"])
     train, distill, run = spec["train"], spec["distill"], spec["run"]
