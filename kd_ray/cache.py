@@ -66,7 +66,7 @@ from kd_ray import weights
 from kd_ray.data import ID, TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES, X
 from kd_ray.data.sources import gather, to_numpy
 from kd_ray.data.transforms import preprocess
-from kd_ray.errors import UserError
+from kd_ray.errors import Failed, UserError, reason
 from kd_ray.losses import tail_column, topk_compress
 from kd_ray.spec import cache_temperatures, check_cache, check_model, refuse_augmentation
 
@@ -350,10 +350,16 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
          + (f", {dropped} damaged or stray removed" if dropped else "") + f"; writing {len(todo)}")
     started = time.time()
     every = max(1, len(todo) // 20)
-    for i, shard in enumerate(_write_shards(spec, data, store, job["outputs"], todo, planned, verbose), 1):
-        kept[(shard["part"], shard["unit"])] = shard
-        if i % every == 0 or i == len(todo):
-            echo(f"cache: {i}/{len(todo)} shards written ({shard['file']}, {shard['rows']} rows)")
+    try:
+        for i, shard in enumerate(_write_shards(spec, data, store, job["outputs"], todo, planned, verbose), 1):
+            kept[(shard["part"], shard["unit"])] = shard
+            if i % every == 0 or i == len(todo):
+                echo(f"cache: {i}/{len(todo)} shards written ({shard['file']}, {shard['rows']} rows)")
+    except UserError:
+        raise
+    except Exception as e:  # in the pool: a unit that cannot be read, a teacher that fails on it...
+        raise Failed("cache", f"{reason(e)} ({len(kept)} of {len(planned)} shards are whole and kept; fix the cause and run "
+                     "`kd-ray cache JOB.yaml` again: it writes only the others)") from e
     seconds = time.time() - started
     shards = [kept[key] for key in planned]
     final = {**head, "status": "complete", "rows": summary["rows"], "schema": schema(job["outputs"]), "shards": shards}

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kd_ray.errors import UserError
+from kd_ray.errors import Failed, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"kd-ray: error: {one_line}", file=sys.stderr)
         return e.exit_code
+    except Failed as e:
+        print(f"kd-ray: {e.what} failed: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("kd-ray: interrupted", file=sys.stderr)
         return 130
@@ -64,13 +67,10 @@ def _dispatch(args) -> int:
         metrics = evaluate_student(spec, args.weights)
         print(json.dumps(metrics, indent=2))
         return 0
-    from kd_ray.job import RunFailed, RunStopped, print_summary, run
+    from kd_ray.job import RunStopped, print_summary, run
 
     try:
         summary = run(spec, fresh=args.fresh, verbose=args.verbose)
-    except RunFailed as e:
-        print(f"kd-ray: run failed: {e}", file=sys.stderr)
-        return e.exit_code
     except RunStopped as e:
         print(f"kd-ray: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,6 +20,17 @@ class UserError(Exception):
         self.message = message
 
 
+class Failed(Exception):
+    """A run or a capture that started and then failed for a reason only running it revealed:
+    `what` ("run", "cache") failed, the message says why in one line. Exit 1."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, why: str):
+        super().__init__(why)
+        self.what = what
+
+
 # Python's words between the exceptions of a chain, the cause printed first.
 _CHAIN = re.compile(r"^(The above exception was the direct cause of the following exception:"
                     r"|During handling of the above exception, another exception occurred:)$", re.M)

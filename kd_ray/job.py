@@ -19,7 +19,7 @@ import ray
 
 from kd_ray import batching, telemetry
 from kd_ray.data import pipeline
-from kd_ray.errors import UserError, reason
+from kd_ray.errors import Failed, UserError, reason
 from kd_ray.spec import JobSpec, changed_fields, fingerprint
 from kd_ray.train import checkpoint
 
@@ -294,7 +294,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         _write_summary(spec.run_dir, summary)
         if _session_logs():
             echo(f"workers' and actors' logs: {_session_logs()}")
-        raise RunFailed(summary["error"]) from e
+        raise Failed("run", summary["error"]) from e
     summary.update(_summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     _write_summary(spec.run_dir, summary)
     if summary["status"] == "stopped":
@@ -390,10 +390,6 @@ def score_teacher(spec: JobSpec, data: "pipeline.Sources", echo: Callable[[str],
     scores = {"accuracy": correct / max(count, 1), "loss": None if math.isnan(loss) else loss / max(count, 1)}
     echo(f"teacher on the eval split: acc {scores['accuracy']:.4f} loss {_fmt(scores['loss'])}")
     return scores
-
-
-class RunFailed(Exception):
-    exit_code = 1
 
 
 class RunStopped(Exception):

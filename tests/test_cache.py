@@ -397,6 +397,38 @@ def test_corrupt_or_missing_shard_is_caught_before_training_and_recapture_repair
     assert shards_of(path) == original  # rewritten byte for byte
 
 
+FAILING_TEACHER = """
+from kd_ray.models import BUILTINS
+
+
+def failing(base, **kwargs):
+    model = BUILTINS[base](**kwargs)
+
+    def fail(module, args):
+        if args[0].device.type != "meta":  # the job check's shape probe passes; real inputs do not
+            raise ValueError("the teacher failed on a real batch (test)")
+
+    model.register_forward_pre_hook(fail)
+    return model
+"""
+
+
+def test_failed_capture_is_one_line_and_leaves_an_incomplete_cache(ray_cluster, teacher_weights, tmp_path):
+    """A teacher that fails in the pool: exit 1, the user's exception in one line (not Ray's
+    wrappers; the relayed worker logs may add their tracebacks), and a cache marked incomplete with
+    nothing half-written."""
+    (tmp_path / "failing_teacher.py").write_text(FAILING_TEACHER)
+    job = kd_job(tmp_path, "failing", teacher_weights, {"path": str(tmp_path / "cache")})
+    job["teacher"].update(model="failing_teacher:failing", kwargs={**TEACHER_SPEC["kwargs"], "base": TEACHER_SPEC["model"]})
+    proc = run_cli(["cache", write_job(tmp_path / "job.yaml", job)], ray_cluster, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
+    assert verdicts == ["kd-ray: cache failed: ValueError: the teacher failed on a real batch (test) (0 of 2 shards are whole "
+                        "and kept; fix the cause and run `kd-ray cache JOB.yaml` again: it writes only the others)"], proc.stderr[-3000:]
+    assert json.load(open(tmp_path / "cache" / cache.MANIFEST))["status"] == "incomplete"
+    assert not [n for n in os.listdir(tmp_path / "cache") if n != cache.MANIFEST]
+
+
 # ---------------------------------------------------------------- a capture killed part-way
 
 
