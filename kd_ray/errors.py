@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import traceback
 
 
 class UserError(Exception):
@@ -47,8 +48,14 @@ def reason(e: BaseException) -> str:
     failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: by rank
     if isinstance(failures, dict) and failures:
         e = failures[min(failures)]
+    text = _ANSI.sub("", str(e))
+    if not (_CHAIN.search(text) or "Traceback (most recent call last)" in text or "\n  File " in text):
+        # A bare exception (Ray keeps a train function's own exception as it was raised): its
+        # type and its whole message, on one line.
+        lines = traceback.format_exception_only(type(e), e)
+        return " ".join(ln.strip() for part in lines for ln in part.splitlines() if ln.strip())
     last = ""
-    for part in reversed(_CHAIN.split(_ANSI.sub("", str(e)))):
+    for part in reversed(_CHAIN.split(text)):
         lines = [ln.strip() for ln in part.splitlines() if ln.strip() and not ln.strip().startswith(("File ", "Traceback", "^", "~"))]
         if not lines or _CHAIN.match(lines[-1]):
             continue

@@ -210,17 +210,26 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     events: list[dict] = []
-    failed: set[str] = set()  # the reasons shown since the group's last start: each rank reports its own
+    # Each failed rank reports its reason: one line per reason and attempt. A new attempt begins
+    # at its "start" (rank 0's, once the group is up) or, for an attempt that failed before that,
+    # when a rank that already failed fails again.
+    shown: set[str] = set()
+    ranks: set[int] = set()
     while True:
         alive = thread.is_alive()
         for e in ray.get(board.since.remote(len(events))):
             events.append(e)
             if e["kind"] == "start":
-                failed.clear()
+                shown.clear()
+                ranks.clear()
             elif e["kind"] == "error":
-                if e["message"] in failed:
+                if e["rank"] in ranks:
+                    shown.clear()
+                    ranks.clear()
+                ranks.add(e["rank"])
+                if e["message"] in shown:
                     continue
-                failed.add(e["message"])
+                shown.add(e["message"])
             line = format_event(e)
             if line:
                 echo(line)
@@ -261,7 +270,21 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
 
-    teacher_scores = score_teacher(spec, data, echo, teacher_cache) if spec.teacher else None
+    summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
+
+    def failed(e: Exception) -> Failed:
+        summary["error"] = reason(e)
+        _write_summary(spec.run_dir, summary)
+        if _session_logs():
+            echo(f"workers' and actors' logs: {_session_logs()}")
+        return Failed("run", summary["error"])
+
+    try:  # the eval split's stream (or its cached outputs) may fail as the training stream may
+        teacher_scores = score_teacher(spec, data, echo, teacher_cache) if spec.teacher else None
+    except UserError:
+        raise
+    except Exception as e:
+        raise failed(e) from e
     board = ProgressBoard.remote()
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
@@ -285,16 +308,11 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
         dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )
     started = time.time()
-    summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     try:
         with stop_on_signals(board, spec, echo):
             result, events = follow(board, trainer.fit, echo)
     except Exception as e:
-        summary["error"] = reason(e)
-        _write_summary(spec.run_dir, summary)
-        if _session_logs():
-            echo(f"workers' and actors' logs: {_session_logs()}")
-        raise Failed("run", summary["error"]) from e
+        raise failed(e) from e
     summary.update(_summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     _write_summary(spec.run_dir, summary)
     if summary["status"] == "stopped":

@@ -170,7 +170,8 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     proc = run_cli(["run", write_job(tmp_path / "broken.yaml", job)], ray_cluster)
     assert proc.returncode == 1, proc.stderr[-2000:]
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
-    assert len(warnings) == 2 and all("out of bounds" in w and "ray." not in w for w in warnings), proc.stdout[-3000:]
+    assert len(warnings) == 2 and all(re.search(r"failed: \w+Error: .*out of bounds", w) and "ray." not in w for w in warnings), \
+        proc.stdout[-3000:]
     # joined to a cluster, the CLI also relays the workers' logs; its own verdict is one line
     verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: run failed:")]
     assert len(verdicts) == 1 and "out of bounds" in verdicts[0], proc.stderr[-2000:]

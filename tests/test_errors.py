@@ -51,10 +51,16 @@ def test_the_lowest_failed_rank_of_a_worker_group():
     failures = {3: _raised_in_a_ray_task(_bad_label, udf=False), 1: _raised_in_a_ray_task(_stale_read, udf=True)}
     error = WorkerGroupError("Training failed due to worker errors:\n... (Output truncated) ...", failures)
     assert reason(error).startswith("RuntimeError: data.source: 1 of 635 rows read")
+    # an exception raised by the train function itself is kept as raised, with no traceback text
+    bare = WorkerGroupError("...", {0: IndexError("Target 7 is out of bounds."), 1: KeyError("label")})
+    assert reason(bare) == "IndexError: Target 7 is out of bounds."
+    assert reason(KeyError("label")) == "KeyError: 'label'"
+    assert reason(ValueError("first\n  second")) == "ValueError: first second"
 
 
 def test_only_wrappers_or_nothing():
     from ray.exceptions import UserCodeException
 
-    assert reason(UserCodeException("UDF failed to process a data block.")) == "UDF failed to process a data block."
+    assert reason(UserCodeException("UDF failed to process a data block.")) == \
+        "ray.exceptions.UserCodeException: UDF failed to process a data block."
     assert reason(ValueError("")) == "ValueError"

@@ -361,7 +361,7 @@ def test_cache_shard_bytes_per_sample(case, k, request):
         digests = cache.input_digests(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
         on_disk = len(cache.to_parquet(cache.shard_table(np.arange(rows), digests, cache.encode(teacher, outputs)))) / rows
         payload = bytes_per_sample(classes, outputs["k"], cache.TORCH_DTYPES[outputs["dtype"]], len(outputs["temperatures"] or [1]))
-        assert on_disk < payload + 16, (name, on_disk, payload)  # ids, rows and parquet's own bytes stay small
+        assert on_disk < payload + 16, (name, on_disk, payload)  # ids, rows, input digests (8) and parquet's own bytes
         sizes[name] = (on_disk, payload)
     print(f"\n{case} ({rows} samples in one shard), bytes per sample on disk (payload): "
           + ", ".join(f"{n} {d:.1f} ({p})" for n, (d, p) in sizes.items()))

@@ -241,7 +241,7 @@ class ParquetReader:
     def identity(self) -> str:
         """A digest of the files: paths relative to the source, sizes, rows per row group. The
         data pages are not read: a file rewritten to the same size and row groups goes unnoticed
-        (a teacher-output cache also compares the sample ids)."""
+        here (a cached run also compares each row's id and input digest as it reads the row)."""
         h = hashlib.blake2b(digest_size=16)
         sizes: dict[str, int] = {}
         for path, rg, rows, _ in self.units:
