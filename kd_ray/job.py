@@ -197,6 +197,27 @@ def format_event(e: dict) -> str | None:
     return None
 
 
+class FailureLines:
+    """Which "error" events to show: each failed rank reports its reason, and each reason is shown
+    once per attempt. An attempt begins at its "start" (rank 0's, once the group is up) or, for
+    one that failed before that, when a rank that already failed fails again."""
+
+    def __init__(self):
+        self.shown: set[str] = set()
+        self.ranks: set[int] = set()
+
+    def show(self, e: dict) -> bool:
+        if e["kind"] == "start" or (e["kind"] == "error" and e["rank"] in self.ranks):
+            self.shown.clear()
+            self.ranks.clear()
+        if e["kind"] != "error":
+            return True
+        self.ranks.add(e["rank"])
+        new = e["message"] not in self.shown
+        self.shown.add(e["message"])
+        return new
+
+
 def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[Any, list[dict]]:
     """Run fit() in a thread and echo the board's events until it returns."""
     result: dict = {}
@@ -210,26 +231,13 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     events: list[dict] = []
-    # Each failed rank reports its reason: one line per reason and attempt. A new attempt begins
-    # at its "start" (rank 0's, once the group is up) or, for an attempt that failed before that,
-    # when a rank that already failed fails again.
-    shown: set[str] = set()
-    ranks: set[int] = set()
+    failures = FailureLines()
     while True:
         alive = thread.is_alive()
         for e in ray.get(board.since.remote(len(events))):
             events.append(e)
-            if e["kind"] == "start":
-                shown.clear()
-                ranks.clear()
-            elif e["kind"] == "error":
-                if e["rank"] in ranks:
-                    shown.clear()
-                    ranks.clear()
-                ranks.add(e["rank"])
-                if e["message"] in shown:
-                    continue
-                shown.add(e["message"])
+            if not failures.show(e):
+                continue
             line = format_event(e)
             if line:
                 echo(line)

@@ -64,3 +64,14 @@ def test_only_wrappers_or_nothing():
     assert reason(UserCodeException("UDF failed to process a data block.")) == \
         "ray.exceptions.UserCodeException: UDF failed to process a data block."
     assert reason(ValueError("")) == "ValueError"
+
+
+def test_each_reason_once_per_attempt():
+    from kd_ray.job import FailureLines
+
+    lines = FailureLines()
+    start, err = {"kind": "start"}, lambda rank, m: {"kind": "error", "rank": rank, "message": m}
+    shown = [lines.show(e) for e in (start, err(0, "A"), err(1, "A"), err(1, "B"),  # one attempt, two ranks
+                                     start, err(1, "A"), err(0, "A"),               # the next, after its start
+                                     err(0, "A"), err(1, "A"))]                     # one that failed before its start
+    assert shown == [True, True, False, True, True, True, False, True, False]
