@@ -3,6 +3,10 @@
 Each actor loads the teacher once, freezes it and runs it under `torch.inference_mode()` (no
 autograd, version-counter or view tracking: the cheapest context for a model that never trains),
 autocast to bf16/fp16 on CUDA, channels_last for conv nets, and optionally torch.compile.
+
+torch is imported where it is used, not at the top: Ray Data's coordinator actors (Ray Train's
+DatasetManager and the stream's SplitCoordinator) unpickle the plan that names TeacherPredictor
+and never call it; a top-level import cost each of them seconds of start-up and ~450 MB of memory.
 """
 
 from __future__ import annotations
@@ -10,21 +14,26 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kd_ray.data import TEACHER, X
-from kd_ray.models import is_conv_net
-from kd_ray.registry import build_model
-from kd_ray.train.precision import autocast
-from kd_ray.weights import load_into
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 LOGITS_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def load_teacher(spec: dict, job_dir: str, device: torch.device) -> torch.nn.Module:
     """Build, load, freeze and place the teacher; the same function serves the pool and eval."""
+    import torch
+
+    from kd_ray.models import is_conv_net
+    from kd_ray.registry import build_model
+    from kd_ray.weights import load_into
+
     model = build_model(spec["model"], spec["kwargs"], job_dir)
     load_into(model, spec["weights"])
     model.eval().requires_grad_(False)
@@ -38,6 +47,8 @@ def load_teacher(spec: dict, job_dir: str, device: torch.device) -> torch.nn.Mod
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A zero-copy tensor view of a (possibly read-only) numpy array. We never write to it."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
         return torch.from_numpy(np.asarray(array))
@@ -49,6 +60,9 @@ class TeacherPredictor:
     REPORT_EVERY_S = 2.0
 
     def __init__(self, teacher: dict, job_dir: str, board=None):
+        import torch
+
+        from kd_ray.models import is_conv_net
         from kd_ray.registry import make_importable
 
         make_importable(job_dir)
@@ -63,6 +77,10 @@ class TeacherPredictor:
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from kd_ray.train.precision import autocast
+
         start = self.clock()
         x = as_tensor(batch[X]).to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:

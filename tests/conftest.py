@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -116,19 +117,67 @@ def digits_job(tmp_path, name: str, **sections) -> dict:
     return job
 
 
-@pytest.fixture(scope="session")
-def teacher_weights(ray_cluster, tmp_path_factory) -> str:
-    """A conv-net teacher trained once per session through the CLI (a supervised job)."""
-    tmp = tmp_path_factory.mktemp("teacher")
-    job = digits_job(tmp, "teacher", student={"model": "convnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16, "blocks": 2}})
-    job["train"].update(epochs=4, micro_batch_size=32, optimizer={"name": "adamw", "lr": 0.003})
-    path = write_job(tmp / "teacher.yaml", job)
-    proc = run_cli(["run", path], ray_cluster)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return str(tmp / "runs" / "teacher" / "student.safetensors")
-
-
 TEACHER_SPEC = {"model": "convnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 16, "blocks": 2}}
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory) -> str:
+    """A conv-net teacher trained once per session on the digits' train split (the ids the jobs
+    below hold out stay unseen), by a plain torch loop: a few seconds, where a kd-ray run costs
+    a minute of Ray start-up that the supervised end-to-end tests already pay."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from kd_ray.data.ids import is_eval
+    from kd_ray.registry import build_model
+    from kd_ray.weights import save
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) * 0.0625  # the jobs' data.preprocess.scale
+    y = torch.tensor(y)
+    train = ~torch.from_numpy(is_eval(np.arange(len(y)), 0.2, 0))  # builtin:digits ids are row numbers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors on a busy 2-core machine: a second thread only waits
+    try:
+        torch.manual_seed(0)
+        teacher = build_model(TEACHER_SPEC["model"], TEACHER_SPEC["kwargs"])
+        optimizer = torch.optim.AdamW(teacher.parameters(), lr=0.003)
+        xt, yt = x[train], y[train]
+        for _ in range(4):
+            for batch in torch.randperm(len(yt)).split(64):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(teacher(xt[batch]), yt[batch]).backward()
+                optimizer.step()
+        teacher.eval()
+        with torch.no_grad():
+            accuracy = (teacher(x[~train]).argmax(1) == y[~train]).float().mean().item()
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy > 0.95, accuracy
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save(teacher.state_dict(), str(path))
+    return str(path)
+
+
+def kd_job(tmp_path, name: str, teacher_weights: str, **train) -> dict:
+    """The digits job distilled from the session's teacher, online (a pool of 1 to 2 actors)."""
+    job = digits_job(tmp_path, name)
+    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 2, "batch_size": 64}}
+    job["distill"] = {"temperature": 2.0, "alpha": 0.5}
+    job["train"].update(train)
+    return job
+
+
+@pytest.fixture(scope="session")
+def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
+    """One online distillation run through the CLI (2 DDP workers, a profiled window of steps),
+    shared: test_end_to_end checks the run itself, and test_cache trains the same job from a
+    cache of the same teacher and compares the weights (one run of each, not two)."""
+    tmp = tmp_path_factory.mktemp("online_kd")
+    job = kd_job(tmp, "kd_ddp", teacher_weights, strategy="ddp")
+    job["profile"] = {"start_step": 3, "steps": 2}
+    path = write_job(tmp / "kd.yaml", job)
+    return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
 
 
 @pytest.fixture

@@ -12,28 +12,22 @@ import ray
 import pytest
 import torch
 
-from conftest import ROOT, TEACHER_SPEC, digits_job, run_cli, write_job
+from conftest import ROOT, TEACHER_SPEC, digits_job, kd_job, run_cli, write_job
 from kd_ray.registry import build_model
 from kd_ray.weights import load_into
 
 pytestmark = pytest.mark.slow
 
 
-def kd_job(tmp_path, name, teacher_weights, **train):
-    job = digits_job(tmp_path, name)
-    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 2, "batch_size": 64}}
-    job["distill"] = {"temperature": 2.0, "alpha": 0.5}
-    job["train"].update(train)
-    return job
-
-
-def write_digits_parquet(path) -> str:
-    """The digits as a user's parquet directory: two files, features as fixed-length lists."""
+def write_digits_parquet(path, rows=slice(None)) -> str:
+    """The digits (those `rows` of them) as a user's parquet directory: two files, features as
+    fixed-length lists."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
+    x, y = x[rows], y[rows]
     path.mkdir()
     half = len(y) // 2
     for i, sl in enumerate((slice(0, half), slice(half, None))):
@@ -55,26 +49,12 @@ def assert_loadable(summary: dict, floor: float) -> None:
     load_into(model, summary["student_weights"])  # raises if anything is missing or mis-shaped
 
 
-def test_supervised_teacher_job(teacher_weights):
-    summary = read_summary(os.path.dirname(teacher_weights))
-    assert summary["teacher"] is None
-    from kd_ray.data.ids import is_eval
-
-    train_rows = int((~is_eval(np.arange(1797), 0.2, 0)).sum())
-    assert summary["steps"] == 4 * train_rows // 64  # 4 passes, cut into full global batches
-    assert summary["samples"] == summary["steps"] * 64
-    for key in ("status", "steps", "samples", "epochs", "train_seconds", "samples_per_second", "student", "teacher", "student_weights"):
-        assert key in summary
-    assert_loadable(summary, 0.85)
-
-
-def test_kd_ddp_two_workers_then_eval(ray_cluster, teacher_weights, tmp_path):
-    path = write_job(tmp_path / "kd.yaml", kd_job(tmp_path, "kd_ddp", teacher_weights, strategy="ddp"))
-    proc = run_cli(["run", path, "profile.start_step=3", "profile.steps=2"], ray_cluster)
+def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
+    proc = online_kd_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "student accuracy" in proc.stdout and "run directory:" in proc.stdout
     assert re.search(r"^epoch 1\.\d\d step \d+/\d+  loss", proc.stdout, re.M)  # a progress line per report
-    summary = read_summary(tmp_path / "runs" / "kd_ddp")
+    summary = read_summary(online_kd_run["run_dir"])
     assert summary["teacher"]["accuracy"] > 0.9
     # Telemetry: both sides measured, and a verdict.
     t = summary["telemetry"]
@@ -82,12 +62,12 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, teacher_weights, tmp_path):
     assert t["teacher_pool"]["actors_max"] >= 1 and t["teacher_pool"]["rows_per_second"] > 0
     assert t["bottleneck"] in ("student", "teacher pool", "input pipeline") and re.search(r"^bottleneck\s+\w", proc.stdout, re.M)
     # Profiling: a trace per worker, readable as JSON with events in it.
-    profile = tmp_path / "runs" / "kd_ddp" / "profile"
+    profile = online_kd_run["run_dir"] / "profile"
     assert sorted(os.listdir(profile)) == ["rank0.top_ops.txt", "rank0.trace.json", "rank1.top_ops.txt", "rank1.trace.json"]
     assert json.loads((profile / "rank0.trace.json").read_text())["traceEvents"]
     assert_loadable(summary, 0.7)
 
-    proc = run_cli(["eval", path], ray_cluster)
+    proc = run_cli(["eval", online_kd_run["path"]], ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     # the eval command scores every eval sample; the run's split drops at most world_size - 1
@@ -132,30 +112,44 @@ def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_pa
     np.testing.assert_allclose(pooled, direct, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "npz"])
-def test_file_sources(ray_cluster, tmp_path, fmt):
-    """Users' own files: parquet (fixed-length list features) and numpy, with stable ids."""
+def test_supervised_job_on_users_files(ray_cluster, tmp_path):
+    """A job with no teacher, through the CLI, on a user's own files: parquet to train on (two
+    files, fixed-length list features) and numpy to evaluate on (data.eval_source). Both give
+    every row a stable id; the run trains on every train row, scores every eval row, and
+    exports a student anyone can load."""
     from sklearn.datasets import load_digits
 
     from kd_ray.data import sources
-    from kd_ray.job import run
+    from kd_ray.data.ids import is_eval
     from kd_ray.spec import validate
 
     x, y = load_digits(return_X_y=True)
-    if fmt == "parquet":
-        data = {"source": write_digits_parquet(tmp_path / "digits"), "features": "pixels", "labels": "digit"}
-    else:
-        data_path = tmp_path / "digits.npz"
-        np.savez(data_path, images=x.astype(np.float32), labels=y)
-        data = {"source": str(data_path), "features": "images", "labels": "labels"}
-    job = digits_job(tmp_path, f"src_{fmt}", data={**data, "shape": [64], "preprocess": {"scale": 0.0625}, "eval_split": 0.2})
+    held = is_eval(np.arange(len(y)), 0.2, 0)
+    npz = tmp_path / "digits_eval.npz"
+    np.savez(npz, pixels=x[held].astype(np.float32), digit=y[held])  # the same names: data.features, data.labels
+    job = digits_job(tmp_path, "files", data={
+        "source": write_digits_parquet(tmp_path / "digits", ~held), "features": "pixels", "labels": "digit",
+        "eval_source": str(npz),
+        "shape": [64], "preprocess": {"scale": 0.0625}})
     job["train"].update(num_workers=1, epochs=2, micro_batch_size=32)
     spec = validate(job, job_dir=str(tmp_path))
-    ids_a, ids_b = sources.read_ids(spec.data.source, spec.data), sources.read_ids(spec.data.source, spec.data)
-    assert len(ids_a) == len(y) and len(set(ids_a.tolist())) == len(y)
-    np.testing.assert_array_equal(np.sort(ids_a), np.sort(ids_b))
-    summary = run(spec, echo=lambda _: None)
-    assert_loadable(summary, 0.6)
+    for source, rows in ((spec.data.source, (~held).sum()), (spec.data.eval_source, held.sum())):
+        ids_a, ids_b = sources.read_ids(source, spec.data), sources.read_ids(source, spec.data)
+        assert len(ids_a) == rows and len(set(ids_a.tolist())) == rows, source
+        np.testing.assert_array_equal(ids_a, ids_b)
+
+    proc = run_cli(["run", write_job(tmp_path / "files.yaml", job)], ray_cluster)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert f"data: {(~held).sum()} train / {held.sum()} eval samples" in proc.stdout, proc.stdout[-3000:]
+    summary = read_summary(tmp_path / "runs" / "files")
+    assert summary["teacher"] is None and re.search(r"^teacher accuracy\s+\(no teacher\)", proc.stdout, re.M)
+    assert summary["steps"] == 2 * (~held).sum() // 64  # 2 passes, cut into full global batches
+    assert summary["samples"] == summary["steps"] * 64
+    for key in ("status", "steps", "samples", "epochs", "train_seconds", "samples_per_second", "student", "teacher", "student_weights"):
+        assert key in summary
+    assert_loadable(summary, 0.7)
+    info = json.load(open(tmp_path / "runs" / "files" / "student.json"))
+    assert info["metrics"]["eval_samples"] == held.sum()  # one worker: the split drops no eval row
 
 
 def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import ROOT, TEACHER_SPEC, digits_job, run_cli, write_job
+from conftest import ROOT, TEACHER_SPEC, digits_job, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -129,33 +129,50 @@ def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path)
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def wait_for_checkpoints(run_dir, count: int, proc, timeout=300) -> list[int]:
+def wait_for_checkpoints(run_dir, count: int, proc, after: int = 0, timeout=300) -> list[int]:
+    """The steps of the run's checkpoints once `count` of them are past step `after`."""
     from kd_ray.train import checkpoint
 
     end = time.time() + timeout
     while time.time() < end:
         steps = sorted(int((checkpoint.read_resume(p) or {}).get("step", -1)) for p in checkpoint.candidates(str(run_dir)))
-        steps = [s for s in steps if s > 0]
+        steps = [s for s in steps if s > after]
         if len(steps) >= count:
             return steps
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         time.sleep(0.5)
-    raise AssertionError(f"no {count} checkpoints in {run_dir} after {timeout}s")
+    raise AssertionError(f"no {count} checkpoints past step {after} in {run_dir} after {timeout}s")
 
 
-def test_driver_sigkill_then_corrupt_latest_then_resume(ray_cluster, tmp_path):
-    """SIGKILL the driver after two checkpoints, damage the newest: running the same command
-    again warns, naming both, resumes from the older one (not step 0) and finishes the plan; a
-    job file changed incompatibly is refused with one line naming the field."""
-    path = job_file(tmp_path, "killed", epochs=3)
-    env = hooks(tmp_path)
-    proc = cli(["run", path], ray_cluster, env)
-    steps = wait_for_checkpoints(tmp_path / "runs" / "killed", 2, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp_path):
+    """The life of a run on preemptible machines, one command throughout:
+    1. SIGTERM after a checkpoint: the workers checkpoint, the CLI exits 130, the summary says
+       stopped at that step.
+    2. The same command resumes from exactly that step.
+    3. SIGKILL of the driver after two more checkpoints, and the newest one damaged: a job file
+       changed incompatibly is refused in one line naming the field; the same command (with a
+       compatible change) warns, naming both checkpoints, resumes from the older one (not step
+       0) and finishes the plan, every epoch's samples trained exactly once."""
     from kd_ray.train import checkpoint
 
-    newest, older = checkpoint.candidates(str(tmp_path / "runs" / "killed"))[:2]
+    path = job_file(tmp_path, "preemptible", epochs=4)
+    run_dir = tmp_path / "runs" / "preemptible"
+    env = hooks(tmp_path)
+    proc = cli(["run", path], ray_cluster, env)
+    wait_for_checkpoints(run_dir, 1, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-4000:]
+    stopped = summary_of(tmp_path, "preemptible")
+    assert stopped["status"] == "stopped" and stopped["steps"] > 0, stopped
+    assert "stopping: the workers checkpoint" in out and f"stopped at step {stopped['steps']} after a checkpoint" in out
+
+    proc = cli(["run", path], ray_cluster, env)
+    steps = wait_for_checkpoints(run_dir, 2, proc, after=stopped["steps"])
+    os.kill(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert f"resuming run preemptible from step {stopped['steps']}" in out, out[-3000:]
+    newest, older = checkpoint.candidates(str(run_dir))[:2]
     older_step = checkpoint.read_resume(older)["step"]
     with open(os.path.join(newest, checkpoint.STUDENT_WEIGHTS), "r+b") as f:
         f.seek(200)
@@ -170,29 +187,11 @@ def test_driver_sigkill_then_corrupt_latest_then_resume(ray_cluster, tmp_path):
     code, out = run_to_end(["run", path, "train.log_every=5"], ray_cluster, env)  # a compatible change
     assert code == 0, out[-4000:]
     assert f"checkpoint {os.path.basename(newest)} cannot be used" in out and os.path.basename(older) in out, out[-4000:]
-    assert f"resuming run killed from step {older_step}" in out, out[-4000:]
-    summary = summary_of(tmp_path, "killed")
-    assert summary["status"] == "finished" and summary["steps"] == 66 and summary["resumed_from_step"] == older_step
-    assert older_step > 0 and steps[-1] > older_step
-    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
-
-
-def test_sigterm_stops_after_a_checkpoint_and_resumes(ray_cluster, tmp_path):
-    path = job_file(tmp_path, "stopped", epochs=3)
-    env = hooks(tmp_path)
-    proc = cli(["run", path], ray_cluster, env)
-    wait_for_checkpoints(tmp_path / "runs" / "stopped", 1, proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 130, out[-4000:]
-    summary = summary_of(tmp_path, "stopped")
-    assert summary["status"] == "stopped" and summary["steps"] > 0, summary
-    assert "stopping: the workers checkpoint" in out and f"stopped at step {summary['steps']} after a checkpoint" in out
-    code, out = run_to_end(["run", path], ray_cluster, env)
-    assert code == 0, out[-4000:]
-    assert f"resuming run stopped from step {summary['steps']}" in out, out[-3000:]
-    assert summary_of(tmp_path, "stopped")["steps"] == 66
-    assert_exactly_once(surviving_steps(tmp_path / "trace"), 66, train_ids(tmp_path))
+    assert f"resuming run preemptible from step {older_step}" in out, out[-4000:]
+    summary = summary_of(tmp_path, "preemptible")
+    assert summary["status"] == "finished" and summary["steps"] == 88 and summary["resumed_from_step"] == older_step
+    assert older_step > stopped["steps"] and steps[-1] > older_step
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), 88, train_ids(tmp_path))
 
 
 # A user's own model module next to the job file: a built-in model whose every forward first

@@ -21,11 +21,11 @@ cursor come out empty, so nothing consumed is read, sent to the teacher, or trai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from kd_ray.data import ID, POS, X, Y, order, sources
+from kd_ray.data import ID, POS, X, order, sources
 from kd_ray.data.ids import is_eval, mix64
 from kd_ray.data.transforms import augment, preprocess
 
@@ -61,7 +61,7 @@ class Sources:
     def __init__(self, spec: "JobSpec"):
         self.reader = sources.open_source(spec.data.source, spec.data)
         self.train, self.eval, self.eval_reader = _split_layouts(spec, self.reader)
-        # One sample read on the driver, once: the shape of an empty batch (a chunk the cursor skips).
+        # One sample read on the driver, once: the shape the teacher of a cache is checked against.
         first = self.train if self.train.rows else self.eval
         self.sample_shape = tuple(self.reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
 
@@ -97,10 +97,13 @@ def _augment_chunk(batch: dict, seed: int, index: int, args: dict) -> dict:
     return augment(batch, rng=rng, **args)
 
 
-def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, board, end: int | None, cache=None) -> dict:
+def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, board, end: int | None,
+          cache=None) -> Iterator[dict]:
     """The rows of the chunks named in the batch, preprocessed and augmented, from the run's
     cursor (read from the board) up to `end`, with their positions (and their cached teacher
-    outputs, given a kd_ray.cache.CacheReader)."""
+    outputs, given a kd_ray.cache.CacheReader). Chunks wholly outside [cursor, end) yield nothing:
+    an empty block would need a schema of its own, and Ray cannot type an empty array of
+    samples (it falls back to pickled objects, with a warning in every run's log)."""
     import ray
 
     reader, layout = _fetch(reader), _fetch(layout)
@@ -119,23 +122,19 @@ def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict,
             out = _augment_chunk(out, seed, int(index), transform["augment"])
         out = {**out, **teacher}
         parts.append({**{k: v[keep] for k, v in out.items()}, POS: positions[keep]})
-    if not parts:
-        x_shape = transform["sample_shape"]
-        return {ID: np.zeros(0, np.int64), X: np.zeros((0, *x_shape), np.float32), Y: np.zeros(0, np.int64), POS: np.zeros(0, np.int64),
-                **(cache.empty_columns if cache is not None else {})}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if parts:
+        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _transform(spec: "JobSpec", train: bool, sample_shape: tuple) -> dict:
+def _transform(spec: "JobSpec", train: bool) -> dict:
     p, a = spec.data.preprocess, spec.data.augment
     return {
         "preprocess": dict(scale=p.scale, mean=p.mean, std=p.std),
         "augment": dict(noise_std=a.noise_std, shift=a.shift, hflip=a.hflip) if train and a.active else None,
-        "sample_shape": sample_shape,
     }
 
 
-def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool, sample_shape: tuple,
+def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool,
             board=None, end: int | None = None, cache=None) -> "ray.data.Dataset":
     import ray
     import ray.data
@@ -149,7 +148,7 @@ def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks:
         # trainers until that whole task had finished.
         ray_remote_args_fn=_spread,
         fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
-                       transform=_transform(spec, train, sample_shape), board=board, end=end,
+                       transform=_transform(spec, train), board=board, end=end,
                        cache=ray.put(cache) if cache is not None else None),
     )
 
@@ -175,7 +174,7 @@ def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray
     """The eval split, once through, in source order (with the cached teacher outputs of its
     rows, given the eval reader of a kd_ray.cache.TeacherCache)."""
     data = data or Sources(spec)
-    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, data.sample_shape, cache=cache)
+    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, cache=cache)
 
 
 def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, board, cache=None) -> "ray.data.Dataset":
@@ -183,7 +182,7 @@ def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, boar
     `micro_batch` rows (the unit the split deals out round-robin). The teacher's outputs come
     from the pool, or from `cache` (the train reader of a kd_ray.cache.TeacherCache)."""
     shuffle = spec.data.shuffle
-    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True, data.sample_shape,
+    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True,
                     board, end, cache)
     if spec.teacher is not None and cache is None:
         train = with_teacher(train, spec, board)
