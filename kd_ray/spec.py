@@ -8,6 +8,7 @@ the same from any working directory.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from typing import Any, Literal, Optional, Union
 
@@ -383,10 +384,16 @@ def _check(spec: JobSpec) -> None:
         check_cache(spec, outputs.get("teacher"))
 
 
+# Below these sizes the shape probe runs for real on the CPU, in milliseconds: the meta device's
+# first forward imports torch's decompositions, ~1.5 s of every small job's start.
+PROBE_ON_CPU_PARAMS = 2_000_000
+PROBE_ON_CPU_SAMPLE = 1 << 18
+
+
 def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple[int, ...] | None) -> int | None:
     """Resolve the model, check its kwargs and weights, and return its number of outputs for
-    one sample (found by a forward on the meta device: no memory, no compute), when the sample
-    shape is known."""
+    one sample (found by a forward of 2 samples: on the meta device, no memory and no compute,
+    for a large model or sample), when the sample shape is known."""
     try:
         factory = resolve(section.model, job_dir)
         check_kwargs(section.model, factory, section.kwargs)
@@ -400,7 +407,11 @@ def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple
 
     try:
         with torch.device("meta"):
-            out = factory(**section.kwargs)(torch.empty((2, *sample_shape)))
+            model = factory(**section.kwargs)
+        params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+        small = params <= PROBE_ON_CPU_PARAMS and math.prod(sample_shape) <= PROBE_ON_CPU_SAMPLE
+        with torch.no_grad(), torch.device("cpu" if small else "meta"):
+            out = (factory(**section.kwargs) if small else model)(torch.zeros((2, *sample_shape)))
     except Exception as e:  # any failure of the user's forward on this shape is the user's to fix
         raise UserError(f"{name}.model", f"{section.model} cannot take samples of shape {list(sample_shape)} ({type(e).__name__}: {e}); check data.shape and the model's kwargs") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

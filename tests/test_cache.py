@@ -409,7 +409,7 @@ def failing(base, **kwargs):
     model = BUILTINS[base](**kwargs)
 
     def fail(module, args):
-        if args[0].device.type != "meta":  # the job check's shape probe passes; real inputs do not
+        if len(args[0]) > 2:  # the job check's 2-sample shape probe passes; real batches do not
             raise ValueError("the teacher failed on a real batch (test)")
 
     model.register_forward_pre_hook(fail)

@@ -222,3 +222,9 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     pos_again, ids_again = read(cursor)
     np.testing.assert_array_equal(pos_again, np.arange(cursor, 3 * n))
     np.testing.assert_array_equal(ids_again, ids[cursor:])
+    # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
+    # empty array of samples (it would fall back to pickled objects, with a warning).
+    board = ProgressBoard.remote()
+    ray.get(board.set_cursor.remote(cursor))
+    assert list(pipeline._emit({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
+                               pipeline._transform(spec, train=True), board, end=3 * n)) == []

@@ -65,3 +65,16 @@ def test_standardize_lists_and_tensors():
     # a user id column wins over the row hash
     out = standardize({"f": flat, "label": np.array([1, 2]), "sid": np.array([10, 11])}, "f", "label", "sid", None)
     assert out[ID].tolist() == [10, 11] and out[X].shape == (2, 64)
+
+
+def test_builtin_digits_are_scikit_learns():
+    """builtin:digits reads scikit-learn's bundled file itself; it must be what load_digits gives."""
+    from sklearn.datasets import load_digits
+
+    from kd_ray.data.sources import load_builtin
+
+    x, y = load_digits(return_X_y=True)
+    digits = load_builtin("digits")
+    assert digits.x.dtype == np.float32 and digits.y.dtype == np.int64
+    np.testing.assert_array_equal(digits.x, x.astype(np.float32))
+    np.testing.assert_array_equal(digits.y, y)

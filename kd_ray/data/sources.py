@@ -43,8 +43,17 @@ def kind(source: str) -> str:
 
 def load_builtin(name: str) -> Arrays:
     if name == "digits":
-        # 1797 real 8x8 handwritten digits (UCI), bundled inside scikit-learn: no download.
-        from sklearn.datasets import load_digits
+        # 1797 real 8x8 handwritten digits (UCI), bundled inside scikit-learn: no download. Its
+        # file (64 pixels and the label per row) is read directly: importing sklearn.datasets
+        # (scipy and all) to read it cost ~2 s in every driver.
+        import importlib.util
+
+        root = os.path.dirname(importlib.util.find_spec("sklearn").origin)
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            rows = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            return Arrays(np.ascontiguousarray(rows[:, :-1]), rows[:, -1].astype(np.int64))
+        from sklearn.datasets import load_digits  # a scikit-learn that keeps it elsewhere
 
         x, y = load_digits(return_X_y=True)
         return Arrays(x.astype(np.float32), y.astype(np.int64))
