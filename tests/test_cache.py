@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEACHER_SPEC, digits_job, run_cli, write_job
+import conftest
+from conftest import ROOT, TEACHER_SPEC, run_cli, write_job
 from kd_ray import cache
 from kd_ray.data import ID, TAIL_LSE, TEACHER
 from kd_ray.losses import distill_loss, topk_compress
@@ -31,11 +32,9 @@ TOPK = dict(format="topk", dtype="bfloat16", k=4, temperatures=[2.0], classes=10
 
 
 def kd_job(tmp_path, name: str, teacher_weights: str, cache_block: dict, mode: str = "cached", **train) -> dict:
-    job = digits_job(tmp_path, name)
-    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 64},
-                      "mode": mode, "cache": cache_block}
-    job["distill"] = {"temperature": 2.0, "alpha": 0.5}
-    job["train"].update(train)
+    """conftest's digits KD job with a teacher cache (and a pool of one actor for captures)."""
+    job = conftest.kd_job(tmp_path, name, teacher_weights, **train)
+    job["teacher"].update(pool={"min_actors": 1, "max_actors": 1, "batch_size": 64}, mode=mode, cache=cache_block)
     return job
 
 

@@ -21,6 +21,7 @@ cursor come out empty, so nothing consumed is read, sent to the teacher, or trai
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -61,9 +62,13 @@ class Sources:
     def __init__(self, spec: "JobSpec"):
         self.reader = sources.open_source(spec.data.source, spec.data)
         self.train, self.eval, self.eval_reader = _split_layouts(spec, self.reader)
-        # One sample read on the driver, once: the shape the teacher of a cache is checked against.
+
+    @functools.cached_property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample read on the driver, when first asked (only a teacher cache's checks ask: a
+        parquet source's first row group can be large and remote)."""
         first = self.train if self.train.rows else self.eval
-        self.sample_shape = tuple(self.reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
+        return tuple(self.reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
 
     @property
     def train_rows(self) -> int:
