@@ -10,6 +10,8 @@ import os
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -80,6 +82,8 @@ def job_dir(tmp_path):
     (tmp_path / "bad.yaml").write_text("run:\n  name: t\n  storage_path: [runs\n")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", feats=rng.random((20, 64), dtype=np.float32), y=rng.integers(0, 10, 20))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))
+    pq.write_table(pa.table({"x": pa.array([], pa.list_(pa.float32())), "y": pa.array([], pa.int64())}), tmp_path / "empty.parquet")
     write_job(tmp_path, BASE)
     return tmp_path
 
@@ -123,6 +127,9 @@ BAD = [
     ("teacher-fp16-no-gpu", None, WITH_WEIGHTS + ["teacher.precision=fp16"], "teacher.precision", ["fp16 needs CUDA", "gpus_per_actor"]),
     ("missing-data-file", None, ["data.source=/nonexistent.parquet"], "data.source", ["/nonexistent.parquet does not exist"]),
     ("missing-eval-file", None, ["data.eval_source=nope.npz"], "data.eval_source", ["nope.npz does not exist"]),
+    ("empty-data-file", None, ["data.source=empty.npz"], "data.source", ["empty.npz holds no samples"]),
+    ("empty-parquet", None, ["data.source=empty.parquet"], "data.source", ["empty.parquet holds no samples"]),
+    ("empty-eval-file", None, ["data.eval_source=empty.npz"], "data.eval_source", ["empty.npz holds no samples"]),
     ("unknown-builtin-data", None, ["data.source=builtin:mnist"], "data.source", ["'mnist'", "builtin:digits"]),
     ("npz-missing-features-key", None, ["data.source=data.npz"], "data.features", ["'x' is not an array", "feats"]),
     ("shape-product", None, ["data.source=data.npz", "data.features=feats", "data.shape=[1, 8, 9]"], "data.shape", ["72", "64"]),

@@ -67,8 +67,8 @@ class Sources:
     def sample_shape(self) -> tuple[int, ...]:
         """One sample read on the driver, when first asked (only a teacher cache's checks ask: a
         parquet source's first row group can be large and remote)."""
-        first = self.train if self.train.rows else self.eval
-        return tuple(self.reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
+        first, reader = (self.train, self.reader) if self.train.rows else (self.eval, self.eval_reader)
+        return tuple(reader.read(*_first_row(first))[X].shape[1:]) if first.rows else (0,)
 
     @property
     def train_rows(self) -> int:

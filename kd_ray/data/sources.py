@@ -94,12 +94,22 @@ def _check_path(path: str, field: str) -> None:
 
 
 def _parquet_schema(path: str, field: str):
+    """The schema of a local parquet file or directory; refused if it holds no rows (the row
+    counts are in the files' footers, so no data is read)."""
     import pyarrow.dataset as pads
 
     try:
-        return pads.dataset(path, format="parquet").schema
+        ds = pads.dataset(path, format="parquet")
+        rows = ds.count_rows()
     except Exception as e:
         raise UserError(field, f"cannot read {path} as parquet: {e}") from None
+    if not rows:
+        _no_samples(path, field)
+    return ds.schema
+
+
+def _no_samples(path: str, field: str) -> None:
+    raise UserError(field, f"{path} holds no samples; point {field} at data with at least one")
 
 
 def check_source(data: "DataSpec") -> tuple[tuple[int, ...] | None, int | None]:
@@ -131,6 +141,8 @@ def check_source(data: "DataSpec") -> tuple[tuple[int, ...] | None, int | None]:
         else:
             _check_path(source, field)
         arrays = load_arrays(source, data, field)
+        if not len(arrays.x):
+            _no_samples(source, field)
         shape = tuple(arrays.x.shape[1:])
         if data.shape and math.prod(data.shape) != math.prod(shape):
             raise UserError("data.shape", f"{data.shape} holds {math.prod(data.shape)} values but each sample has {math.prod(shape)}; use a shape whose product is {math.prod(shape)}")
