@@ -294,24 +294,27 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     except Exception as e:
         raise failed(e) from e
     board = ProgressBoard.remote()
+    # One global batch past the last step: the split's end-of-stream balancing only ever
+    # touches rows no step uses.
+    end = (plan.total_steps + 1) * G
+    local = pipeline.local_stream(spec, data, end, teacher_cache.train if teacher_cache else None)
+    datasets = {"eval": pipeline.build_eval(spec, data)}
+    if local is None:
+        datasets["train"] = pipeline.build_train(spec, data, end=end, micro_batch=m, board=board,
+                                                 cache=teacher_cache.train if teacher_cache else None)
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "board": board, "train_rows": data.train_rows, "fingerprint": fp,
-                           "run_dir": spec.run_dir, "test": {k: v for k, v in os.environ.items() if k.startswith("KD_RAY_TEST_")}},
+                           "run_dir": spec.run_dir, "local_stream": local,
+                           "test": {k: v for k, v in os.environ.items() if k.startswith("KD_RAY_TEST_")}},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=spec.train.resize_check_seconds),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures)),
-        datasets={
-            # One global batch past the last step: the split's end-of-stream balancing only
-            # ever touches rows no step uses.
-            "train": pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board,
-                                          cache=teacher_cache.train if teacher_cache else None),
-            "eval": pipeline.build_eval(spec, data),
-        },
+        datasets=datasets,
         # The train stream holds the run in order; keep that order through the split.
         dataset_config=DataConfig(execution_options={"train": _ordered(), "eval": DataConfig.default_ingest_options()}),
     )

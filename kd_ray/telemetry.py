@@ -37,7 +37,8 @@ def verdict(wait_fraction: float, teacher_busy: float | None) -> tuple[str, str]
         return "teacher pool", ("the student waits for teacher outputs and the teacher actors are busy: raise "
                                 "teacher.pool.max_actors (or gpus), or cache the teacher's outputs (teacher.mode: cached)")
     return "input pipeline", ("the student waits for data but the teacher is not what is slow: reading and "
-                              "preprocessing or the transfer is; give the read tasks more CPUs or raise train.prefetch_batches")
+                              "preprocessing (in Ray Data's read tasks, or in the train workers for data held in memory) or the "
+                              "transfer is; give them more CPUs or raise train.prefetch_batches")
 
 
 def run_telemetry(events: list[dict]) -> dict:

@@ -193,7 +193,7 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     """One stream, epoch after epoch: each epoch holds every training id exactly once, in an order
     that is a function of (seed, epoch), the same on a rebuild and different from epoch to epoch;
     a cursor set on the board makes the stream start exactly there; blocks are one micro-batch."""
-    from kd_ray.data import ID, POS, pipeline
+    from kd_ray.data import ID, POS, X, pipeline
     from kd_ray.job import ProgressBoard
     from kd_ray.spec import validate
 
@@ -211,17 +211,31 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert all(len(b[ID]) == 16 for b in blocks[:-1])
-        return np.concatenate([b[POS] for b in blocks]), np.concatenate([b[ID] for b in blocks])
+        return np.concatenate([b[POS] for b in blocks]), np.concatenate([b[ID] for b in blocks]), np.concatenate([b[X] for b in blocks])
 
-    pos, ids = read()
+    pos, ids, _ = read()
     np.testing.assert_array_equal(pos, np.arange(3 * n))
     epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
     assert all(len(set(e.tolist())) == n and set(e.tolist()) == set(epochs[0].tolist()) for e in epochs)
     assert not np.array_equal(epochs[0], epochs[1])
     cursor = n + 37  # mid-epoch, as after a checkpoint
-    pos_again, ids_again = read(cursor)
+    pos_again, ids_again, x_again = read(cursor)
     np.testing.assert_array_equal(pos_again, np.arange(cursor, 3 * n))
     np.testing.assert_array_equal(ids_again, ids[cursor:])
+    # Data in memory and no teacher pool: each train worker reads its own micro-batches, the
+    # same rows (augmented views included) that the Ray Data split would deal it.
+    local = pipeline.local_stream(spec, data, end=3 * n)
+    assert (local is not None) == (fmt == "builtin")
+    if local is not None:
+        world = 2
+        for rank in range(world):
+            got = list(pipeline.rank_micro_batches(local, cursor, rank, world, 16))
+            assert len(got) == (3 * n - cursor) // 16 // world + (rank < (3 * n - cursor) // 16 % world)
+            for j, b in enumerate(got):
+                at = (j * world + rank) * 16 + np.arange(16)
+                np.testing.assert_array_equal(b[POS], cursor + at)
+                np.testing.assert_array_equal(b[ID], ids_again[at])
+                np.testing.assert_array_equal(b[X], x_again[at])
     # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
     # empty array of samples (it would fall back to pickled objects, with a warning).
     board = ProgressBoard.remote()

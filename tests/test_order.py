@@ -76,3 +76,42 @@ def test_positions_number_the_stream_across_epochs():
 def test_split_units():
     ids = [np.array([4, 5, 6]), np.array([7, 8])]
     assert [u.tolist() for u in order.split_units(ids, lambda i: i % 2 == 0)] == [[0, 2], [1]]
+
+
+def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed():
+    import threading
+    import time
+
+    from kd_ray.data.pipeline import prefetched
+
+    assert list(prefetched(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetched(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad chunk")
+
+    got = []
+    with pytest.raises(ValueError, match="bad chunk"):
+        for item in prefetched(failing(), 2):
+            got.append(item)
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetched(endless(), 2)
+    assert next(it) == 0
+    it.close()  # as a loop that breaks at its last step
+    time.sleep(0.5)
+    settled = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == settled <= 5
+    assert not any(t.name == "kd_ray-prefetch" for t in threading.enumerate())

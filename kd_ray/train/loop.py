@@ -23,7 +23,7 @@ from ray.train.collective import broadcast_from_rank_zero
 import torch
 
 from kd_ray import batching
-from kd_ray.data import ID, POS
+from kd_ray.data import ID, POS, pipeline
 from kd_ray.data.ids import mix64
 from kd_ray.errors import reason
 from kd_ray.models import is_conv_net
@@ -47,6 +47,19 @@ def build_student(spec: dict, device: torch.device) -> torch.nn.Module:
     if device.type == "cuda" and is_conv_net(student):
         student.to(memory_format=torch.channels_last)
     return student
+
+
+def local_batches(stream, start: int, rank: int, world: int, micro_batch: int, device: torch.device, prefetch: int):
+    """This rank's micro-batches of a LocalStream as tensors on `device`, made (and pinned, for
+    CUDA) `prefetch` ahead by a background thread, as Ray Data's iterator would."""
+    pin = device.type == "cuda"
+
+    def to_torch(rows: dict) -> dict:
+        out = {k: torch.from_numpy(v) for k, v in rows.items()}
+        return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+    for batch in pipeline.prefetched(map(to_torch, pipeline.rank_micro_batches(stream, start, rank, world, micro_batch)), prefetch):
+        yield {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -137,9 +150,12 @@ def _train(config: dict) -> None:
         if int(all_reduce_sum(out_of_order.double().reshape(1)).item()):
             raise RuntimeError("the data stream delivered rows out of the planned order; the data cursor cannot be trusted")
 
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=m, drop_last=True, device=device, prefetch_batches=train["prefetch_batches"],
-                                       pin_memory=device.type == "cuda")
+    if config.get("local_stream") is not None:  # no teacher pool, data in memory: read here (kd_ray.data.pipeline)
+        batches = local_batches(config["local_stream"], step * plan.global_batch, rank, world, m, device, train["prefetch_batches"])
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_torch_batches(batch_size=m, drop_last=True, device=device, prefetch_batches=train["prefetch_batches"],
+                                           pin_memory=device.type == "cuda")
     stopped = False
     preempt_saved = False
     logged_step = resumed_step = step
