@@ -28,8 +28,6 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
 def total_steps(num_rows: int, global_batch: int, epochs: int | None, max_steps: int | None) -> int:
     """Optimizer steps in the run: `epochs` passes over `num_rows` samples, cut into full global
     batches (a batch may span two passes: the stream holds them in order), capped by max_steps."""
-    if not num_rows:  # every sample went to the eval split: no batch size can help
-        raise UserError("data.eval_split", "leaves no training samples; lower it, or give more data")
     if global_batch > num_rows:
         raise UserError(
             "train.global_batch_size",

@@ -111,7 +111,8 @@ class ProgressBoard:
         return self.events[index:]
 
     # The data cursor: rank 0 sets it after restoring a checkpoint, before anyone reads the
-    # stream; the stream's read tasks start from it (see kd_ray.data.pipeline).
+    # stream; the Ray Data stream's read tasks start from it (see kd_ray.data.pipeline; workers
+    # that read the stream themselves start from their checkpoint's position).
     def set_cursor(self, position: int) -> None:
         self.position = position
 
@@ -265,6 +266,10 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     check_cluster(spec, echo)
     data = pipeline.Sources(spec)
     teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
+    if not data.train_rows:  # no batch size can help
+        if spec.data.eval_source:
+            raise UserError("data.source", f"{spec.data.source} holds no training samples; point it at the training data")
+        raise UserError("data.eval_split", f"{spec.data.eval_split} leaves no training samples; lower it, or give more data")
     low, high = spec.train.worker_range
     G, m = spec.train.global_batch_size, spec.train.micro_batch_size
     # Steps depend on the data and the global batch only, never on the world size.
@@ -294,13 +299,13 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     except Exception as e:
         raise failed(e) from e
     board = ProgressBoard.remote()
-    # One global batch past the last step: the split's end-of-stream balancing only ever
-    # touches rows no step uses.
-    end = (plan.total_steps + 1) * G
-    local = pipeline.local_stream(spec, data, end, teacher_cache.train if teacher_cache else None)
+    local = None if os.environ.get("KD_RAY_TEST_RAY_DATA_STREAM") else (  # tests cover both paths
+        pipeline.local_stream(spec, data, plan.total_steps * G, teacher_cache.train if teacher_cache else None))
     datasets = {"eval": pipeline.build_eval(spec, data)}
     if local is None:
-        datasets["train"] = pipeline.build_train(spec, data, end=end, micro_batch=m, board=board,
+        # One global batch past the last step: the split's end-of-stream balancing only ever
+        # touches rows no step uses.
+        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board,
                                                  cache=teacher_cache.train if teacher_cache else None)
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker

@@ -80,12 +80,6 @@ def test_total_steps_refuses_batch_larger_than_data():
     assert "50" in info.value.message and "64" in info.value.message
 
 
-def test_total_steps_refuses_no_training_samples():
-    with pytest.raises(UserError) as info:
-        total_steps(0, 64, 1, None)
-    assert info.value.field == "data.eval_split" and "no training samples" in info.value.message
-
-
 def test_plan_and_loss_denominator():
     p = plan(1000, 64, 8, 2, None, 20)
     assert p == BatchPlan(global_batch=64, micro_batch=8, world_size=2, accumulation=4, train_rows=1000, total_steps=20)

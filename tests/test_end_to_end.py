@@ -198,6 +198,7 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     from kd_ray.spec import validate
 
     job = digits_job(tmp_path, "stream")
+    job["data"]["augment"] = {"noise_std": 0.1, "shift": 1, "hflip": True}  # views drawn per chunk
     if fmt == "parquet":
         job["data"].update(source=write_digits_parquet(tmp_path / "digits"), features="pixels", labels="digit", shuffle_window=1)
     spec = validate(job, job_dir=str(tmp_path))
@@ -211,19 +212,20 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert all(len(b[ID]) == 16 for b in blocks[:-1])
-        return np.concatenate([b[POS] for b in blocks]), np.concatenate([b[ID] for b in blocks]), np.concatenate([b[X] for b in blocks])
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
-    pos, ids, _ = read()
+    first = read()
+    pos, ids = first[POS], first[ID]
     np.testing.assert_array_equal(pos, np.arange(3 * n))
     epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
     assert all(len(set(e.tolist())) == n and set(e.tolist()) == set(epochs[0].tolist()) for e in epochs)
     assert not np.array_equal(epochs[0], epochs[1])
     cursor = n + 37  # mid-epoch, as after a checkpoint
-    pos_again, ids_again, x_again = read(cursor)
-    np.testing.assert_array_equal(pos_again, np.arange(cursor, 3 * n))
-    np.testing.assert_array_equal(ids_again, ids[cursor:])
-    # Data in memory and no teacher pool: each train worker reads its own micro-batches, the
-    # same rows (augmented views included) that the Ray Data split would deal it.
+    again = read(cursor)
+    np.testing.assert_array_equal(again[POS], np.arange(cursor, 3 * n))
+    np.testing.assert_array_equal(again[ID], ids[cursor:])
+    # Data in memory and no teacher pool (on CPU): each train worker reads its own micro-batches,
+    # the same rows (augmented views included) that the Ray Data split would deal it.
     local = pipeline.local_stream(spec, data, end=3 * n)
     assert (local is not None) == (fmt == "builtin")
     if local is not None:
@@ -234,8 +236,10 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
             for j, b in enumerate(got):
                 at = (j * world + rank) * 16 + np.arange(16)
                 np.testing.assert_array_equal(b[POS], cursor + at)
-                np.testing.assert_array_equal(b[ID], ids_again[at])
-                np.testing.assert_array_equal(b[X], x_again[at])
+                assert sorted(b) == sorted(again)
+                for k, v in b.items():
+                    assert v.dtype == again[k].dtype, k
+                    np.testing.assert_array_equal(v, again[k][at])
     # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
     # empty array of samples (it would fall back to pickled objects, with a warning).
     board = ProgressBoard.remote()

@@ -330,7 +330,10 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
     # After the node's death Ray Train first restarts the group at the old size: its view of the
     # nodes is refreshed every 20 s. That start waits for a placement that never comes, for this
     # timeout (60 s by default), before the group starts at the new size; here 20 s is plenty.
-    proc = cli(["run", path], ray_cluster, hooks(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20"))
+    # Through Ray Data's split, re-dealt at each new world size (the other tests here train on data
+    # in memory with no teacher pool, which the workers read themselves).
+    proc = cli(["run", path], ray_cluster, hooks(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+                                                 KD_RAY_TEST_RAY_DATA_STREAM="1"))
     lines: list[str] = []
     try:
         wait_for_line(proc, lines, "start: world size 1, accumulation 4")

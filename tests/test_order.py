@@ -84,7 +84,16 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
 
     from kd_ray.data.pipeline import prefetched
 
-    assert list(prefetched(iter(range(50)), 3)) == list(range(50))
+    def within(seconds, fn):
+        """fn() in a thread: a lost item or error would block the consumer forever, not fail."""
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(value=fn()), daemon=True)
+        t.start()
+        t.join(seconds)
+        assert not t.is_alive(), "the consumer is blocked"
+        return out["value"]
+
+    assert within(10, lambda: list(prefetched(iter(range(50)), 3))) == list(range(50))
     assert list(prefetched(iter(range(5)), 0)) == list(range(5))
 
     def failing():
@@ -92,11 +101,16 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
         yield 2
         raise ValueError("bad chunk")
 
-    got = []
-    with pytest.raises(ValueError, match="bad chunk"):
-        for item in prefetched(failing(), 2):
-            got.append(item)
-    assert got == [1, 2]
+    def consume_failing():
+        got = []
+        try:
+            for item in prefetched(failing(), 2):
+                got.append(item)
+        except ValueError as e:
+            return got, str(e)
+        return got, None
+
+    assert within(10, consume_failing) == ([1, 2], "bad chunk")
 
     produced = []
 
@@ -109,9 +123,9 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
 
     it = prefetched(endless(), 2)
     assert next(it) == 0
-    it.close()  # as a loop that breaks at its last step
-    time.sleep(0.5)
-    settled = len(produced)
-    time.sleep(0.3)
-    assert len(produced) == settled <= 5
+    it.close()  # as the loop does after its last step
+    deadline = time.monotonic() + 10
+    while any(t.name == "kd_ray-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(t.name == "kd_ray-prefetch" for t in threading.enumerate())
+    assert len(produced) <= 5  # at most the queue's depth ahead, then nothing

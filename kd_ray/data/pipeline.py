@@ -217,16 +217,20 @@ def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, boar
 
 @dataclass(frozen=True)
 class LocalStream:
-    """The training stream of a run with no teacher pool (a cached teacher, or none) over a
+    """The training stream of a CPU run with no teacher pool (a cached teacher, or none) over a
     source held in memory, read by each train worker itself instead of through Ray Data.
 
     Ray Data costs about 0.5 ms of CPU per sample here (a task per chunk, the re-cut into
-    micro-batch blocks, the split coordinator, the conversion in the worker: measured on 2 cores
-    with 3x32x32 samples), a third of what the CPU preset's student step costs. Without a pool
-    there is nothing to disaggregate, and the rows are already in the object store, shared by
-    the workers of a node: each worker reads just its own rows of each chunk, with the same
-    functions and in the same order as the Ray Data stream. Sources read from files (parquet)
-    keep the Ray Data stream, which reads each row group once for all workers."""
+    micro-batch blocks, the split coordinator, the conversion in the worker: measured alone on 2
+    cores with 3x32x32 samples), a third of what the CPU preset's student step costs, and on a CPU
+    run those are the cores the student trains on. Without a pool there is nothing to
+    disaggregate, and the rows are already in the object store, shared by the workers of a node:
+    each worker reads just its own rows of each chunk (augmenting the whole chunk, as its views
+    are drawn per chunk), with the same functions and in the same order as the Ray Data stream.
+    Sources read from files (parquet) keep the Ray Data stream, which reads each row group once
+    for all workers; so do GPU runs, where Ray Data spreads large samples' reading over the
+    host's otherwise idle cores to keep a fast student fed (one reader thread per worker might
+    not: not measured, no GPU here)."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any
@@ -241,7 +245,7 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     """The stream the train workers read themselves, where the run allows it (see LocalStream)."""
     import ray
 
-    if (spec.teacher is not None and cache is None) or not data.reader.random_access:
+    if (spec.teacher is not None and cache is None) or not data.reader.random_access or spec.train.use_gpu:
         return None
     return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
                        spec.run.seed, spec.data.shuffle, _transform(spec, True), end)

@@ -1,7 +1,8 @@
 """Preprocessing (deterministic) and augmentation (random), as pure functions of numpy batches.
 
-Both run in Ray Data *before* the teacher, so the teacher and the student see the same view of
-every sample. Neither modifies its input arrays: Ray hands out read-only zero-copy views.
+Both run *before* the teacher (in Ray Data's read tasks, or in the train workers when they read
+the stream themselves: kd_ray.data.pipeline), so the teacher and the student see the same view
+of every sample. Neither modifies its input arrays: Ray hands out read-only zero-copy views.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The per-worker training loop that Ray Train runs on every student worker.
 
 Reads top to bottom as a recipe: build the student, wrap it, restore the newest whole checkpoint
-and set the data cursor, then stream (inputs, teacher logits) micro-batches from this worker's
-shard (the rest of the run, in order), take micro-steps, update on the accumulation boundary,
-log, evaluate at the end of each epoch, checkpoint (every N steps or M minutes, on preemption
+and set the data cursor, then stream (inputs, teacher logits) micro-batches, the rest of the run
+in order, from this worker's shard of the Ray Data stream (or read them itself: a LocalStream of
+kd_ray.data.pipeline), take micro-steps, update on the accumulation boundary, log, evaluate at the end of each epoch, checkpoint (every N steps or M minutes, on preemption
 notice, on a stop request), and finally export the student.
 
 Ray Train re-runs this function from the top after any failure or resize, with whatever world
@@ -116,8 +116,13 @@ def _train(config: dict) -> None:
     # The data cursor: the stream (re-executed from the top by Ray after any restart) starts here.
     if rank == 0:
         ray.get(board.set_cursor.remote(step * plan.global_batch))
-    # Also the barrier that holds every rank back from the stream until the cursor is set.
-    faults.attempt = broadcast_from_rank_zero(uuid.uuid4().hex[:12])
+    # Also the barrier that holds every rank back from the stream until the cursor is set. Every
+    # rank must have restored the same step (a rank that read the stream itself would not show a
+    # mismatch in its order check, which counts from its own step).
+    faults.attempt, position = broadcast_from_rank_zero((uuid.uuid4().hex[:12], step * plan.global_batch))
+    if position != step * plan.global_batch:
+        raise RuntimeError(f"rank {rank} restored step {step} but rank 0 restored position {position}: the "
+                           "workers read different checkpoints; restart the run to resume from one")
     say("start", world_size=world, accumulation=plan.accumulation, total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch, resumed_step=step if chosen else None, position=step * plan.global_batch)
 
@@ -225,6 +230,8 @@ def _train(config: dict) -> None:
                 save(False, {}, why="timer")
 
     profiler.close()
+    if config.get("local_stream") is not None:  # its reader thread stops here, not at the worker's exit
+        batches.close()
     if stopped:
         return
     save(True, {**last_eval, "samples": samples}, why="final")
