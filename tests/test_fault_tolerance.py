@@ -360,6 +360,12 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
         for node in (first, second):
             if node and node.proc.poll() is None:
                 node.kill()
+        # Until Ray has marked them dead (missed heartbeats), it may still place a later test's
+        # actors on them.
+        gone = {n.node_id for n in (first, second) if n}
+        deadline = time.monotonic() + 120
+        while any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()) and time.monotonic() < deadline:
+            time.sleep(1)
     summary = summary_of(tmp_path, "elastic")
     assert summary["world_sizes"][:3] == [1, 2, 1] and summary["steps"] == 88, summary
     preempt_step = int(re.search(r"will be preempted: checkpoint taken at step (\d+)", out).group(1))
