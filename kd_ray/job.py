@@ -299,14 +299,14 @@ def run(spec: JobSpec, fresh: bool = False, echo: Callable[[str], None] = print,
     except Exception as e:
         raise failed(e) from e
     board = ProgressBoard.remote()
+    cached = teacher_cache.train if teacher_cache else None
     local = None if os.environ.get("KD_RAY_TEST_RAY_DATA_STREAM") else (  # tests cover both paths
-        pipeline.local_stream(spec, data, plan.total_steps * G, teacher_cache.train if teacher_cache else None))
+        pipeline.local_stream(spec, data, plan.total_steps * G, cached))
     datasets = {"eval": pipeline.build_eval(spec, data)}
     if local is None:
         # One global batch past the last step: the split's end-of-stream balancing only ever
         # touches rows no step uses.
-        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board,
-                                                 cache=teacher_cache.train if teacher_cache else None)
+        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=m, board=board, cache=cached)
     resources = dict(spec.train.resources_per_worker)
     resources["CPU"] = spec.train.cpus_per_worker
     trainer = TorchTrainer(

@@ -3,8 +3,9 @@
 Reads top to bottom as a recipe: build the student, wrap it, restore the newest whole checkpoint
 and set the data cursor, then stream (inputs, teacher logits) micro-batches, the rest of the run
 in order, from this worker's shard of the Ray Data stream (or read them itself: a LocalStream of
-kd_ray.data.pipeline), take micro-steps, update on the accumulation boundary, log, evaluate at the end of each epoch, checkpoint (every N steps or M minutes, on preemption
-notice, on a stop request), and finally export the student.
+kd_ray.data.pipeline), take micro-steps, update on the accumulation boundary, log, evaluate at
+the end of each epoch, checkpoint (every N steps or M minutes, on preemption notice, on a stop
+request), and finally export the student.
 
 Ray Train re-runs this function from the top after any failure or resize, with whatever world
 size it got: everything a restart needs is in the checkpoint and the cursor.
@@ -49,17 +50,14 @@ def build_student(spec: dict, device: torch.device) -> torch.nn.Module:
     return student
 
 
-def local_batches(stream, start: int, rank: int, world: int, micro_batch: int, device: torch.device, prefetch: int):
-    """This rank's micro-batches of a LocalStream as tensors on `device`, made (and pinned, for
-    CUDA) `prefetch` ahead by a background thread, as Ray Data's iterator would."""
-    pin = device.type == "cuda"
+def local_batches(stream, start: int, rank: int, world: int, micro_batch: int, prefetch: int):
+    """This rank's micro-batches of a LocalStream (CPU runs only) as tensors, made `prefetch`
+    ahead by a background thread, as Ray Data's iterator would."""
 
     def to_torch(rows: dict) -> dict:
-        out = {k: torch.from_numpy(v) for k, v in rows.items()}
-        return {k: v.pin_memory() for k, v in out.items()} if pin else out
+        return {k: torch.from_numpy(v) for k, v in rows.items()}
 
-    for batch in pipeline.prefetched(map(to_torch, pipeline.rank_micro_batches(stream, start, rank, world, micro_batch)), prefetch):
-        yield {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
+    return pipeline.prefetched(map(to_torch, pipeline.rank_micro_batches(stream, start, rank, world, micro_batch)), prefetch)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -155,8 +153,9 @@ def _train(config: dict) -> None:
         if int(all_reduce_sum(out_of_order.double().reshape(1)).item()):
             raise RuntimeError("the data stream delivered rows out of the planned order; the data cursor cannot be trusted")
 
-    if config.get("local_stream") is not None:  # no teacher pool, data in memory: read here (kd_ray.data.pipeline)
-        batches = local_batches(config["local_stream"], step * plan.global_batch, rank, world, m, device, train["prefetch_batches"])
+    local = config.get("local_stream")
+    if local is not None:  # no teacher pool, data in memory, CPU: read here (kd_ray.data.pipeline)
+        batches = local_batches(local, step * plan.global_batch, rank, world, m, train["prefetch_batches"])
     else:
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(batch_size=m, drop_last=True, device=device, prefetch_batches=train["prefetch_batches"],
@@ -230,7 +229,7 @@ def _train(config: dict) -> None:
                 save(False, {}, why="timer")
 
     profiler.close()
-    if config.get("local_stream") is not None:  # its reader thread stops here, not at the worker's exit
+    if local is not None:  # its reader thread stops here, not at the worker's exit
         batches.close()
     if stopped:
         return
