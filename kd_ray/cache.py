@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -63,12 +61,17 @@ import torch
 
 import kd_ray
 from kd_ray import weights
-from kd_ray.data import ID, TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES, X
+from kd_ray.data import ID, TAIL_LSE, TEACHER, X
 from kd_ray.data.sources import gather, to_numpy
 from kd_ray.data.transforms import preprocess
 from kd_ray.errors import Failed, UserError, reason
 from kd_ray.losses import tail_column, topk_compress
-from kd_ray.spec import cache_temperatures, check_cache, check_model, refuse_augmentation
+from kd_ray.callbacks import Callbacks
+from kd_ray.checks import check_cache, check_model, refuse_augmentation
+from kd_ray.cluster import check_cluster, ensure_ray, quiet_data
+from kd_ray.signals import to_columns
+from kd_ray.spec import DATA_IDENTITY, INPUT_IDENTITY, TEACHER_IDENTITY, cache_temperatures
+from kd_ray.storage import filesystem
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -101,8 +104,7 @@ def encode(logits: torch.Tensor, outputs: dict) -> dict[str, np.ndarray]:
     if outputs["format"] == "full":
         return {TEACHER: logits.float().numpy().astype(outputs["dtype"])}
     top = topk_compress(logits.float(), outputs["k"], temperatures=outputs["temperatures"], dtype=TORCH_DTYPES[outputs["dtype"]])
-    values = top.values.view(torch.uint16) if top.values.dtype == torch.bfloat16 else top.values  # numpy has no bfloat16
-    return {TOPK_VALUES: values.numpy(), TOPK_INDICES: top.indices.numpy(), TAIL_LSE: top.tail_lse.numpy()}
+    return to_columns(top)
 
 
 def input_digests(x: np.ndarray) -> np.ndarray:
@@ -191,18 +193,13 @@ def identity(spec: "JobSpec", data: "Sources") -> tuple[dict, dict[Key, int]]:
 
 
 # (job-file field, manifest section, key): a cache stands for a job only if all of these match.
+# The job's identity fields (kd_ray.spec) and the output format, each with its manifest section;
+# the teacher's weights are compared by content, not by path.
 CHECKED = (
-    ("teacher.model", "teacher", "model"),
-    ("teacher.kwargs", "teacher", "kwargs"),
-    ("teacher.weights", "teacher", "weights_sha256"),
-    ("data.features", "inputs", "features"),
-    ("data.shape", "inputs", "shape"),
-    ("data.preprocess", "inputs", "preprocess"),
-    ("data.source", "data", "source"),
-    ("data.eval_source", "data", "eval_source"),
-    ("teacher.cache.format", "outputs", "format"),
-    ("teacher.cache.k", "outputs", "k"),
-    ("teacher.cache.dtype", "outputs", "dtype"),
+    *((field, "teacher", key) for field, key in zip(TEACHER_IDENTITY, ("model", "kwargs", "weights_sha256"))),
+    *((field, "inputs", field.rpartition(".")[2]) for field in INPUT_IDENTITY),
+    *((field, "data", field.rpartition(".")[2]) for field in DATA_IDENTITY),
+    *((f"teacher.cache.{key}", "outputs", key) for key in ("format", "k", "dtype")),
 )
 
 
@@ -245,14 +242,8 @@ class Store:
     """A cache directory on any filesystem pyarrow opens (local paths, file://, s3://, gs://)."""
 
     def __init__(self, path: str):
-        import pyarrow.fs as pafs
-
         self.path = path
-        if "://" in path:
-            self.fs, self.root = pafs.FileSystem.from_uri(path)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
-        self.root = self.root.rstrip("/")
+        self.fs, self.root = filesystem(path)
 
     def _at(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -337,8 +328,6 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
         return {**summary, **_sizes(manifest)}
     if todo:
         # Before anything is written: a pool that asks for what an embedded Ray lacks would wait forever.
-        from kd_ray.job import check_cluster, ensure_ray
-
         ensure_ray(spec, verbose, teacher_pool=True)
         check_cluster(spec, echo, train=False, teacher_pool=True)
     store.make()
@@ -417,24 +406,17 @@ def _write_shards(spec: "JobSpec", data: "Sources", store: Store, outputs: dict,
     one unit per call; yields each shard as it is written, in any order."""
     import ray
 
-    from kd_ray.job import ensure_ray, quiet_data
     from kd_ray.teacher import pool_options
 
     if not todo:
         return
     ensure_ray(spec, verbose, teacher_pool=True)
     quiet_data()
-    teacher = spec.teacher.model_dump()
     items = [{"part": part, "unit": unit, "rows": planned[(part, unit)]} for part, unit in todo]
-    # Test-only: the capture process is SIGKILLed (by the pool, on its node) once this many
-    # shards are written: a crash at a known point, whatever the driver has consumed by then.
-    kill_after = int(os.environ.get("KD_RAY_TEST_CAPTURE_KILL_AFTER", "0"))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWriter,
-        fn_constructor_kwargs=dict(teacher=teacher, job_dir=spec.job_dir, readers={p: ray.put(r) for p, r in _parts(spec, data)},
-                                   transform=spec.data.preprocess.model_dump(), outputs=outputs, store=store,
-                                   kill_driver=(kill_after, os.getpid()) if kill_after else None),
-        **{**pool_options(teacher), "batch_size": 1},
+        fn_constructor_kwargs=dict(spec=spec, readers={p: ray.put(r) for p, r in _parts(spec, data)}, outputs=outputs, store=store),
+        **{**pool_options(spec.teacher), "batch_size": 1},
     )
     for row in ds.iter_rows():
         yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
@@ -445,18 +427,17 @@ class ShardWriter:
     preprocessed, the teacher run on consecutive slices of the pool's batch size (the same
     batches whenever the unit is captured, so the same bits), encoded, and written as a shard."""
 
-    def __init__(self, teacher: dict, job_dir: str, readers: dict, transform: dict, outputs: dict, store: Store,
-                 kill_driver: tuple[int, int] | None = None):
+    def __init__(self, spec: "JobSpec", readers: dict, outputs: dict, store: Store):
         import ray
 
         from kd_ray.teacher import TeacherPredictor
 
         # fp32 out of the predictor: the cache's own dtype is encode's to apply, once
-        self.predictor = TeacherPredictor({**teacher, "logits_dtype": "float32"}, job_dir)
-        self.batch_size = teacher["pool"]["batch_size"]
+        self.predictor = TeacherPredictor(spec.teacher.model_copy(update={"logits_dtype": "float32"}), spec.job_dir)
+        self.batch_size = spec.teacher.pool.batch_size
         self.readers = {part: ray.get(ref) for part, ref in readers.items()}
-        self.transform, self.outputs, self.store = transform, outputs, store
-        self.kill_driver, self.written = kill_driver, 0
+        self.transform, self.outputs, self.store = spec.data.preprocess.model_dump(), outputs, store
+        self.callbacks = Callbacks(spec)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in ("part", "unit", "file", "rows", "sha256", "bytes")}
@@ -472,10 +453,7 @@ class ShardWriter:
             self.store.write(name, data)
             for k, v in zip(out, (part, unit, name, rows, digest, len(data))):
                 out[k].append(v)
-            self.written += 1
-            if self.kill_driver and self.written >= self.kill_driver[0]:
-                os.kill(self.kill_driver[1], signal.SIGKILL)
-                time.sleep(600)  # torn down with its driver before writing another shard
+            self.callbacks.on_shard_written({k: v[-1] for k, v in out.items()})
         return {k: np.array(v) for k, v in out.items()}
 
 

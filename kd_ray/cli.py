@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from kd_ray.spec import load_job
+    from kd_ray.checks import load_job
 
     spec = load_job(args.job, args.overrides)
     if args.command == "validate":
@@ -67,7 +67,8 @@ def _dispatch(args) -> int:
         metrics = evaluate_student(spec, args.weights)
         print(json.dumps(metrics, indent=2))
         return 0
-    from kd_ray.job import RunStopped, print_summary, run
+    from kd_ray.job import RunStopped, run
+    from kd_ray.run.console import print_summary
 
     try:
         summary = run(spec, fresh=args.fresh, verbose=args.verbose)

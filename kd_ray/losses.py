@@ -34,6 +34,11 @@ class TopK(NamedTuple):
     temperatures: tuple[float, ...]  # the T that each tail_lse column is exact for
 
 
+def mix(kd, ce, alpha: float):
+    """The training loss from its two terms (tensors or sums): alpha x KD + (1 - alpha) x CE."""
+    return alpha * kd + (1.0 - alpha) * ce
+
+
 def hinton_kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) x T^2, one value per sample, in fp32.
 
@@ -108,6 +113,13 @@ def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperatur
     T (q - p~), pushes the student's total tail mass to the teacher's and spreads it over the tail
     classes in the student's own proportions (p~_j = p_tail q_j / q_tail).
     """
+    log_p, log_q = bucket_log_probs(student_logits, teacher, temperature)
+    return _kl(log_p, log_q) * (temperature**2)
+
+
+def bucket_log_probs(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) log-probabilities at temperature T over the same k+1 buckets: the
+    teacher's top-k classes, then everything else. fp32, shape (N, k+1) each."""
     column = tail_column(teacher.temperatures, temperature)
     idx = teacher.indices.long()
     # Teacher: k+1 log-probabilities that sum to one by construction, whatever the storage rounding.
@@ -121,10 +133,31 @@ def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperatur
     in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     s_tail = torch.logsumexp(s.masked_fill(in_top, torch.finfo(s.dtype).min), dim=-1, keepdim=True)
     log_q = torch.cat([s.gather(-1, idx), s_tail], dim=-1) - torch.logsumexp(s, dim=-1, keepdim=True)
-    p = log_p.exp()
-    # Buckets with no teacher mass (an empty tail, an underflowed class) add 0, not 0 x -inf = NaN.
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
-    return kl * (temperature**2)
+    return log_p, log_q
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row. Buckets where a has no mass (an empty tail, an underflowed class) add
+    0, not 0 x -inf = NaN."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(dim=-1)
+
+
+def bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between the teacher's (p) and the student's (q) bucket distributions:
+
+        forward   KL(p || q), mass-covering: the default, and over k = V buckets the dense KL
+        reverse   KL(q || p), mode-seeking
+        jsd       beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q  (0 < beta < 1)
+
+    Over k+1 buckets these are bucket-level objectives: reverse KL and JSD see the student's mass
+    outside the teacher's top k only as one bucket."""
+    if kind == "forward":
+        return _kl(log_p, log_q)
+    if kind == "reverse":
+        return _kl(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
 def bytes_per_sample(num_classes: int, k: Optional[int] = None, dtype: torch.dtype = torch.float32, num_temperatures: int = 1) -> int:
@@ -159,7 +192,59 @@ def distill_loss(
         else:
             kd_per_sample = sparse_kd_per_sample if isinstance(teacher_logits, TopK) else hinton_kd_per_sample
             kd = kd_per_sample(s, teacher_logits, temperature)
-            per_sample = alpha * kd + (1.0 - alpha) * ce
+            per_sample = mix(kd, ce, alpha)
         loss = per_sample.sum() / denominator
         correct = (s.argmax(dim=-1) == labels).sum()
     return LossTerms(loss, kd.detach().sum(), ce.detach().sum(), correct.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per token: causal-LM distillation
+
+
+class TokenTerms(NamedTuple):
+    loss: torch.Tensor  # what backward() runs on: the summed mix over the tokens, / denominator
+    kd_sum: torch.Tensor  # detached sums over the tokens, for logging
+    ce_sum: torch.Tensor
+    correct: torch.Tensor  # tokens whose top-1 is the target
+
+
+def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[TopK], temperature: float,
+                      alpha: float, divergence: str, beta: float) -> torch.Tensor:
+    """[loss, kd, ce, correct] summed over one chunk of tokens; its logits live only in here."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = head(hidden).float()
+        ce = F.cross_entropy(logits, targets.long(), reduction="sum")
+        correct = (logits.detach().argmax(dim=-1) == targets).sum().float()
+        if teacher is None:
+            return torch.stack([ce, torch.zeros_like(ce), ce, correct])
+        log_p, log_q = bucket_log_probs(logits, teacher, temperature)
+        kd = bucket_divergence(log_p, log_q, divergence, beta).sum() * temperature**2
+        return torch.stack([mix(kd, ce, alpha), kd, ce, correct])
+
+
+def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[TopK], *, temperature: float,
+               alpha: float, denominator: float, divergence: str = "forward", beta: float = 0.5,
+               chunk_tokens: int = 1024) -> TokenTerms:
+    """alpha x KD + (1 - alpha) x CE over the tokens that carry loss, summed and divided by
+    `denominator` (the global batch's loss tokens over the world size: kd_ray.batching).
+
+    `hidden` holds the student's last hidden states at those tokens only (N, d), `head` maps
+    them to logits over the real vocabulary, `targets` (N,) are the next tokens, `teacher` (N, k)
+    the teacher's top-k and tails at `temperature`. The logits are made chunk by chunk and, while
+    training, recomputed in the backward pass (activation checkpointing), so the fp32 logits of
+    at most `chunk_tokens` tokens exist at any time: with a 50k vocabulary the LM head's output is
+    otherwise the largest tensor of a small student's step.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+    for a in range(0, len(targets), chunk_tokens):
+        part = slice(a, a + chunk_tokens)
+        top = None if teacher is None else TopK(teacher.values[part], teacher.indices[part], teacher.tail_lse[part], teacher.temperatures)
+        args = (hidden[part], head, targets[part], top, temperature, alpha, divergence, beta)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            sums = sums + checkpoint(_token_chunk_sums, *args, use_reentrant=False)
+        else:
+            sums = sums + _token_chunk_sums(*args)
+    return TokenTerms(sums[0] / denominator, sums[1].detach(), sums[2].detach(), sums[3].detach())

@@ -36,26 +36,31 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models())
 
 
+def import_callable(name: str, job_dir: str | None = None) -> Callable[..., Any]:
+    """`package.module:callable` -> the callable (the job file's directory is importable)."""
+    module_name, _, attr = name.partition(":")
+    make_importable(job_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelNameError(
+            f"cannot import module '{module_name}' ({e}); put {module_name}.py next to the "
+            f"job file or install the package that provides it"
+        ) from None
+    except Exception as e:  # the user's module itself fails on import: SyntaxError, any error it raises
+        raise ModelNameError(f"importing module '{module_name}' failed: {type(e).__name__}: {e}; fix {module_name}.py") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        hint = difflib.get_close_matches(attr, options, n=1)
+        suffix = f"; did you mean '{module_name}:{hint[0]}'?" if hint else ""
+        raise ModelNameError(f"module '{module_name}' has no callable '{attr}'{suffix}")
+    return factory
+
+
 def resolve(name: str, job_dir: str | None = None) -> Callable[..., nn.Module]:
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        make_importable(job_dir)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ModelNameError(
-                f"cannot import module '{module_name}' ({e}); put {module_name}.py next to the "
-                f"job file or install the package that provides it"
-            ) from None
-        except Exception as e:  # the user's module itself fails on import: SyntaxError, any error it raises
-            raise ModelNameError(f"importing module '{module_name}' failed: {type(e).__name__}: {e}; fix {module_name}.py") from None
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-            hint = difflib.get_close_matches(attr, options, n=1)
-            suffix = f"; did you mean '{module_name}:{hint[0]}'?" if hint else ""
-            raise ModelNameError(f"module '{module_name}' has no callable '{attr}'{suffix}")
-        return factory
+        return import_callable(name, job_dir)
     if name in BUILTINS:
         return BUILTINS[name]
     tv = _torchvision_names()

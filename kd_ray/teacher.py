@@ -23,10 +23,12 @@ from kd_ray.data import TEACHER, X
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from kd_ray.spec import TeacherSpec
+
 LOGITS_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def load_teacher(spec: dict, job_dir: str, device: torch.device) -> torch.nn.Module:
+def load_teacher(spec: "TeacherSpec", job_dir: str, device: torch.device) -> torch.nn.Module:
     """Build, load, freeze and place the teacher; the same function serves the pool and eval."""
     import torch
 
@@ -34,13 +36,13 @@ def load_teacher(spec: dict, job_dir: str, device: torch.device) -> torch.nn.Mod
     from kd_ray.registry import build_model
     from kd_ray.weights import load_into
 
-    model = build_model(spec["model"], spec["kwargs"], job_dir)
-    load_into(model, spec["weights"])
+    model = build_model(spec.model, spec.kwargs, job_dir)
+    load_into(model, spec.weights)
     model.eval().requires_grad_(False)
     model.to(device)
     if is_conv_net(model):
         model.to(memory_format=torch.channels_last)
-    if spec.get("compile"):
+    if spec.compile:
         model = torch.compile(model)
     return model
 
@@ -59,19 +61,19 @@ class TeacherPredictor:
 
     REPORT_EVERY_S = 2.0
 
-    def __init__(self, teacher: dict, job_dir: str, board=None):
+    def __init__(self, teacher: "TeacherSpec", job_dir: str, board=None):
         import torch
 
         from kd_ray.models import is_conv_net
         from kd_ray.registry import make_importable
 
         make_importable(job_dir)
-        use_cuda = torch.cuda.is_available() and teacher["pool"]["gpus_per_actor"] > 0
+        use_cuda = torch.cuda.is_available() and teacher.pool.gpus_per_actor > 0
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
         self.model = load_teacher(teacher, job_dir, self.device)
         self.channels_last = is_conv_net(self.model)
-        self.precision = teacher["precision"]
-        self.out_dtype = LOGITS_DTYPES[teacher["logits_dtype"]]
+        self.precision = teacher.precision
+        self.out_dtype = LOGITS_DTYPES[teacher.logits_dtype]
         # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
         self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
@@ -97,19 +99,19 @@ class TeacherPredictor:
         return out
 
 
-def pool_options(teacher: dict) -> dict:
+def pool_options(teacher: "TeacherSpec") -> dict:
     """Keyword arguments for map_batches that size and place the actor pool."""
     import ray.data
 
-    pool = teacher["pool"]
+    pool = teacher.pool
     options = dict(
-        compute=ray.data.ActorPoolStrategy(min_size=pool["min_actors"], max_size=pool["max_actors"]),
-        batch_size=pool["batch_size"],
-        num_cpus=pool["cpus_per_actor"],
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        batch_size=pool.batch_size,
+        num_cpus=pool.cpus_per_actor,
         batch_format="numpy",
     )
-    if pool["gpus_per_actor"]:
-        options["num_gpus"] = pool["gpus_per_actor"]
-    if pool["resources"]:
-        options["resources"] = dict(pool["resources"])
+    if pool.gpus_per_actor:
+        options["num_gpus"] = pool.gpus_per_actor
+    if pool.resources:
+        options["resources"] = dict(pool.resources)
     return options

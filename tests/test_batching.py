@@ -193,7 +193,7 @@ def test_is_eval_accepts_hash_ids():
     [(2, 2, 1), (2, 1, 0), (1, 1, 1), (16, 2, 1), (4, 4, 4), (2, 2.5, 0.5), (64, 8, 16)],
 )
 def test_local_cpu_budget(physical, train_cpus, teacher_cpus):
-    from kd_ray.job import local_cpu_budget
+    from kd_ray.cluster import local_cpu_budget
 
     budget = local_cpu_budget(physical, train_cpus, teacher_cpus)
     assert isinstance(budget, int)
@@ -204,7 +204,7 @@ def test_local_cpu_budget(physical, train_cpus, teacher_cpus):
 
 
 def test_local_cpu_budget_on_a_two_core_box():
-    from kd_ray.job import local_cpu_budget
+    from kd_ray.cluster import local_cpu_budget
 
     # The quickstart: 2 workers x 1 CPU and one teacher actor on a 2-core machine.
     assert local_cpu_budget(2, 2, 1) >= 2 + 1 + 1

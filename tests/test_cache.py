@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import conftest
+import faults
 from conftest import ROOT, TEACHER_SPEC, run_cli, write_job
 from kd_ray import cache
 from kd_ray.data import ID, TAIL_LSE, TEACHER
@@ -89,7 +90,7 @@ def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
 def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     """encode -> shard on disk -> CacheReader (rows picked across units, the job's tail column)
     -> tensors -> micro_step's teacher_output: the same TopK, and loss, as compressing live."""
-    from kd_ray.train.step import teacher_output
+    from kd_ray.signals import teacher_output
 
     outputs = {**TOPK, "temperatures": [1.0, 2.0, 4.0]}
     store = cache.Store(str(tmp_path))
@@ -151,7 +152,7 @@ def _capture(spec) -> dict:
 @pytest.fixture(scope="module")
 def full_cache(ray_cluster, teacher_weights, tmp_path_factory):
     """Full fp32 logits of the digits job (2 shards: the in-memory source's units of 1024 rows)."""
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     tmp = tmp_path_factory.mktemp("full_cache")
     job = kd_job(tmp, "capture", teacher_weights, {"path": str(tmp / "cache")})
@@ -161,7 +162,7 @@ def full_cache(ray_cluster, teacher_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def topk_cache(ray_cluster, teacher_weights, tmp_path_factory):
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     tmp = tmp_path_factory.mktemp("topk_cache")
     block = {"path": str(tmp / "cache"), "format": "topk", "k": 4, "dtype": "bfloat16", "temperatures": [2.0]}
@@ -202,7 +203,7 @@ def test_cached_run_equals_online_run(ray_cluster, online_kd_run, full_cache, tm
     runs do the same arithmetic and end with the same weights; 1e-6 leaves room only for float
     summation order."""
     from kd_ray.job import run
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     assert online_kd_run["proc"].returncode == 0, online_kd_run["proc"].stderr[-3000:]
     job = copy.deepcopy(online_kd_run["job"])
@@ -227,19 +228,19 @@ def _teacher_pool_actors() -> int:
     return sum("TeacherPredictor" in (a.class_name or "") for a in list_actors(limit=10_000))
 
 
-def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, teacher_weights, tmp_path, monkeypatch):
+def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, teacher_weights, tmp_path):
     """Top-k bf16 cache, FSDP2, bf16 autocast, 2 workers x accumulation 4: a worker dies at step 12, the group
     restarts from the step-10 checkpoint and the run ends with every step in order (the loop
     checks each micro-batch's positions), no teacher pool ever started."""
     from kd_ray.job import run
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     marks = tmp_path / "marks"
     marks.mkdir()
-    monkeypatch.setenv("KD_RAY_TEST_DIE_AT", "12")
-    monkeypatch.setenv("KD_RAY_TEST_MARKS", str(marks))
     job = kd_job(tmp_path, "topk", teacher_weights, topk_cache["block"], micro_batch_size=8, strategy="fsdp", precision="bf16", epochs=1)
     job["checkpoint"] = {"every_steps": 5}
+    faults.install(tmp_path)
+    job["callbacks"] = [{"callable": "faults:DieAt", "kwargs": {"steps": [12], "marks": str(marks)}}]
     pools = _teacher_pool_actors()
     lines: list[str] = []
     summary = run(validate(job, job_dir=str(tmp_path)), echo=lines.append)
@@ -348,7 +349,7 @@ def test_each_mismatch_is_refused_in_one_line(case, ray_cluster, teacher_weights
 def test_data_identity_is_the_content_not_the_path(teacher_weights, full_cache, tmp_path):
     """The digits as a user's .npz match the cache of the built-in digits; one pixel changed does not."""
     from kd_ray.data.pipeline import Sources
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     def data_identity(source: str) -> dict:
         job = kd_job(tmp_path, "data", teacher_weights, {"path": full_cache["path"]})
@@ -378,7 +379,7 @@ def test_augmentation_refuses_a_cache(ray_cluster, teacher_weights, full_cache, 
 
 def test_corrupt_or_missing_shard_is_caught_before_training_and_recapture_repairs_it(
         ray_cluster, teacher_weights, full_cache, tmp_path, capsys):
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     path = _copy_cache(full_cache["path"], tmp_path / "cache")
     original = shards_of(path)
@@ -452,21 +453,28 @@ def _digits_parquet(path, rows_per_group: int, change_one_pixel: bool = False) -
 
 def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, teacher_weights, tmp_path, capsys):
     """A parquet source of 9 row groups (9 shards). The capture process is SIGKILLed right after
-    the 3rd shard is written (a test hook in the pool actor), a half-written temporary is left
-    next to the shards;
+    the 3rd shard is written (the tests' KillDriver callback in the pool actor), a half-written
+    temporary is left next to the shards;
     the rerun keeps the whole shards untouched, writes only the others, and the cache equals
     one captured in one go, byte for byte."""
     from kd_ray.cli import main
     from kd_ray.data.sources import read_ids
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
     job = kd_job(tmp_path, "killed", teacher_weights, {"path": str(tmp_path / "cache")})
     job["data"].update(source=source, features="pixels", labels="digit")
+    faults.install(tmp_path)
+    pid_file = tmp_path / "driver.pid"
+    job["callbacks"] = [{"callable": "faults:KillDriver",
+                         "kwargs": {"after": 3, "pid_file": str(pid_file), "mark": str(tmp_path / "killed")}}]
     path = write_job(tmp_path / "job.yaml", job)
-    env = {**ray_cluster.env(), "KD_RAY_TEST_CAPTURE_KILL_AFTER": "3"}
-    proc = subprocess.run([sys.executable, "-m", "kd_ray", "cache", path], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray", "cache", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ray_cluster.env(), cwd=ROOT)
+    (tmp_path / "driver.pid.tmp").write_text(str(proc.pid))
+    os.replace(tmp_path / "driver.pid.tmp", pid_file)  # whole, or not there at all, for the callback
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -9, stderr[-3000:]
     cache_dir = tmp_path / "cache"
     assert json.load(open(cache_dir / cache.MANIFEST))["status"] == "incomplete"
     before = {n: os.stat(cache_dir / n) for n in os.listdir(cache_dir) if n.endswith(".parquet")}

@@ -58,7 +58,7 @@ def test_gpu_job_resources_exist_on_the_node_types():
 
 
 def test_missing_resources_name_the_fields_for_run_and_for_cache():
-    from kd_ray.job import missing_resources
+    from kd_ray.cluster import missing_resources
 
     with open(os.path.join(ROOT, "jobs", "resnet50_to_resnet18.yaml")) as f:
         spec = JobSpec.model_validate(yaml.safe_load(f))

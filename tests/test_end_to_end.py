@@ -76,7 +76,7 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
 
 def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp_path):
     from kd_ray.job import run
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     job = kd_job(tmp_path, "kd_fsdp", teacher_weights, strategy="fsdp", micro_batch_size=8)
     spec = validate(job, job_dir=str(tmp_path))
@@ -90,15 +90,15 @@ def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp
 def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_path):
     """The pool's logits, matched by sample id, equal a plain forward of the teacher."""
     from kd_ray.data import ID, TEACHER, X, pipeline
-    from kd_ray.job import ProgressBoard
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
+    from kd_ray.run.control import RunControl
 
     job = kd_job(tmp_path, "pool", teacher_weights)
     job["data"]["shuffle"] = "none"
     job["teacher"]["pool"] = {"min_actors": 1, "max_actors": 2, "batch_size": 50}
     spec = validate(job, job_dir=str(tmp_path))
     data = pipeline.Sources(spec)
-    rows = pipeline.build_train(spec, data, end=data.train_rows, micro_batch=16, board=ProgressBoard.remote()).take_all()
+    rows = pipeline.build_train(spec, data, end=data.train_rows, micro_batch=16, control=RunControl.remote()).take_all()
     ids = np.array([r[ID] for r in rows])
     assert len(set(ids.tolist())) == len(ids)  # every sample once, with a stable id
 
@@ -121,7 +121,7 @@ def test_supervised_job_on_users_files(ray_cluster, tmp_path):
 
     from kd_ray.data import sources
     from kd_ray.data.ids import is_eval
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     x, y = load_digits(return_X_y=True)
     held = is_eval(np.arange(len(y)), 0.2, 0)
@@ -192,10 +192,10 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
 def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fmt):
     """One stream, epoch after epoch: each epoch holds every training id exactly once, in an order
     that is a function of (seed, epoch), the same on a rebuild and different from epoch to epoch;
-    a cursor set on the board makes the stream start exactly there; blocks are one micro-batch."""
+    a cursor set on the run's control makes the stream start exactly there; blocks are one micro-batch."""
     from kd_ray.data import ID, POS, X, pipeline
-    from kd_ray.job import ProgressBoard
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
+    from kd_ray.run.control import RunControl
 
     job = digits_job(tmp_path, "stream")
     job["data"]["augment"] = {"noise_std": 0.1, "shift": 1, "hflip": True}  # views drawn per chunk
@@ -206,9 +206,9 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     n = data.train_rows
 
     def read(cursor=0):
-        board = ProgressBoard.remote()
-        ray.get(board.set_cursor.remote(cursor))
-        ds = pipeline.build_train(spec, data, end=3 * n, micro_batch=16, board=board)
+        control = RunControl.remote()
+        ray.get(control.set_cursor.remote(cursor))
+        ds = pipeline.build_train(spec, data, end=3 * n, micro_batch=16, control=control)
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert all(len(b[ID]) == 16 for b in blocks[:-1])
@@ -242,7 +242,7 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
                     np.testing.assert_array_equal(v, again[k][at])
     # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
     # empty array of samples (it would fall back to pickled objects, with a warning).
-    board = ProgressBoard.remote()
-    ray.get(board.set_cursor.remote(cursor))
+    control = RunControl.remote()
+    ray.get(control.set_cursor.remote(cursor))
     assert list(pipeline._emit({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
-                               pipeline._transform(spec, train=True), board, end=3 * n)) == []
+                               pipeline._transform(spec, train=True), control, end=3 * n)) == []

@@ -67,7 +67,7 @@ def test_only_wrappers_or_nothing():
 
 
 def test_each_reason_once_per_attempt():
-    from kd_ray.job import FailureLines
+    from kd_ray.run.console import FailureLines
 
     lines = FailureLines()
     start, err = {"kind": "start"}, lambda rank, m: {"kind": "error", "rank": rank, "message": m}

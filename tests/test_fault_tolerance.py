@@ -1,10 +1,10 @@
 """Surviving the cloud, with real process deaths on the session's real Ray cluster.
 
-Workers die by `os._exit` at a given step (a test-only setting, KD_RAY_TEST_DIE_AT), the driver
-by SIGKILL or SIGTERM from the test, worker nodes by SIGKILL of their raylet's process group,
-and a teacher actor by SIGKILL of its process. Each run records the sample ids of every
-optimizer step (KD_RAY_TEST_TRACE) so the tests can check that every epoch's samples were
-trained exactly once by the steps that survived.
+Workers die by `os._exit` at a given step (the tests' DieAt callback, tests/faults.py, named in
+the job file as a user's own callbacks are), the driver by SIGKILL or SIGTERM from the test,
+worker nodes by SIGKILL of their raylet's process group, and a teacher actor by SIGKILL of its
+process. Each run records the sample ids of every optimizer step (the Trace callback) so the
+tests can check that every epoch's samples were trained exactly once by the steps that survived.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import ray
 
+import faults
 from conftest import ROOT, TEACHER_SPEC, digits_job, write_job
 
 pytestmark = pytest.mark.slow
@@ -30,19 +31,26 @@ pytestmark = pytest.mark.slow
 G = 64  # global batch of the jobs below
 
 
-def job_file(tmp_path, name, **train) -> str:
+def job_file(tmp_path, name, callbacks: list[dict], **train) -> str:
     job = digits_job(tmp_path, name)
     job["run"]["deterministic"] = True
     job["checkpoint"] = {"every_steps": 10, "keep": 3, "poll_every_steps": 2}
     job["train"].update(train)
+    job["callbacks"] = callbacks
     return write_job(tmp_path / f"{name}.yaml", job)
 
 
-def hooks(tmp_path, **extra) -> dict:
+def hooks(tmp_path, die_at: tuple[int, ...] = ()) -> list[dict]:
+    """The job's callbacks: trace every step to tmp_path/trace, and kill the last rank's worker
+    after each step of `die_at` (once each, remembered in tmp_path/marks)."""
     trace, marks = tmp_path / "trace", tmp_path / "marks"
     trace.mkdir(exist_ok=True)
     marks.mkdir(exist_ok=True)
-    return {"KD_RAY_TEST_TRACE": str(trace), "KD_RAY_TEST_MARKS": str(marks), **extra}
+    faults.install(tmp_path)
+    out = [{"callable": "faults:Trace", "kwargs": {"directory": str(trace)}}]
+    if die_at:
+        out.append({"callable": "faults:DieAt", "kwargs": {"steps": list(die_at), "marks": str(marks)}})
+    return out
 
 
 def cli(args, cluster, env_extra=None, **popen):
@@ -90,7 +98,7 @@ def assert_exactly_once(steps: dict[int, list[tuple[int, int]]], total_steps: in
 def train_ids(tmp_path) -> set[int]:
     from kd_ray.data import pipeline
     from kd_ray.data.sources import UNIT_ROWS
-    from kd_ray.spec import validate
+    from kd_ray.checks import validate
 
     spec = validate(digits_job(tmp_path, "ids"), job_dir=str(tmp_path))
     units = pipeline.Sources(spec).train.units
@@ -111,8 +119,8 @@ def weights_of(tmp_path, name):
 def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path):
     """Two real worker deaths (between checkpoints): the run finishes with the planned steps,
     every epoch's samples trained exactly once, and weights equal to an uninterrupted run."""
-    path = job_file(tmp_path, "faulty")
-    code, out = run_to_end(["run", path], ray_cluster, hooks(tmp_path, KD_RAY_TEST_DIE_AT="15,33"))
+    path = job_file(tmp_path, "faulty", hooks(tmp_path, die_at=(15, 33)))
+    code, out = run_to_end(["run", path], ray_cluster)
     assert code == 0, out[-4000:]
     summary = summary_of(tmp_path, "faulty")
     assert summary["restarts"] == 2 and summary["steps"] == 44, (summary, out[-6000:])
@@ -122,7 +130,7 @@ def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path)
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    code, out = run_to_end(["run", path, "run.name=clean"], ray_cluster)
+    code, out = run_to_end(["run", path, "run.name=clean", "callbacks=[]"], ray_cluster)
     assert code == 0, out[-4000:]
     a, b = weights_of(tmp_path, "faulty"), weights_of(tmp_path, "clean")
     for k in a:
@@ -166,10 +174,9 @@ def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp
        0) and finishes the plan, every epoch's samples trained exactly once."""
     from kd_ray.train import checkpoint
 
-    path = job_file(tmp_path, "preemptible", epochs=4)
+    path = job_file(tmp_path, "preemptible", hooks(tmp_path), epochs=4)
     run_dir = tmp_path / "runs" / "preemptible"
-    env = hooks(tmp_path)
-    proc = cli(["run", path], ray_cluster, env)
+    proc = cli(["run", path], ray_cluster)
     wait_for_checkpoints(run_dir, 1, proc)
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -178,7 +185,7 @@ def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp
     assert stopped["status"] == "stopped" and stopped["steps"] > 0, stopped
     assert "stopping: the workers checkpoint" in out and f"stopped at step {stopped['steps']} after a checkpoint" in out
 
-    proc = cli(["run", path], ray_cluster, env)
+    proc = cli(["run", path], ray_cluster)
     wait_for_checkpoints(run_dir, 2, proc, after=stopped["steps"])
     os.kill(proc.pid, signal.SIGKILL)
     out = proc.communicate()[0]
@@ -197,7 +204,7 @@ def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp
     line = [ln for ln in out.splitlines() if ln.startswith("kd-ray: error")]
     assert len(line) == 1 and "train.global_batch_size: 64 -> 32" in line[0] and "--fresh" in line[0], out[-3000:]
 
-    code, out = run_to_end(["run", path, "train.log_every=5"], ray_cluster, env)  # a compatible change
+    code, out = run_to_end(["run", path, "train.log_every=5"], ray_cluster)  # a compatible change
     assert code == 0, out[-4000:]
     assert f"checkpoint {os.path.basename(newest)} cannot be used" in out and os.path.basename(older) in out, out[-4000:]
     assert f"resuming run preemptible from step {older_step}" in out, out[-4000:]
@@ -244,8 +251,9 @@ def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teach
     job["run"]["deterministic"] = True
     job["checkpoint"] = {"every_steps": 10, "keep": 3, "poll_every_steps": 2}
     job["train"].update(epochs=2, num_workers=1, prefetch_batches=1)
+    job["callbacks"] = hooks(tmp_path)
     path = write_job(tmp_path / "teacher_killed.yaml", job)
-    proc = cli(["run", path], ray_cluster, hooks(tmp_path))
+    proc = cli(["run", path], ray_cluster)
     trace = tmp_path / "trace" / "rank0.jsonl"
     lines = []
     while len(lines) < 5:  # into training: the driver's teacher-scoring pool is long gone
@@ -324,16 +332,17 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
     job["run"]["deterministic"] = True
     job["checkpoint"] = {"every_steps": 10, "keep": 3, "poll_every_steps": 2}
     job["train"].update(epochs=4, num_workers=[1, 2], resources_per_worker={"student_node": 1}, resize_check_seconds=2)
+    # Through Ray Data's split, re-dealt at each new world size (the other tests here train on data
+    # in memory with no teacher pool, which the workers read themselves).
+    job["data"]["stream"] = "ray_data"
+    job["callbacks"] = hooks(tmp_path)
     path = write_job(tmp_path / "elastic.yaml", job)
     first = Node(ray_cluster, {"student_node": 1})
     second = None
     # After the node's death Ray Train first restarts the group at the old size: its view of the
     # nodes is refreshed every 20 s. That start waits for a placement that never comes, for this
     # timeout (60 s by default), before the group starts at the new size; here 20 s is plenty.
-    # Through Ray Data's split, re-dealt at each new world size (the other tests here train on data
-    # in memory with no teacher pool, which the workers read themselves).
-    proc = cli(["run", path], ray_cluster, hooks(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
-                                                 KD_RAY_TEST_RAY_DATA_STREAM="1"))
+    proc = cli(["run", path], ray_cluster, {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
     lines: list[str] = []
     try:
         wait_for_line(proc, lines, "start: world size 1, accumulation 4")

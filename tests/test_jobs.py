@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from kd_ray import weights
 from kd_ray.models import convnet
-from kd_ray.spec import load_job
+from kd_ray.checks import load_job
 
 
 def job(name: str) -> str:

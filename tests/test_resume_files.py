@@ -10,7 +10,8 @@ import torch
 
 from kd_ray.batching import check_world_sizes
 from kd_ray.errors import UserError
-from kd_ray.spec import changed_fields, fingerprint, validate
+from kd_ray.checks import validate
+from kd_ray.spec import changed_fields, fingerprint
 from kd_ray.train import checkpoint
 from kd_ray.train.optim import make_optimizer, make_scheduler
 

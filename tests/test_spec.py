@@ -18,7 +18,7 @@ import yaml
 from kd_ray import weights
 from kd_ray.cli import main
 from kd_ray.models import convnet, mlp
-from kd_ray.spec import load_job
+from kd_ray.checks import load_job
 
 BASE = {
     "run": {"name": "t", "storage_path": "runs"},

@@ -25,11 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kd_ray.data.ids import mix64
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(mix64(np.array([epoch], dtype=np.int64), seed)[0] >> np.uint64(33))
+from kd_ray.seeds import epoch_seed
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ so blocks of one micro-batch go round-robin: worker r of W gets blocks r, r + W,
 optimizer step s trains exactly positions [s x G, (s + 1) x G). The loop checks this on every
 micro-batch (the POS column).
 
-Where the stream starts is read at execution time from the run's board (`cursor`): Ray Train
+Where the stream starts is read at execution time from the run's control (`cursor`, kd_ray.run.control): Ray Train
 restarts the dataset from the top after any failure or resize, and the chunks before the
 cursor come out empty, so nothing consumed is read, sent to the teacher, or trained on again.
 
@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from kd_ray.data import ID, POS, X, order, sources
-from kd_ray.data.ids import is_eval, mix64
+from kd_ray.data.ids import is_eval
 from kd_ray.data.transforms import augment, preprocess
+from kd_ray.seeds import chunk_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -105,8 +106,7 @@ def _augment_chunk(batch: dict, seed: int, index: int, args: dict) -> dict:
     """Random views drawn from (run seed, chunk index): every epoch's chunks differ, and a replay
     of the run (after a failure) draws the same views. Done on the whole chunk before the cursor
     cuts it, so the views do not depend on where a resume started."""
-    rng = np.random.default_rng([order.epoch_seed(seed, index), int(mix64(np.array([index]), seed)[0] >> np.uint64(1))])
-    return augment(batch, rng=rng, **args)
+    return augment(batch, rng=chunk_rng(seed, index), **args)
 
 
 def _read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index: int, select, cache=None) -> dict | None:
@@ -127,17 +127,17 @@ def _read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index:
     return {**{k: v[keep] for k, v in {**out, **teacher}.items()}, POS: positions[keep]}
 
 
-def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, board, end: int | None,
+def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, control, end: int | None,
           cache=None) -> Iterator[dict]:
-    """The rows of the chunks named in the batch, from the run's cursor (read from the board) up
-    to `end`. Chunks wholly outside [cursor, end) yield nothing: an empty block would need a
+    """The rows of the chunks named in the batch, from the run's cursor (read from its
+    kd_ray.run.control.RunControl) up to `end`. Chunks wholly outside [cursor, end) yield nothing: an empty block would need a
     schema of its own, and Ray cannot type an empty array of samples (it falls back to pickled
     objects, with a warning in every run's log)."""
     import ray
 
     reader, layout = _fetch(reader), _fetch(layout)
     cache = _fetch(cache) if cache is not None else None
-    start = ray.get(board.cursor.remote()) if board is not None else 0
+    start = ray.get(control.cursor.remote()) if control is not None else 0
 
     def select(positions):
         return (positions >= start) & (positions < end if end is not None else True)
@@ -157,7 +157,7 @@ def _transform(spec: "JobSpec", train: bool) -> dict:
 
 
 def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool,
-            board=None, end: int | None = None, cache=None) -> "ray.data.Dataset":
+            control=None, end: int | None = None, cache=None) -> "ray.data.Dataset":
     import ray
     import ray.data
 
@@ -170,7 +170,7 @@ def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks:
         # trainers until that whole task had finished.
         ray_remote_args_fn=_spread,
         fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
-                       transform=_transform(spec, train), board=board, end=end,
+                       transform=_transform(spec, train), control=control, end=end,
                        cache=ray.put(cache) if cache is not None else None),
     )
 
@@ -187,9 +187,8 @@ def _first_row(layout: order.Layout) -> tuple[np.ndarray, np.ndarray]:
 def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None) -> "ray.data.Dataset":
     from kd_ray.teacher import TeacherPredictor, pool_options
 
-    teacher = spec.teacher.model_dump()
-    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(teacher=teacher, job_dir=spec.job_dir, board=board),
-                          **pool_options(teacher))
+    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(teacher=spec.teacher, job_dir=spec.job_dir, board=board),
+                          **pool_options(spec.teacher))
 
 
 def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray.data.Dataset":
@@ -199,13 +198,15 @@ def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray
     return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, cache=cache)
 
 
-def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, board, cache=None) -> "ray.data.Dataset":
-    """The training stream: positions from the board's cursor to `end`, in blocks of exactly
+def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, control, board=None,
+                cache=None) -> "ray.data.Dataset":
+    """The training stream: positions from the control's cursor to `end`, in blocks of exactly
     `micro_batch` rows (the unit the split deals out round-robin). The teacher's outputs come
-    from the pool, or from `cache` (the train reader of a kd_ray.cache.TeacherCache)."""
+    from the pool (which reports to `board`), or from `cache` (the train reader of a
+    kd_ray.cache.TeacherCache)."""
     shuffle = spec.data.shuffle
     train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True,
-                    board, end, cache)
+                    control, end, cache)
     if spec.teacher is not None and cache is None:
         train = with_teacher(train, spec, board)
     return train.repartition(target_num_rows_per_block=micro_batch, strict=True)
@@ -245,7 +246,8 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     """The stream the train workers read themselves, where the run allows it (see LocalStream)."""
     import ray
 
-    if (spec.teacher is not None and cache is None) or not data.reader.random_access or spec.train.use_gpu:
+    pool = spec.teacher is not None and cache is None
+    if pool or spec.data.stream == "ray_data" or not data.reader.random_access or spec.train.use_gpu:
         return None
     return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
                        spec.run.seed, spec.data.shuffle, _transform(spec, True), end)

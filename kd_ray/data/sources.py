@@ -18,6 +18,7 @@ import numpy as np
 
 from kd_ray.data import ID, X, Y
 from kd_ray.errors import UserError
+from kd_ray.storage import is_remote
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -87,7 +88,7 @@ def load_arrays(source: str, data: "DataSpec", field: str = "data.source") -> Ar
 
 
 def _check_path(path: str, field: str) -> None:
-    if "://" in path:
+    if is_remote(path):
         return  # remote filesystems are checked when Ray Data opens them
     if not os.path.exists(path):
         raise UserError(field, f"{path} does not exist; fix the path (relative paths start at the job file's directory)")
@@ -123,7 +124,7 @@ def check_source(data: "DataSpec") -> tuple[tuple[int, ...] | None, int | None]:
         k = kind(source)
         if k == "parquet":
             _check_path(source, field)
-            if "://" not in source:
+            if not is_remote(source):
                 schema = _parquet_schema(source, field)
                 import pyarrow as pa
 

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+from kd_ray.storage import copy_out
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kd_ray.spec import ProfileSpec
 
 PROFILE_DIR = "profile"
 
@@ -18,10 +24,10 @@ class StepProfiler:
     """Starts after optimizer step `start_step`, stops `steps` steps later (or when the loop
     ends first), then copies its files to the run directory (local or any pyarrow filesystem)."""
 
-    def __init__(self, spec: dict, run_dir: str, rank: int, device: torch.device, step: int):
-        self.start = spec["start_step"]
-        self.stop_at = self.start + spec["steps"] if self.start else None
-        self.memory = spec["memory"] and device.type == "cuda"
+    def __init__(self, spec: "ProfileSpec", run_dir: str, rank: int, device: torch.device, step: int):
+        self.start = spec.start_step
+        self.stop_at = self.start + spec.steps if self.start else None
+        self.memory = spec.memory and device.type == "cuda"
         self.cuda = device.type == "cuda"
         self.run_dir, self.rank = run_dir, rank
         self.prof = None
@@ -56,12 +62,3 @@ class StepProfiler:
                 torch.cuda.memory._dump_snapshot(os.path.join(d, f"rank{self.rank}.memory.pickle"))
                 torch.cuda.memory._record_memory_history(enabled=None)
             copy_out(d, os.path.join(self.run_dir, PROFILE_DIR))
-
-
-def copy_out(local_dir: str, dest: str) -> None:
-    """Copy a local directory's files to `dest`, a local path or a URI (s3://, gs://...)."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(dest) if "://" in dest else (pafs.LocalFileSystem(), os.path.abspath(dest))
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, destination_filesystem=fs)

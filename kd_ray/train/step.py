@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_ray.data import TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES, X, Y
+from kd_ray.data import X, Y
 from kd_ray.losses import LossTerms, TopK, distill_loss
+from kd_ray.signals import teacher_output
 from kd_ray.train.parallel import grad_sync
 from kd_ray.train.precision import autocast
 
@@ -36,17 +37,6 @@ def micro_step(
         terms = distill_loss(logits, teacher, batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
         (scaler.scale(terms.loss) if scaler else terms.loss).backward()
     return terms
-
-
-def teacher_output(batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor | TopK | None:
-    """What the student distills from: dense logits (the pool, or a full cache), a top-k from a
-    cache (its tail column is the one for `temperature`, see kd_ray.cache), or None (no teacher)."""
-    if TOPK_VALUES not in batch:
-        return batch.get(TEACHER)
-    values = batch[TOPK_VALUES]
-    if values.dtype == torch.uint16:  # bfloat16, carried as its bits (numpy has no bfloat16)
-        values = values.view(torch.bfloat16)
-    return TopK(values, batch[TOPK_INDICES], batch[TAIL_LSE], (temperature,))
 
 
 def optimizer_step(

@@ -1,0 +1,185 @@
+"""Checks of a job that need its files: the data sources, the models and their weights, the cache
+block. `load_job` and `validate` are the way in: a job file (or a dict) -> a JobSpec that has
+passed every check that can run before Ray starts, or a UserError naming the field and the fix.
+
+kd_ray.spec is the schema alone (types, ranges, overrides, paths); what needs to open a file or
+import a model lives here, so the schema imports no reader and no model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import yaml
+
+from kd_ray import storage, weights
+from kd_ray.batching import check_world_sizes
+from kd_ray.data.sources import check_source
+from kd_ray.errors import UserError
+from kd_ray.losses import tail_column
+from kd_ray.registry import ModelNameError, check_kwargs, import_callable, resolve
+from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, parse
+
+
+def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override, validate and resolve a job file. Raises UserError on any mistake."""
+    if not os.path.isfile(path):
+        raise UserError("job file", f"{path} does not exist; pass the path of a YAML job file such as jobs/quickstart.yaml")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError("job file", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError("job file", f"{path} must be a YAML mapping with sections run, data, student, train")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, job_dir=os.path.dirname(os.path.abspath(path)))
+
+
+
+def validate(raw: dict, job_dir: str = "") -> JobSpec:
+    """A job as a dict (a parsed job file) -> a checked JobSpec."""
+    spec = parse(raw, job_dir)
+    _check(spec)
+    return spec
+
+
+def _check(spec: JobSpec) -> None:
+    if storage.is_remote(spec.run.storage_path):
+        raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
+    sample_shape, max_label = check_source(spec.data)
+    check_world_sizes(spec.train.global_batch_size, spec.train.micro_batch_size, *spec.train.worker_range)
+    if spec.train.precision == "fp16" and not spec.train.use_gpu:
+        raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
+    if spec.teacher is not None:
+        if spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
+            raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
+        if not spec.teacher.weights:
+            raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
+        if spec.teacher.cached:
+            if spec.teacher.cache is None:
+                raise UserError("teacher.cache", "teacher.mode: cached reads the teacher's outputs from a cache; add teacher.cache: "
+                                "{path: DIR} and write it with `kd-ray cache JOB.yaml`")
+            refuse_augmentation(spec)
+    p = spec.data.preprocess
+    for name, value in (("mean", p.mean), ("std", p.std)):
+        if isinstance(value, list) and sample_shape is not None and (len(sample_shape) < 2 or len(value) != sample_shape[0]):
+            channels = sample_shape[0] if len(sample_shape) >= 2 else None
+            fix = f"give {channels} values (one per channel) or a single number" if channels else "give a single number (samples have no channel axis)"
+            raise UserError(f"data.preprocess.{name}", f"{len(value)} values for samples of shape {list(sample_shape)}; {fix}")
+    outputs = {}
+    for section_name in ("student", "teacher"):
+        section = getattr(spec, section_name)
+        if section is not None:
+            outputs[section_name] = check_model(section, section_name, spec.job_dir, sample_shape)
+    classes = spec.data.num_classes
+    if max_label is not None and outputs.get("student") is not None and max_label >= outputs["student"]:
+        raise UserError("student.kwargs", f"the labels go up to {max_label} but {spec.student.model} gives {outputs['student']} outputs per sample; give it {max_label + 1} classes")
+    if classes and outputs.get("student") not in (None, classes):
+        raise UserError("student.kwargs", f"{spec.student.model} gives {outputs['student']} outputs per sample but data.num_classes is {classes}; set its number of classes to {classes}")
+    if None not in (outputs.get("student"), outputs.get("teacher")) and outputs["student"] != outputs["teacher"]:
+        raise UserError("teacher.kwargs", f"the teacher gives {outputs['teacher']} outputs per sample and the student {outputs['student']}; distillation needs the same classes in both")
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        check_cache(spec, outputs.get("teacher"))
+    for i, callback in enumerate(spec.callbacks):
+        try:
+            import_callable(callback.callable, spec.job_dir)
+        except ModelNameError as e:
+            raise UserError(f"callbacks.{i}.callable", str(e)) from None
+
+
+# Below these sizes the shape probe runs for real on the CPU, in milliseconds: the meta device's
+# first forward imports torch's decompositions, ~1.5 s of every small job's start.
+PROBE_ON_CPU_PARAMS = 2_000_000
+PROBE_ON_CPU_SAMPLE = 1 << 18
+
+
+def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple[int, ...] | None) -> int | None:
+    """Resolve the model, check its kwargs and weights, and return its number of outputs for
+    one sample (found by a forward of 2 samples: on the meta device, no memory and no compute,
+    for a large model or sample), when the sample shape is known."""
+    try:
+        factory = resolve(section.model, job_dir)
+        check_kwargs(section.model, factory, section.kwargs)
+    except ModelNameError as e:
+        raise UserError(f"{name}.model", str(e)) from None
+    if section.weights:
+        _check_weights(section, name, job_dir, factory)
+    if sample_shape is None:
+        return None
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = factory(**section.kwargs)
+        params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+        small = params <= PROBE_ON_CPU_PARAMS and math.prod(sample_shape) <= PROBE_ON_CPU_SAMPLE
+        with torch.no_grad(), torch.device("cpu" if small else "meta"):
+            out = (factory(**section.kwargs) if small else model)(torch.zeros((2, *sample_shape)))
+    except Exception as e:  # any failure of the user's forward on this shape is the user's to fix
+        raise UserError(f"{name}.model", f"{section.model} cannot take samples of shape {list(sample_shape)} ({type(e).__name__}: {e}); check data.shape and the model's kwargs") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise UserError(f"{name}.model", f"{section.model} must return logits of shape [batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
+    return int(out.shape[-1])
+
+
+def check_cache(spec: JobSpec, classes: int | None) -> None:
+    """The teacher.cache block: a format its options fit, and a top-k with room in the classes
+    (when they are known: here from the sample shape, in `kd-ray cache` from the data)."""
+    cache, distill = spec.teacher.cache, spec.distill
+    if cache.format == "full":
+        for name in ("k", "temperatures"):
+            if getattr(cache, name) is not None:
+                raise UserError(f"teacher.cache.{name}", "only applies to format: topk; remove it, or set teacher.cache.format: topk")
+        if cache.dtype == "bfloat16":
+            raise UserError("teacher.cache.dtype", "full logits are stored as float32 or float16; bfloat16 is for format: topk")
+        return
+    if cache.k is None:
+        raise UserError("teacher.cache.k", "format: topk needs k, the number of classes kept per sample (e.g. k: 10)")
+    if classes is not None and cache.k > classes:
+        raise UserError("teacher.cache.k", f"k={cache.k} but the teacher gives {classes} classes; use k <= {classes} (or format: full)")
+    if cache.temperatures is not None and (not cache.temperatures or min(cache.temperatures) <= 0):
+        raise UserError("teacher.cache.temperatures", f"{cache.temperatures}: give one or more temperatures, all > 0")
+    if spec.teacher.cached:
+        try:
+            tail_column(tuple(cache_temperatures(spec)), distill.temperature)
+        except ValueError:
+            raise UserError("distill.temperature", f"{distill.temperature} is not among teacher.cache.temperatures {cache.temperatures}: "
+                            "a top-k cache holds the tail mass only for those; add it there (and recapture) or use one of them") from None
+
+
+
+def refuse_augmentation(spec: JobSpec) -> None:
+    if spec.data.augment.active:
+        raise UserError("data.augment", "random augmentation gives new inputs every epoch, but a teacher-output cache holds one "
+                        "deterministic view per sample; remove data.augment (override data.augment={}) or use teacher.mode: online")
+
+
+
+def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None:
+    """Compare the file's tensor shapes with the model's, built on the meta device (no memory)."""
+    import torch
+
+    path = section.weights
+    if not storage.is_remote(path) and not os.path.isfile(path):
+        raise UserError(f"{name}.weights", f"{path} does not exist; train it first (see README) or fix the path")
+    if not path.endswith(weights.WEIGHT_SUFFIXES):
+        raise UserError(f"{name}.weights", f"{path}: use a .safetensors or .pt state dict")
+    if storage.is_remote(path):
+        return
+    try:
+        with torch.device("meta"):
+            model = factory(**section.kwargs)
+        found = weights.file_shapes(path)
+        expected = weights.model_shapes(model)  # inside the try: a factory may return a non-Module
+    except Exception as e:  # a user's factory or file can fail in any way; report it on one line
+        raise UserError(f"{name}.weights", f"cannot read {path} or build the model to check it: {type(e).__name__}: {e}") from None
+    problem = weights.mismatch(expected, found)
+    if problem:
+        raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
+
+

@@ -1,0 +1,62 @@
+"""Run control: the data cursor and the stop flag, in a small actor of their own.
+
+The cursor is where the training stream starts: rank 0 sets it after restoring a checkpoint,
+before anyone reads the stream, and the Ray Data stream's read tasks read it when they run
+(kd_ray.data.pipeline; workers that read the stream themselves start from their checkpoint's
+position). The stop flag is set by the driver on SIGTERM or Ctrl-C, and the workers poll it
+every `checkpoint.poll_every_steps` steps: they checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable
+
+import ray
+
+from kd_ray.spec import JobSpec
+
+
+@ray.remote(num_cpus=0)
+class RunControl:
+    def __init__(self):
+        self.position = 0
+        self.stop = False
+
+    def set_cursor(self, position: int) -> None:
+        self.position = position
+
+    def cursor(self) -> int:
+        return self.position
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+
+@contextlib.contextmanager
+def stop_on_signals(control, spec: JobSpec, echo: Callable[[str], None]):
+    """SIGTERM or Ctrl-C: ask the workers to checkpoint and return (a second one aborts now)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        control.request_stop.remote()
+        echo(f"stopping: the workers checkpoint within {spec.checkpoint.poll_every_steps} steps and return "
+             "(send it again to abort without a checkpoint)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -1,0 +1,123 @@
+"""The run directory (run.storage_path/run.name): created or resumed, a finished run moved aside,
+`summary.json` written from the run's events, and the final student exported to its top.
+
+    summary.json                          status, counters, scores, telemetry (kd_ray.telemetry)
+    student.safetensors, student.json     the exported student (kd_ray.train.checkpoint's files)
+    checkpoint_*/                         Ray Train's checkpoints (kd_ray.train.checkpoint's layout)
+    profile/                              an optional profiled window (kd_ray.train.profile)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from kd_ray import batching, telemetry
+from kd_ray.errors import UserError
+from kd_ray.spec import JobSpec, changed_fields
+from kd_ray.train import checkpoint
+
+SUMMARY = "summary.json"
+RESUMING = "resuming from its latest checkpoint"
+
+
+def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
+    """Returns a note for the user. A finished run (or --fresh) is moved aside, never deleted."""
+    run_dir = spec.run_dir
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return None
+    names = os.listdir(run_dir)
+    has_checkpoint = any(n.startswith("checkpoint_") for n in names)
+    if SUMMARY not in names and "checkpoint_manager_snapshot.json" not in names and not has_checkpoint:
+        raise UserError("run.name", f"{run_dir} exists and is not a kd_ray run; choose another run.name or run.storage_path")
+    finished = read_summary(run_dir).get("status") == "finished"
+    if fresh or finished or not has_checkpoint:
+        archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(run_dir, archived)
+        return f"previous run moved to {archived}"
+    return RESUMING
+
+
+def read_summary(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, SUMMARY)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, SUMMARY + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, SUMMARY))
+
+
+def resume_point(spec: JobSpec, fp: dict, echo: Callable[[str], None]) -> dict | None:
+    """The checkpoint a resumed run continues from; refuses a job file changed incompatibly."""
+    chosen, skipped = checkpoint.pick(spec.run_dir)
+    for path, why in skipped:
+        echo(f"warning: checkpoint {os.path.basename(path)} cannot be used ({why}); "
+             + (f"resuming from {os.path.basename(chosen)} instead" if chosen else "no earlier checkpoint is whole"))
+    if chosen is None:
+        return None
+    state = checkpoint.read_resume(chosen)
+    changes = changed_fields(state.get("fingerprint", {}), fp)
+    if changes:
+        raise UserError("job file", f"run {spec.run.name} was started with different values of {'; '.join(changes)}; "
+                        f"put them back to resume it, or start afresh with --fresh (the old run is kept)")
+    return {**state, "path": chosen}
+
+
+def export(result, run_dir: str) -> str | None:
+    """Copy the final checkpoint's student (weights + JSON) to the top of the run directory."""
+    if result is None or result.checkpoint is None:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in (checkpoint.STUDENT_WEIGHTS, checkpoint.STUDENT_INFO):
+            shutil.copyfile(os.path.join(d, name), os.path.join(run_dir, name))
+    return os.path.join(run_dir, checkpoint.STUDENT_WEIGHTS)
+
+
+def _by_kind(events: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {k: [] for k in ("start", "done", "stopped", "eval", "train")}
+    for e in events:
+        out.setdefault(e["kind"], []).append(e)
+    return out
+
+
+def summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:
+    """summary.json's figures from the run's events (and Ray Train's result, for the export)."""
+    ev = _by_kind(events)
+    starts, done = ev["start"], ev["done"]
+    last = ev["eval"][-1] if ev["eval"] else {}
+    end = done[-1] if done else (ev["stopped"][-1] if ev["stopped"] else None)
+    train_seconds = end["time"] - starts[0]["time"] if end else wall
+    steps = end["step"] if end else 0
+    samples = steps * plan.global_batch
+    first_position = starts[0]["position"]  # where this driver's run began (a resume: its checkpoint)
+    return {
+        "status": "finished" if done else ("stopped" if ev["stopped"] else "failed"),
+        "steps": steps,
+        "samples": samples,
+        "epochs": round(samples / plan.train_rows, 3),
+        "train_seconds": round(train_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        # this driver's own samples: a resumed run's earlier ones were trained by an earlier one
+        "samples_per_second": round((samples - first_position) / train_seconds, 2) if end and train_seconds > 0 else None,
+        "resumed_from_step": starts[0]["resumed_step"],
+        # worker-group (re)starts after a failure, a resize or a preemption, and their sizes
+        "restarts": len(starts) - 1,
+        "world_sizes": [e["world_size"] for e in starts],
+        "world_size": starts[-1]["world_size"],
+        "accumulation": starts[-1]["accumulation"],
+        "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
+        "teacher": {"accuracy": teacher["accuracy"], "loss": teacher["loss"]} if teacher else None,
+        "student_weights": export(result, spec.run_dir) if done else None,
+        "telemetry": telemetry.run_telemetry(ev["train"]),
+    }

@@ -1,0 +1,31 @@
+"""Every seed kd_ray derives from `run.seed`: the one home of the recipes, all built on the
+splitmix64 hash of kd_ray.data.ids, so that the data order, the augmented views and the
+training RNG are pure functions of (seed, epoch, chunk, step, rank) and a restarted run draws
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kd_ray.data.ids import mix64
+
+
+def _hash(value: int, seed: int) -> int:
+    return int(mix64(np.array([value], dtype=np.int64), seed)[0])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The permutation of epoch `epoch` (kd_ray.data.order)."""
+    return _hash(epoch, seed) >> 33
+
+
+def chunk_rng(seed: int, index: int) -> np.random.Generator:
+    """The random views of chunk `index` of the run's stream (kd_ray.data.pipeline): every
+    epoch's chunks differ, and a replay of the run draws the same views."""
+    return np.random.default_rng([epoch_seed(seed, index), _hash(index, seed) >> 1])
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """torch's RNG (dropout...) at each optimizer step of each rank (kd_ray.train)."""
+    return _hash(step * 65_537 + rank, seed) >> 1
