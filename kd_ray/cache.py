@@ -433,7 +433,7 @@ class ShardWriter:
         from kd_ray.teacher import TeacherPredictor
 
         # fp32 out of the predictor: the cache's own dtype is encode's to apply, once
-        self.predictor = TeacherPredictor(spec.teacher.model_copy(update={"logits_dtype": "float32"}), spec.job_dir)
+        self.predictor = TeacherPredictor(spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"logits_dtype": "float32"})}))
         self.batch_size = spec.teacher.pool.batch_size
         self.readers = {part: ray.get(ref) for part, ref in readers.items()}
         self.transform, self.outputs, self.store = spec.data.preprocess.model_dump(), outputs, store

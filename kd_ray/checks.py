@@ -51,13 +51,32 @@ def validate(raw: dict, job_dir: str = "") -> JobSpec:
 def _check(spec: JobSpec) -> None:
     if storage.is_remote(spec.run.storage_path):
         raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
-    sample_shape, max_label = check_source(spec.data)
     check_world_sizes(spec.train.global_batch_size, spec.train.micro_batch_size, *spec.train.worker_range)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
+    if spec.teacher is not None and spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
+        raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
+    for i, callback in enumerate(spec.callbacks):
+        try:
+            import_callable(callback.callable, spec.job_dir)
+        except ModelNameError as e:
+            raise UserError(f"callbacks.{i}.callable", str(e)) from None
+    if spec.task == "causal_lm":
+        from kd_ray.checks_lm import check_lm
+
+        check_lm(spec)
+        return
+    _check_classifier(spec)
+
+
+def _check_classifier(spec: JobSpec) -> None:
+    for name in ("text", "prompt", "response", "tokens", "tokenizer"):
+        if getattr(spec.data, name) is not None:
+            raise UserError(f"data.{name}", "only applies to task: causal_lm; remove it, or set task: causal_lm")
+    if spec.distill.divergence != "forward":
+        raise UserError("distill.loss", f"{spec.distill.loss} is for task: causal_lm; a classifier distills with hinton (forward KL)")
+    sample_shape, max_label = check_source(spec.data)
     if spec.teacher is not None:
-        if spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
-            raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
         if not spec.teacher.weights:
             raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
         if spec.teacher.cached:
@@ -85,11 +104,6 @@ def _check(spec: JobSpec) -> None:
         raise UserError("teacher.kwargs", f"the teacher gives {outputs['teacher']} outputs per sample and the student {outputs['student']}; distillation needs the same classes in both")
     if spec.teacher is not None and spec.teacher.cache is not None:
         check_cache(spec, outputs.get("teacher"))
-    for i, callback in enumerate(spec.callbacks):
-        try:
-            import_callable(callback.callable, spec.job_dir)
-        except ModelNameError as e:
-            raise UserError(f"callbacks.{i}.callable", str(e)) from None
 
 
 # Below these sizes the shape probe runs for real on the CPU, in milliseconds: the meta device's

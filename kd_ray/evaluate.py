@@ -1,5 +1,5 @@
 """`kd-ray eval`: score an exported student on a job's eval split, in a Ray task (the driver
-holds no model)."""
+holds no model): accuracy and loss for a classifier, perplexity for a language model."""
 
 from __future__ import annotations
 
@@ -11,30 +11,28 @@ import torch
 from kd_ray.cluster import ensure_ray, quiet_data
 from kd_ray.data import pipeline
 from kd_ray.errors import UserError
-from kd_ray.registry import build_model, make_importable
+from kd_ray.registry import make_importable
 from kd_ray.spec import JobSpec
-from kd_ray.train.checkpoint import STUDENT_WEIGHTS
-from kd_ray.train.step import student_eval_sums
-from kd_ray.weights import WeightsError, load_into
+from kd_ray.tasks import task_for
 
 
 @ray.remote(num_cpus=1)
-def _score(spec: JobSpec, weights_path: str, dataset) -> dict:
+def _score(spec: JobSpec, path: str, dataset) -> dict:
     make_importable(spec.job_dir)
-    model = build_model(spec.student.model, spec.student.kwargs, spec.job_dir)
+    task = task_for(spec)
     try:
-        load_into(model, weights_path)
-    except WeightsError as e:
-        return {"error": str(e)}
+        model = task.load_exported(path)
+    except Exception as e:  # a file that does not fit the student is the user's to fix
+        return {"error": f"{type(e).__name__}: {e}"}
     device = torch.device("cpu")
     batches = dataset.iter_torch_batches(batch_size=spec.eval.batch_size)
-    loss, correct, count = student_eval_sums(model, batches, "fp32", device).tolist()
-    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "samples": int(count), "weights": weights_path}
+    figures = task.figures(*task.eval_sums(model, batches, device).tolist())
+    return {**{k.removeprefix("eval_"): v for k, v in figures.items()}, "weights": path}
 
 
 def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
-    path = weights_path or os.path.join(spec.run_dir, STUDENT_WEIGHTS)
-    if not os.path.isfile(path):
+    path = weights_path or task_for(spec).exported(spec.run_dir)
+    if not os.path.exists(path):
         raise UserError("--weights", f"{path} does not exist; run the job first (kd-ray run) or pass --weights PATH")
     ensure_ray(spec)
     quiet_data()

@@ -8,7 +8,6 @@ Ray (kd_ray.cluster), builds the datasets (kd_ray.data.pipeline), submits the tr
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from kd_ray.run.console import ProgressBoard, fmt, follow
 from kd_ray.run.control import RunControl, stop_on_signals
 from kd_ray.run.directory import RESUMING, prepare_run_dir, resume_point, summarize, write_summary
 from kd_ray.spec import JobSpec, fingerprint
+from kd_ray.tasks import task_for
 
 Echo = Callable[[str], None]
 
@@ -137,22 +137,25 @@ def _open_cache(spec: JobSpec, data: pipeline.Sources, echo: Echo):
 
 
 def score_teacher(spec: JobSpec, data: pipeline.Sources, echo: Echo, teacher_cache=None) -> dict:
-    """The teacher's accuracy on the eval split, once, before training: its pool runs and is
+    """The teacher's scores on the eval split, once, before training: its pool runs and is
     gone before the student's workers and the training pool take their resources. From a
     cache, no pool: its outputs for the eval rows (a top-k gives the accuracy, not the loss)."""
     import torch
 
-    from kd_ray.teacher import as_tensor
-    from kd_ray.train.step import teacher_eval_sums
+    from kd_ray.signals import as_tensor
 
-    sums = torch.zeros(3, dtype=torch.float64)
+    task = task_for(spec)
     if teacher_cache is None:
         scored = pipeline.with_teacher(pipeline.build_eval(spec, data), spec)
     else:
         scored = pipeline.build_eval(spec, data, cache=teacher_cache.eval)
+    sums = None
     for batch in scored.iter_batches(batch_size=1024, batch_format="numpy"):
-        sums += teacher_eval_sums([{k: as_tensor(v) for k, v in batch.items() if k != X}], torch.device("cpu"))
-    loss, correct, count = sums.tolist()
-    scores = {"accuracy": correct / max(count, 1), "loss": None if math.isnan(loss) else loss / max(count, 1)}
-    echo(f"teacher on the eval split: acc {scores['accuracy']:.4f} loss {fmt(scores['loss'])}")
+        part = task.teacher_eval_sums([{k: as_tensor(v) for k, v in batch.items() if k != X}], torch.device("cpu"))
+        sums = part if sums is None else sums + part
+    scores = task.teacher_figures(sums.tolist())
+    shown = [f"ppl {scores['perplexity']:.3f}"] if "perplexity" in scores else []
+    shown += [f"acc {scores['accuracy']:.4f}", f"loss {fmt(scores['loss'])}"]
+    shown += [f"top-{spec.distill.top_k} mass {scores['topk_mass']:.4f}"] if "topk_mass" in scores else []
+    echo(f"teacher on the eval split: {' '.join(shown)}")
     return scores

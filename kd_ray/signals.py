@@ -37,3 +37,12 @@ def teacher_output(batch: dict[str, torch.Tensor], temperature: float) -> torch.
     if TOPK_VALUES not in batch:
         return batch.get(TEACHER)
     return TopK(values_from_column(batch[TOPK_VALUES]), batch[TOPK_INDICES], batch[TAIL_LSE], (temperature,))
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor view of a (possibly read-only) numpy array column. We never write to it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(array))

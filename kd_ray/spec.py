@@ -74,6 +74,15 @@ class DataSpec(_Section):
     shuffle_window: int = Field(4, ge=1, description="parquet row groups read and shuffled together")
     eval_split: float = Field(0.2, ge=0, lt=1)
     eval_source: Optional[str] = None
+    # task: causal_lm (kd_ray.data.text): documents as text, prompt + response, or token ids, cut
+    # and packed (or padded) into rows of max_seq_len tokens by data.tokenizer.
+    text: Optional[str] = Field(None, description="causal_lm: column of plain text (every token carries loss)")
+    prompt: Optional[str] = Field(None, description="causal_lm: column of prompts (no loss), with data.response")
+    response: Optional[str] = Field(None, description="causal_lm: column of responses (the loss covers these tokens)")
+    tokens: Optional[str] = Field(None, description="causal_lm: column of token ids (list<int>), already tokenized")
+    tokenizer: Optional[str] = Field(None, description="causal_lm: a tokenizer.json, a directory holding one, or 'teacher'")
+    max_seq_len: int = Field(512, ge=2, description="causal_lm: tokens per row; longer documents are cut")
+    packing: Literal["pack", "pad"] = Field("pack", description="causal_lm: pack documents into rows, or one per row padded")
     stream: Literal["auto", "ray_data"] = Field(
         "auto", description="auto: with no teacher pool, data in memory and CPU workers, each train worker reads its own "
                             "micro-batches (kd_ray.data.pipeline.LocalStream); ray_data: always through Ray Data's stream")
@@ -128,9 +137,17 @@ class TeacherSpec(ModelSpec):
 
 
 class DistillSpec(_Section):
-    loss: Literal["hinton"] = "hinton"
+    loss: Literal["hinton", "forward_kl", "reverse_kl", "jsd"] = Field(
+        "hinton", description="hinton = forward_kl: KL(teacher || student) x T^2; causal_lm also takes reverse_kl and jsd")
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs cross-entropy")
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture")
+    top_k: int = Field(64, ge=1, description="causal_lm: teacher log-probabilities sent per token (plus the exact tail)")
+    chunk_tokens: int = Field(1024, ge=1, description="causal_lm: tokens whose logits are made at once in the loss")
+
+    @property
+    def divergence(self) -> str:
+        return {"hinton": "forward", "forward_kl": "forward", "reverse_kl": "reverse", "jsd": "jsd"}[self.loss]
 
 
 class OptimizerSpec(_Section):
@@ -162,6 +179,9 @@ class TrainSpec(_Section):
     precision: Precision = "fp32"
     compile: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward pass")
+    fsdp_block: Optional[str] = Field(None, description="class name of the blocks FSDP2 shards one by one (default: "
+                                                        "the model's repeated layer class; top-level children for classifiers)")
     log_every: int = Field(10, ge=1)
     prefetch_batches: int = Field(2, ge=0)
 
@@ -209,6 +229,7 @@ class CallbackSpec(_Section):
 
 
 class JobSpec(_Section):
+    task: Literal["classify", "causal_lm"] = "classify"
     run: RunSpec
     data: DataSpec
     teacher: Optional[TeacherSpec] = None
@@ -358,6 +379,12 @@ FIXED_ON_RESUME = (
     "data.shuffle_window", "data.augment", "student.model", "student.kwargs", *TEACHER_IDENTITY,
     "distill", "train.global_batch_size", "train.optimizer", "train.schedule", "train.grad_clip",
 )
+# The distillation fields a classifier's run is (and always was) a function of; the rest of the
+# section (chunking) only regroups the arithmetic.
+DISTILL_FIXED = ("loss", "temperature", "alpha")
+# A language model's run is also a function of how its rows are made and what the teacher sends.
+LM_FIXED_ON_RESUME = ("task", "data.text", "data.prompt", "data.response", "data.tokens", "data.tokenizer",
+                      "data.max_seq_len", "data.packing", "distill.beta", "distill.top_k")
 
 
 def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:
@@ -365,11 +392,12 @@ def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:
     rows: the same path holding other data is a different run)."""
     dumped = spec.model_dump(mode="json")
     out: dict[str, Any] = {"data.train_rows": train_rows}
-    for key in FIXED_ON_RESUME:
+    for key in FIXED_ON_RESUME + (LM_FIXED_ON_RESUME if spec.task == "causal_lm" else ()):
         node: Any = dumped
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         out[key] = node
+    out["distill"] = {k: dumped["distill"][k] for k in DISTILL_FIXED}
     cache = spec.teacher.cache if spec.teacher is not None and spec.teacher.cached else None
     if cache is not None and cache.format == "topk":
         # A top-k cache changes the loss. Full logits train as the live pool does, so a run may

@@ -43,11 +43,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def clean_key(key: str) -> str:
-    """Drop the prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
+    """Drop the prefixes that DDP (`module.`), torch.compile (`_orig_mod.`) and activation
+    checkpointing (`_checkpoint_wrapped_module.`) add."""
     for prefix in ("_orig_mod.", "module."):
         while key.startswith(prefix):
             key = key[len(prefix):]
-    return key.replace("._orig_mod.", ".")
+    return key.replace("._orig_mod.", ".").replace("_checkpoint_wrapped_module.", "")
 
 
 def mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str | None:
@@ -86,7 +87,14 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
     """Write a state dict as safetensors, atomically (a reader never sees a half-written file)."""
     from safetensors.torch import save_file
 
-    tensors = {clean_key(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().to("cpu").contiguous()
+        # Tied weights (a language model's embedding and head) share storage, which safetensors
+        # refuses: the second name gets its own copy, and loading ties them again.
+        shared = v.untyped_storage().data_ptr() in seen and v.numel() > 0
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[clean_key(k)] = v.clone() if shared else v
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)

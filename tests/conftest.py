@@ -180,6 +180,62 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
 
 
+def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int) -> None:
+    """One rank: join the gloo group, run each (name, thunk) of cases(rank) (a failure is kept as
+    its traceback, and the ranks meet after each), save {name: result} to out_dir/rank{R}.pt."""
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    results: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        for name, thunk in cases(rank):
+            try:
+                results[name] = thunk()
+            except Exception:
+                results[name] = traceback.format_exc()
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn_gloo(cases, world: int, out_dir: str, timeout: float) -> list[dict]:
+    """Run the (name, thunk) pairs of cases(rank) in `world` spawned processes that form a gloo
+    group on 127.0.0.1 (real torch.distributed, no Ray); returns each rank's {name: result}.
+    `cases` must be a module-level function (it is pickled into the processes)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    if os.path.isdir("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would otherwise resolve the host name
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ctx = mp.spawn(_gloo_worker, args=(free_port(), out_dir, cases, world), nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"the {world} gloo processes did not finish within {timeout}s")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed to set up:\n{res['error']}"
+    return results
+
+
 @pytest.fixture
 def wait_for():
     def _wait(pred, timeout=60.0, interval=0.5):

@@ -9,16 +9,11 @@ gradient must match the single-process, single-micro-batch one. No Ray is starte
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_gloo
 from kd_ray.batching import plan
 from kd_ray.data import TEACHER, X, Y
 from kd_ray.models import mlp
@@ -76,32 +71,18 @@ def single_process(micro: int) -> dict[str, torch.Tensor]:
     return grads(model)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    results: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        data = make_data()
-        share = GLOBAL_BATCH // WORLD
-        start, stop = rank * share, (rank + 1) * share
-        for strategy in ("ddp", "fsdp"):
-            try:
-                model = wrap(make_model(), strategy, "fp32", torch.device("cpu"))
-                accumulate(model, data, start, stop, micro=8, world=WORLD)
-                results[strategy] = grads(model)
-            except Exception:
-                results[strategy] = traceback.format_exc()
-            dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        results["error"] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+def _cases(rank: int):
+    """This rank's half of the global batch, trained under DDP, then under FSDP2."""
+    data = make_data()
+    share = GLOBAL_BATCH // WORLD
+    start, stop = rank * share, (rank + 1) * share
 
+    def run(strategy: str):
+        model = wrap(make_model(), strategy, "fp32", torch.device("cpu"))
+        accumulate(model, data, start, stop, micro=8, world=WORLD)
+        return grads(model)
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [(strategy, lambda s=strategy: run(s)) for strategy in ("ddp", "fsdp")]
 
 
 @pytest.fixture(scope="module")
@@ -113,30 +94,7 @@ def reference() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> list[dict]:
     """(c) DDP and (d) FSDP2, in one pair of spawned processes (spawning costs seconds)."""
-    out_dir = str(tmp_path_factory.mktemp("grads"))
-    env = {"MASTER_ADDR": "127.0.0.1"}
-    if os.path.isdir("/sys/class/net/lo"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would otherwise resolve the host name
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {SPAWN_TIMEOUT_S}s")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed to set up:\n{res['error']}"
-    return results
+    return spawn_gloo(_cases, WORLD, str(tmp_path_factory.mktemp("grads")), SPAWN_TIMEOUT_S)
 
 
 def assert_same_grads(got: dict, expected: dict) -> None:

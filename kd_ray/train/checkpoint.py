@@ -26,6 +26,7 @@ from kd_ray.train.parallel import unwrap
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_INFO = "student.json"
+STUDENT_DIR = "student"  # a language model's export: a Hugging Face model directory (final checkpoint only)
 TRAIN_STATE = "train_state.pt"
 RESUME = "resume.json"
 _HASHED = (STUDENT_WEIGHTS, STUDENT_INFO, TRAIN_STATE)
@@ -81,8 +82,10 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counters: dict, info: dict, resume: dict) -> bool:
-    """Gather and write a checkpoint; a collective (every rank calls), rank 0 writes.
+def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counters: dict, info: dict, resume: dict,
+          export=None) -> bool:
+    """Gather and write a checkpoint; a collective (every rank calls), rank 0 writes (and calls
+    `export(directory, full state dict)`, the task's export, on the final one).
     Returns True on the rank that wrote."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -95,6 +98,8 @@ def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counte
     torch.save(state, os.path.join(directory, TRAIN_STATE))
     with open(os.path.join(directory, STUDENT_INFO), "w") as f:
         json.dump(info, f, indent=2)
+    if export is not None:
+        export(directory, {weights.clean_key(k): v for k, v in model_sd.items()})
     digests = {name: weights.sha256(os.path.join(directory, name)) for name in _HASHED}
     with open(os.path.join(directory, RESUME), "w") as f:
         json.dump({**resume, **counters, "sha256": digests}, f, indent=2)

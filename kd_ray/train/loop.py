@@ -27,8 +27,7 @@ from kd_ray import batching
 from kd_ray.callbacks import Callbacks, StartInfo
 from kd_ray.errors import reason
 from kd_ray.losses import mix
-from kd_ray.models import is_conv_net
-from kd_ray.registry import build_model, make_importable
+from kd_ray.registry import make_importable
 from kd_ray.seeds import step_seed
 from kd_ray.spec import JobSpec
 from kd_ray.train import checkpoint
@@ -38,8 +37,8 @@ from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
 from kd_ray.train.precision import grad_scaler
 from kd_ray.train.profile import StepProfiler
-from kd_ray.train.step import micro_step, optimizer_step, student_eval_sums
-from kd_ray.weights import load_into
+from kd_ray.tasks import task_for
+from kd_ray.train.step import global_denominator, optimizer_step
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -58,18 +57,6 @@ def train_loop_per_worker(config: dict) -> None:
         raise
 
 
-def build_student(spec: JobSpec, device: torch.device) -> torch.nn.Module:
-    # The same seed on every rank: FSDP2 does not broadcast rank 0's initial weights as DDP does.
-    torch.manual_seed(spec.run.seed)
-    student = build_model(spec.student.model, spec.student.kwargs, spec.job_dir)
-    if spec.student.weights:
-        load_into(student, spec.student.weights)
-    student.to(device)
-    if device.type == "cuda" and is_conv_net(student):
-        student.to(memory_format=torch.channels_last)
-    return student
-
-
 class Trainer:
     def __init__(self, config: dict):
         self.spec: JobSpec = config["spec"]
@@ -82,7 +69,7 @@ class Trainer:
         # Re-derived at every (re)start from the world size of this attempt: the global batch, and
         # so what each optimizer step trains on, never changes.
         self.plan = batching.plan(config["train_rows"], t.global_batch_size, t.micro_batch_size, self.world, t.epochs, t.max_steps)
-        self.callbacks = Callbacks(self.spec)
+        self.task, self.callbacks = task_for(self.spec), Callbacks(self.spec)
         self.timer, self.meter = Timer(self.spec.checkpoint.every_minutes), Meter(self.device)
         self.step = self.samples = self.micro = 0
         self.last_eval: dict = {}
@@ -99,7 +86,8 @@ class Trainer:
         if self.spec.run.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        model = wrap(build_student(self.spec, self.device), t.strategy, t.precision, self.device)
+        student = self.task.build_student(self.device)
+        model = wrap(student, t.strategy, t.precision, self.device, self.task.fsdp_units(student), t.activation_checkpointing)
         self.model = torch.compile(model, mode=t.compile) if t.compile else model
         self.optimizer = make_optimizer(self.model.parameters(), t.optimizer.model_dump(), self.device)
         self.scheduler = make_scheduler(self.optimizer, t.schedule.model_dump(), self.plan.total_steps)
@@ -161,27 +149,42 @@ class Trainer:
 
     def train(self, batches) -> bool:
         """Micro-steps until the plan's last step; True if a stop request ended it first."""
-        for batch in self.meter.timed(batches):
-            if self.step >= self.plan.total_steps:
-                break  # every rank reaches the last step on the same micro-batch
-            if not self.micro_step(batch):
+        for batch, denominator in self.step_batches(self.meter.timed(batches)):
+            if not self.micro_step(batch, denominator):
                 continue
             lr, grad_norm = self.optimizer_step()
             if self.after_step(lr, grad_norm):
                 return True
         return False
 
-    def micro_step(self, batch: dict) -> bool:
+    def step_batches(self, batches):
+        """(micro-batch, loss denominator) until the plan's last step. The denominator makes each
+        step's gradient the mean over the global batch's loss units (DDP and FSDP2 average over
+        ranks): its samples, known in advance (plan.loss_denominator), or its loss tokens, counted
+        over the step's micro-batches on every rank (one all-reduce) before the first backward."""
+        it, accumulation = iter(batches), self.plan.accumulation
+        while self.step < self.plan.total_steps:  # every rank reaches the last step on the same micro-batch
+            group = [b for _, b in zip(range(accumulation), it)] if not self.task.fixed_count else None
+            if group is None:
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch, self.plan.loss_denominator
+                continue
+            if len(group) < accumulation:
+                return
+            denominator = global_denominator([self.task.count(b).to(self.device) for b in group], self.world)
+            yield from ((b, denominator) for b in group)
+
+    def micro_step(self, batch: dict, denominator) -> bool:
         """One micro-batch's forward and backward; True on the accumulation boundary."""
         self.order.see(batch)
         accumulation = self.plan.accumulation
         if self.micro % accumulation == 0:
             torch.manual_seed(step_seed(self.spec.run.seed, self.step, self.rank))  # RNG (dropout...) is a function of the step
         boundary = (self.micro + 1) % accumulation == 0
-        d, t = self.spec.distill, self.spec.train
-        terms = micro_step(self.model, batch, temperature=d.temperature, alpha=d.alpha, denominator=self.plan.loss_denominator,
-                           precision=t.precision, device=self.device, scaler=self.scaler, sync=boundary)
-        self.meter.add(terms, self.plan.micro_batch)
+        terms = self.task.micro_step(self.model, batch, denominator, self.device, self.scaler, boundary)
+        self.meter.add(terms, self.task.count(batch))
         self.callbacks.on_batch(batch)
         self.micro += 1
         return boundary
@@ -214,21 +217,21 @@ class Trainer:
     # ---------------------------------------------------------------------------- log, evaluate
 
     def log(self, lr: float, grad_norm: torch.Tensor) -> None:
-        kd, ce, correct, count, wait, elapsed, window = self.meter.collect(self.world)  # the one sync per log line
+        kd, ce, correct, count, wait, elapsed = self.meter.collect(self.world)  # the one sync per log line
         has_teacher = self.spec.teacher is not None
         alpha = self.spec.distill.alpha if has_teacher else 0.0
         p = self.plan
         self.say("train", epoch=self.position / p.train_rows, step=self.step, total_steps=p.total_steps,
                  loss=mix(kd, ce, alpha) / count, kd_loss=kd / count if has_teacher else None,
                  ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
-                 grad_norm=float(grad_norm), samples_per_second=window * self.world / elapsed,
+                 grad_norm=float(grad_norm), samples_per_second=count / elapsed, unit=self.task.unit,
                  data_wait_seconds=wait, window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
                  startup=self.logged_step == self.resumed_step)  # this window includes the stream's start
         self.logged_step = self.step
 
     def evaluate(self) -> None:
         sync_buffers(self.model, self.spec.train.strategy)
-        self.last_eval = evaluate(self.model, self.spec, self.device)
+        self.last_eval = evaluate(self.model, self.task, self.spec, self.device)
         self.say("eval", epoch=self.plan.epochs_done(self.step), step=self.step, **self.last_eval)
 
     # ---------------------------------------------------------------------------- checkpoint, poll
@@ -243,7 +246,8 @@ class Trainer:
                   "rng": f"re-seeded from (run.seed={s.run.seed}, step, rank) at every step", "reason": why}
         with tempfile.TemporaryDirectory() as d:
             counters = {"step": self.step, "samples": self.samples}
-            wrote = checkpoint.write(d, self.model, self.optimizer, self.scheduler, self.scaler, counters, info, resume)
+            wrote = checkpoint.write(d, self.model, self.optimizer, self.scheduler, self.scaler, counters, info, resume,
+                                     export=self.task.export if final else None)
             ray.train.report({**metrics, "step": self.step, "final": final},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if wrote else None)
         self.timer.reset()
@@ -276,8 +280,8 @@ class Trainer:
                                             "resumed_samples": self.resumed_samples}))
 
 
-def evaluate(model: torch.nn.Module, spec: JobSpec, device: torch.device) -> dict:
+def evaluate(model: torch.nn.Module, task, spec: JobSpec, device: torch.device) -> dict:
     shard = ray.train.get_dataset_shard("eval")
     batches = shard.iter_torch_batches(batch_size=spec.eval.batch_size, device=device)
-    loss, correct, count = all_reduce_sum(student_eval_sums(model, batches, spec.train.precision, device)).tolist()
-    return {"eval_loss": loss / max(count, 1), "eval_accuracy": correct / max(count, 1), "eval_samples": int(count)}
+    loss, correct, count = all_reduce_sum(task.eval_sums(model, batches, device)).tolist()
+    return task.figures(loss, correct, count)

@@ -31,7 +31,6 @@ class Meter:
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # kd, ce, correct, count
         self.wait = 0.0
         self.start = time.perf_counter()
-        self.window = 0
 
     def timed(self, batches):
         """Yield batches, adding up the time spent waiting for each."""
@@ -45,17 +44,17 @@ class Meter:
             self.wait += time.perf_counter() - t0
             yield batch
 
-    def add(self, terms, n: int) -> None:
-        self.sums += torch.stack([terms.kd_sum.double(), terms.ce_sum.double(), terms.correct.double(),
-                                  torch.tensor(n, dtype=torch.float64, device=self.device)])
-        self.window += n
+    def add(self, terms, count) -> None:
+        """A micro-batch's loss terms and its loss units (samples or tokens; a number or a tensor)."""
+        n = torch.as_tensor(count, dtype=torch.float64).to(self.device)
+        self.sums += torch.stack([terms.kd_sum.double(), terms.ce_sum.double(), terms.correct.double(), n])
 
     def collect(self, world: int) -> tuple:
         """All-reduce the window over ranks and reset it: (kd, ce, correct, count, mean data wait,
-        seconds, samples on this rank)."""
+        seconds)."""
         packed = torch.cat([self.sums, torch.tensor([self.wait], dtype=torch.float64, device=self.device)])
         kd, ce, correct, count, wait = all_reduce_sum(packed).tolist()
-        out = (kd, ce, correct, count, wait / world, time.perf_counter() - self.start, self.window)
+        out = (kd, ce, correct, count, wait / world, time.perf_counter() - self.start)
         self.sums.zero_()
-        self.wait, self.window, self.start = 0.0, 0, time.perf_counter()
+        self.wait, self.start = 0.0, time.perf_counter()
         return out

@@ -15,15 +15,20 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device) -> nn.Module:
-    """DDP replicates the student; FSDP2 shards each top-level child and then the root."""
+def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device, units: list[nn.Module] | None = None,
+         checkpointing: bool = False) -> nn.Module:
+    """DDP replicates the student; FSDP2 shards each of `units` (the task's blocks: a
+    transformer's decoder layers, a classifier's top-level children) and then the root. With
+    `checkpointing`, each unit's activations are recomputed in the backward pass."""
+    units = [c for c in model.children() if any(p.requires_grad for p in c.parameters())] if units is None else units
+    if checkpointing:
+        units = checkpoint_units(model, units)
     if strategy == "fsdp" and dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
         policy = fsdp_policy(precision)
-        for child in model.children():
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child, mp_policy=policy)
+        for unit in units:
+            fully_shard(unit, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
     if is_distributed():
@@ -31,6 +36,22 @@ def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device) 
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+def checkpoint_units(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """Put each unit behind torch's (non-reentrant) activation checkpoint wrapper, in place;
+    returns the wrappers. Their state-dict keys gain a prefix that kd_ray.weights.clean_key drops."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wanted = {id(u) for u in units}
+    wrapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in wanted:
+                w = checkpoint_wrapper(child)
+                setattr(parent, name, w)
+                wrapped.append(w)
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

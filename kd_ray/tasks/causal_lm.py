@@ -1,0 +1,271 @@
+"""Causal-LM distillation, token by token.
+
+A row is a fixed-length window of token ids with its shifted targets (IGNORE where no loss), the
+index of each token's document and its position in it (kd_ray.data.tokens). The teacher pool
+sends, per token that carries loss, its top-k log-probabilities at T=1, their ids, the exact tail
+log-mass at the job's temperature and the log-probability of the real next token: never dense
+vocabulary-sized rows. The student's loss is computed in chunks of tokens from its last hidden
+states (kd_ray.losses.token_loss), averaged over every loss token of the global batch.
+
+Both models see the same rows: positions restart per document, so transformers' attention builds
+a block-diagonal causal mask from them (no KV cache), and no token attends across a document.
+Both are sliced to the tokenizer's real vocabulary before any softmax (models may pad their
+embedding tables past it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
+from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
+from kd_ray.data.tokens import PAD_MULTIPLE
+from kd_ray.losses import TokenTerms, TopK, token_loss, topk_compress
+from kd_ray.models import lm as lms
+from kd_ray.signals import as_tensor, teacher_output
+from kd_ray.spec import JobSpec
+from kd_ray.train.checkpoint import STUDENT_DIR
+from kd_ray.train.parallel import grad_sync
+from kd_ray.train.precision import autocast
+
+TARGET_LOGPROB = "teacher_target_logprob"  # the teacher's log p(next token), for its perplexity
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str, job_dir: str, teacher: str | None):
+    return lms.load_tokenizer(name, job_dir, teacher)
+
+
+def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A Hugging Face-style causal LM's decoder (-> last hidden states) and its output head."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    return decoder, lm.get_output_embeddings()
+
+
+def sliced_head(head: nn.Module, vocab: int, precision: str, device: torch.device):
+    """hidden -> logits over the real vocabulary, in the job's autocast (the loss turns it off)."""
+    bias = None if getattr(head, "bias", None) is None else head.bias[:vocab]
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            return F.linear(hidden, head.weight[:vocab], bias)
+
+    return logits
+
+
+class StudentLM(nn.Module):
+    """The student with its loss: forward returns a micro-batch's loss terms, so that FSDP2 keeps
+    the embeddings and the head gathered through the loss (and its recomputation in backward)."""
+
+    def __init__(self, lm: nn.Module, vocab: int):
+        super().__init__()
+        self.lm, self.vocab = lm, vocab
+
+    def forward(self, tokens, positions, targets, teacher: TopK | None, *, precision: str, temperature: float, alpha: float,
+                divergence: str, beta: float, denominator, chunk_tokens: int) -> TokenTerms:
+        decoder, head = decoder_and_head(self.lm)
+        hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        keep = targets >= 0
+        if teacher is not None:
+            teacher = TopK(teacher.values[keep], teacher.indices[keep], teacher.tail_lse[keep], teacher.temperatures)
+        return token_loss(hidden[keep], sliced_head(head, self.vocab, precision, tokens.device), targets[keep], teacher,
+                          temperature=temperature, alpha=alpha, denominator=denominator, divergence=divergence, beta=beta,
+                          chunk_tokens=chunk_tokens)
+
+
+def trim(batch: dict) -> dict:
+    """Padded rows cut to their micro-batch's longest row, rounded up to a multiple of 64."""
+    used = (batch[DOCS] >= 0).any(dim=0)
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    length = min(batch[DOCS].shape[-1], -(-length // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return {k: (v[:, :length] if v.ndim >= 2 and v.shape[1] == batch[DOCS].shape[1] else v) for k, v in batch.items()}
+
+
+def block_class(model: nn.Module, name: str | None) -> type | None:
+    """The class of the model's repeated blocks: `name`, or the class of the largest ModuleList
+    whose children all share one class (a transformer's decoder layers)."""
+    best: tuple[int, type] | None = None
+    for m in model.modules():
+        if name is not None and type(m).__name__ == name:
+            return type(m)
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            if best is None or len(m) > best[0]:
+                best = (len(m), type(m[0]))
+    return None if name is not None else (best[1] if best else None)
+
+
+class CausalLM:
+    name = "causal_lm"
+    unit = "tokens"
+    fixed_count = False  # loss tokens per micro-batch are known only once it is read
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+
+    # ---------------------------------------------------------------- rows
+
+    @property
+    def tokenizer(self):
+        d = self.spec.data
+        return _tokenizer(d.tokenizer or "teacher", self.spec.job_dir, self.spec.teacher.model if self.spec.teacher else None)
+
+    @property
+    def vocab(self) -> int:
+        return lms.vocab_size(self.tokenizer)
+
+    def readers(self):
+        """(train rows, eval rows): documents are split before they are packed (kd_ray.data.text)."""
+        return token_readers(self.spec, self.tokenizer)
+
+    def transform(self, train: bool) -> dict:
+        return {"preprocess": None, "augment": None}  # rows are made whole by kd_ray.data.text
+
+    # ---------------------------------------------------------------- models
+
+    def _lm(self, section, gpus: int = 0) -> nn.Module:
+        from kd_ray.weights import load_into
+
+        lm = lms.build_lm(section.model, section.kwargs, self.spec.job_dir, self.vocab, gpus)
+        if section.weights:
+            load_into(lm, section.weights)
+        return lm
+
+    def build_student(self, device: torch.device) -> nn.Module:
+        torch.manual_seed(self.spec.run.seed)  # the same initial weights on every rank
+        return StudentLM(self._lm(self.spec.student), self.vocab).to(device)
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        cls = block_class(model, self.spec.train.fsdp_block)
+        return [m for m in model.modules() if cls is not None and type(m) is cls]
+
+    def load_teacher(self, device: torch.device) -> nn.Module:
+        """The teacher; an actor holding several GPUs places its layers across them."""
+        gpus = int(self.spec.teacher.pool.gpus_per_actor) if device.type == "cuda" else 0
+        return self._lm(self.spec.teacher, gpus)
+
+    def teacher_columns(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+        """Per token that carries loss: top-k log-probs at T=1 (float16), their ids (int32), the
+        exact tail at the job's temperature, and log p(next token); zeros elsewhere."""
+        tokens, positions = (as_tensor(batch[c]).to(device).long() for c in (TOKENS, TOKEN_POS))
+        targets = as_tensor(batch[TARGETS]).to(device).long()
+        decoder, head = decoder_and_head(model)
+        with torch.inference_mode():
+            with autocast(precision, device):
+                hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+            # A teacher placed across GPUs (kd_ray.models.lm.placement_plan) ends on its last one.
+            targets = targets.to(hidden.device)
+            keep = targets >= 0
+            cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device))
+        out = {}
+        for name, values in cols.items():
+            full = torch.zeros((*keep.shape, *values.shape[1:]), dtype=values.dtype, device=hidden.device)
+            full[keep] = values
+            out[name] = full.cpu().numpy()
+        return out
+
+    def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head) -> dict[str, torch.Tensor]:
+        d = self.spec.distill
+        parts = []
+        for a in range(0, len(targets), d.chunk_tokens):
+            logits = head(hidden[a:a + d.chunk_tokens]).float()
+            top = topk_compress(logits, d.top_k, temperatures=d.temperature, dtype=torch.float16)
+            target = F.log_softmax(logits, dim=-1).gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0]
+            parts.append((top.values, top.indices.int(), top.tail_lse, target))
+        if not parts:
+            k = d.top_k
+            parts = [(torch.zeros((0, k), dtype=torch.float16), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, 1)),
+                      torch.zeros(0))]
+        names = (TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB)
+        return {n: torch.cat([p[i].to(hidden.device) for p in parts]) for i, n in enumerate(names)}
+
+    # ---------------------------------------------------------------- training
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return (batch[TARGETS] >= 0).sum().double()
+
+    def _terms(self, model, batch: dict, teacher, denominator, alpha: float) -> TokenTerms:
+        d, t = self.spec.distill, self.spec.train
+        if self.spec.data.packing == "pad":
+            batch = trim(batch)
+        return model(batch[TOKENS].long(), batch[TOKEN_POS].long(), batch[TARGETS].long(), teacher, precision=t.precision,
+                     temperature=d.temperature, alpha=alpha, divergence=d.divergence, beta=d.beta, denominator=denominator,
+                     chunk_tokens=d.chunk_tokens)
+
+    def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler, sync: bool) -> TokenTerms:
+        teacher = teacher_output(batch, self.spec.distill.temperature)
+        alpha = self.spec.distill.alpha if teacher is not None else 0.0
+        with grad_sync(model, sync):
+            terms = self._terms(model, batch, teacher, denominator, alpha)
+            (scaler.scale(terms.loss) if scaler else terms.loss).backward()
+        return terms
+
+    @torch.no_grad()
+    def eval_sums(self, model, batches, device: torch.device) -> torch.Tensor:
+        """[cross-entropy sum, top-1 correct, tokens] of the student over some batches."""
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        model.eval()
+        try:
+            for batch in batches:
+                terms = self._terms(model, batch, None, 1.0, 0.0)
+                sums += torch.stack([terms.ce_sum.double(), terms.correct.double(), self.count(batch).to(device)])
+        finally:
+            model.train()
+        return sums
+
+    def teacher_eval_sums(self, batches, device: torch.device) -> torch.Tensor:
+        """[cross-entropy sum, top-1 correct, tokens, top-k mass sum] of the teacher, from what it sent."""
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        for b in batches:
+            keep = b[TARGETS] >= 0
+            values = b[TOPK_VALUES][keep].float()
+            sums += torch.stack([-b[TARGET_LOGPROB][keep].double().sum(),
+                                 (b[TOPK_INDICES][keep][:, 0].long() == b[TARGETS][keep].long()).sum().double(),
+                                 keep.sum().double(), values.exp().sum().double()])
+        return sums
+
+    def teacher_figures(self, sums: list[float]) -> dict:
+        loss, correct, count, mass = sums
+        mean = loss / max(count, 1)
+        return {"perplexity": math.exp(min(mean, 50.0)), "loss": mean, "accuracy": correct / max(count, 1),
+                "topk_mass": mass / max(count, 1)}
+
+    def figures(self, loss: float, correct: float, count: float) -> dict:
+        mean = loss / max(count, 1)
+        return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_accuracy": correct / max(count, 1),
+                "eval_tokens": int(count)}
+
+    def run_figures(self, trains: list[dict]) -> dict:
+        """The run's loss tokens per second (steady windows) and what the teacher sends per token."""
+        steady = [e for e in trains if not e.get("startup")] or trains
+        seconds = sum(e["window_seconds"] for e in steady)
+        rate = sum(e["samples_per_second"] * e["window_seconds"] for e in steady) / seconds if seconds else None
+        k = self.spec.distill.top_k
+        # Per position: k float16 log-probs, k int32 ids, the fp32 tail at T, the fp32 target log-prob.
+        per_token = k * (2 + 4) + 4 + 4 if self.spec.runs_teacher_pool else None
+        return {"tokens_per_second": round(rate, 1) if rate else None, "teacher_bytes_per_token": per_token}
+
+    # ---------------------------------------------------------------- export
+
+    def exported(self, run_dir: str) -> str:
+        return os.path.join(run_dir, STUDENT_DIR)
+
+    def load_exported(self, path: str) -> nn.Module:
+        """A Hugging Face directory, as `export` writes it."""
+        from transformers import AutoModelForCausalLM
+
+        return StudentLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), self.vocab)
+
+    def export(self, directory: str, state_dict: dict) -> None:
+        """A Hugging Face model directory (config, safetensors, tokenizer) at directory/student."""
+        lm = lms.build_lm(self.spec.student.model, self.spec.student.kwargs, self.spec.job_dir, self.vocab)
+        lm.load_state_dict({k.removeprefix("lm."): v for k, v in state_dict.items()})
+        out = os.path.join(directory, STUDENT_DIR)
+        lm.config.use_cache = True  # for generation by whoever loads it
+        lm.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)

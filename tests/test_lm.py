@@ -1,0 +1,239 @@
+"""Causal-LM distillation without Ray: token rows, the per-token loss, and its normalisation.
+
+- Rows: targets shifted per document before packing (none crosses a document, the last token of
+  each has none, prompt tokens carry none), next-fit packing, every loss token kept once.
+- A packed row gives each document the same loss as the document run alone.
+- The chunked per-token loss equals the dense one at k = V and never holds more than a chunk of
+  logits; reverse KL and JSD(beta) on the same buckets behave as divergences.
+- Normalisation: one global batch gives the same gradient as 1 micro-batch, as 4 micro-batches
+  with uneven token counts, and on 2 gloo workers with uneven tokens per rank (DDP, and FSDP2
+  with activation checkpointing per decoder block), as the Trainer computes its denominator.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import spawn_gloo
+from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
+from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.data.tokens import IGNORE, PAD_DOC, cut, make_rows, pack, shift_targets
+from kd_ray.losses import TopK, bucket_divergence, bucket_log_probs, distill_loss, token_loss, topk_compress
+from kd_ray.models.lm import llama
+from kd_ray.spec import parse
+
+VOCAB, SEQ = 61, 24
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def test_targets_are_shifted_per_document_and_prompts_carry_no_loss():
+    tokens = np.array([5, 6, 7, 8, 9])
+    mask = np.array([False, False, True, True, True])  # a prompt of 2 tokens, a response of 3
+    np.testing.assert_array_equal(shift_targets(tokens, mask), [IGNORE, 7, 8, 9, IGNORE])
+    np.testing.assert_array_equal(shift_targets(tokens, np.ones(5, bool)), [6, 7, 8, 9, IGNORE])
+
+
+def test_cut_and_pack_keep_every_loss_token_once_and_never_cross_a_document():
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(0, VOCAB, n), np.ones(n, bool)) for n in (3, 30, 1, 7, 24, 25, 12)]
+    rows = make_rows(docs, SEQ, "pack")
+    # Every (token, next token) pair of every document is a target exactly once; pieces cut at SEQ
+    # lose only the pair that spans the cut (the next piece starts without context).
+    expected = sorted((int(a), int(b)) for t, _ in docs for piece in (t[i:i + SEQ] for i in range(0, len(t), SEQ))
+                      for a, b in zip(piece[:-1], piece[1:]))
+    got = sorted((int(rows.tokens[r, c]), int(rows.targets[r, c])) for r, c in zip(*np.nonzero(rows.targets != IGNORE)))
+    assert got == expected
+    for r in range(len(rows.tokens)):
+        for c in range(SEQ - 1):
+            if rows.targets[r, c] != IGNORE:  # a target is the next token of the same document
+                assert rows.docs[r, c] == rows.docs[r, c + 1] != PAD_DOC and rows.targets[r, c] == rows.tokens[r, c + 1]
+        starts = np.flatnonzero(rows.positions[r] == 0)
+        assert all(rows.docs[r, s] != rows.docs[r, s - 1] for s in starts if s > 0 and rows.docs[r, s] != PAD_DOC)
+    assert len(cut(np.array([4]), np.ones(1, bool), SEQ)) == 0  # nothing to predict: dropped
+    assert len(pack([(np.arange(3, dtype=np.int32), np.array([1, 2, IGNORE], np.int32))] * 9, 8).tokens) == 5  # next-fit: 2 a row
+
+
+def _tiny_lm(seed: int = 0):
+    torch.manual_seed(seed)
+    return llama(vocab_size=VOCAB, **TINY)
+
+
+def test_a_packed_row_gives_each_document_its_own_loss():
+    lm = _tiny_lm()
+    rng = np.random.default_rng(1)
+    docs = [(rng.integers(0, VOCAB, n), np.ones(n, bool)) for n in (9, 6, 7)]
+    packed = make_rows(docs, SEQ, "pack")
+    assert len(packed.tokens) == 1  # all three share one row
+
+    def per_doc_loss(rows) -> list[float]:
+        decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+        with torch.no_grad():
+            hidden = decoder(input_ids=torch.from_numpy(rows.tokens).long(), position_ids=torch.from_numpy(rows.positions).long(),
+                             use_cache=False).last_hidden_state
+            ce = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), torch.from_numpy(rows.targets).long().flatten(),
+                                                   ignore_index=IGNORE, reduction="none").reshape(rows.targets.shape)
+        docs_of = rows.docs
+        return [float(ce[r][docs_of[r] == d].sum()) for r in range(len(docs_of)) for d in sorted(set(docs_of[r]) - {PAD_DOC})]
+
+    one_by_one = [per_doc_loss(make_rows([d], SEQ, "pad"))[0] for d in docs]
+    np.testing.assert_allclose(per_doc_loss(packed), one_by_one, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def _head(weight):
+    return lambda h: h @ weight.T
+
+
+def test_chunked_token_loss_equals_the_dense_loss_at_k_equals_v():
+    torch.manual_seed(0)
+    n, d = 50, 16
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(VOCAB, d, requires_grad=True)
+    y, t = torch.randint(0, VOCAB, (n,)), 2 * torch.randn(n, VOCAB)
+    top = topk_compress(t, VOCAB, temperatures=2.0, dtype=torch.float32)
+    terms = token_loss(h, _head(w), y, top, temperature=2.0, alpha=0.3, denominator=n, chunk_tokens=7)
+    terms.loss.backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    dense = distill_loss(h @ w.T, t, y, temperature=2.0, alpha=0.3, denominator=n)
+    dense.loss.backward()
+    torch.testing.assert_close(terms.loss, dense.loss)
+    torch.testing.assert_close(got[0], h.grad)
+    torch.testing.assert_close(got[1], w.grad)
+    small = token_loss(h, _head(w), y, topk_compress(t, 5, temperatures=2.0, dtype=torch.float32), temperature=2.0, alpha=1.0,
+                       denominator=n, chunk_tokens=7)
+    assert small.kd_sum <= dense.kd_sum + 1e-4  # k+1 buckets never exceed the dense KL
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_bucket_divergences_are_zero_only_when_the_student_matches(kind):
+    torch.manual_seed(1)
+    t = torch.randn(20, VOCAB)
+    top = topk_compress(t, 8, temperatures=1.0, dtype=torch.float32)
+    same = bucket_divergence(*bucket_log_probs(t, top, 1.0), kind, beta=0.3)
+    other = bucket_divergence(*bucket_log_probs(torch.randn(20, VOCAB), top, 1.0), kind, beta=0.3)
+    assert same.abs().max() < 1e-5 and (other > 1e-3).all()
+    if kind == "jsd":
+        assert (other <= np.log(2) + 1e-6).all()  # a JSD is bounded by log 2 for any beta
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+ROWS = 8
+
+
+def _spec(strategy: str = "ddp", checkpointing: bool = False):
+    return parse({"task": "causal_lm", "run": {"name": "t"}, "data": {"source": "x.jsonl", "tokenizer": "tok.json"},
+                  "student": {"model": "llama"}, "distill": {"temperature": 2.0, "alpha": 0.6, "top_k": 6, "chunk_tokens": 16},
+                  "train": {"max_steps": 1, "global_batch_size": ROWS, "micro_batch_size": 1, "strategy": strategy,
+                            "activation_checkpointing": checkpointing}})
+
+
+def _batches() -> list[dict]:
+    """ROWS rows with very different numbers of loss tokens, and the teacher's top-k for them."""
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
+    targets = torch.roll(tokens, -1, dims=1)
+    for r in range(ROWS):
+        targets[r, (r + 1) * SEQ // (ROWS + 2):] = IGNORE  # row r carries about r+1 tenths of its tokens
+    top = topk_compress(3 * torch.randn(ROWS, SEQ, VOCAB, generator=g), 6, temperatures=2.0, dtype=torch.float32)
+    return [{TOKENS: tokens[r:r + 1], TOKEN_POS: torch.arange(SEQ)[None], TARGETS: targets[r:r + 1], DOCS: torch.zeros(1, SEQ, dtype=torch.long),
+             TOPK_VALUES: top.values[r:r + 1], TOPK_INDICES: top.indices[r:r + 1], TAIL_LSE: top.tail_lse[r:r + 1]}
+            for r in range(ROWS)]
+
+
+def _joined(rows: list[dict]) -> dict:
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+def _train_step(model, task, micro_batches: list[dict], world: int) -> None:
+    """The Trainer's step: the denominator from the step's counts on every rank, then micro-steps."""
+    from kd_ray.train.step import global_denominator
+
+    denominator = global_denominator([task.count(b) for b in micro_batches], world)
+    for i, b in enumerate(micro_batches):
+        task.micro_step(model, b, denominator, torch.device("cpu"), None, sync=i == len(micro_batches) - 1)
+
+
+def _grads(model) -> dict:
+    from kd_ray.train.parallel import unwrap
+    from kd_ray.weights import clean_key
+
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out[clean_key(name)] = g.detach().clone()
+    return out
+
+
+def _student(task):
+    from kd_ray.tasks.causal_lm import StudentLM
+
+    return StudentLM(_tiny_lm(), VOCAB)
+
+
+def _lm_cases(rank: int):
+    """This rank's rows (uneven tokens per rank) as 2 micro-batches of 1 and 3 rows, under DDP,
+    then under FSDP2 with activation checkpointing per decoder block."""
+    from kd_ray.tasks.causal_lm import CausalLM
+    from kd_ray.train.parallel import wrap
+
+    rows = _batches()
+    mine = [rows[i] for i in ((0, 1, 2, 7) if rank == 0 else (3, 4, 5, 6))]
+
+    def run(strategy: str, checkpointing: bool):
+        task = CausalLM(_spec(strategy, checkpointing))
+        student = _student(task)
+        model = wrap(student, strategy, "fp32", torch.device("cpu"), task.fsdp_units(student), checkpointing)
+        _train_step(model, task, [_joined(mine[:1]), _joined(mine[1:])], world=2)
+        return _grads(model)
+
+    return [("ddp", lambda: run("ddp", False)), ("fsdp", lambda: run("fsdp", True))]
+
+
+def test_one_global_batch_gives_one_gradient_however_its_tokens_are_split(tmp_path):
+    from kd_ray.tasks.causal_lm import CausalLM
+
+    task = CausalLM(_spec())
+    rows = _batches()
+    counts = [int(task.count(r)) for r in rows]
+    assert len(set(counts)) == ROWS  # every row carries a different number of loss tokens
+
+    whole = _student(task)
+    _train_step(whole, task, [_joined(rows)], world=1)
+    reference = _grads(whole)
+    split = _student(task)
+    _train_step(split, task, [_joined(rows[:1]), _joined(rows[1:4]), _joined(rows[4:5]), _joined(rows[5:])], world=1)
+    for name, g in _grads(split).items():
+        torch.testing.assert_close(g, reference[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"4 micro-batches, {name}: {m}")
+
+    for rank, result in enumerate(spawn_gloo(_lm_cases, 2, str(tmp_path), 300)):
+        for strategy in ("ddp", "fsdp"):
+            got = result[strategy]
+            assert isinstance(got, dict), f"rank {rank} {strategy}:\n{got}"
+            assert got.keys() == reference.keys()
+            for name, g in got.items():
+                torch.testing.assert_close(g, reference[name], atol=1e-6, rtol=1e-5,
+                                           msg=lambda m: f"2 workers, {strategy}, rank {rank}, {name}: {m}")
+
+
+def test_a_teacher_on_several_gpus_gets_contiguous_even_runs_of_layers():
+    from kd_ray.models.lm import placement_plan
+
+    plan = placement_plan(30, 4)
+    layers = [plan[f"model.layers.{i}"] for i in range(30)]
+    assert layers == sorted(layers) and sorted(set(layers)) == [0, 1, 2, 3]  # contiguous, every GPU used
+    assert max(layers.count(g) for g in range(4)) - min(layers.count(g) for g in range(4)) <= 1  # as even as can be
+    assert plan["model.embed_tokens"] == 0 and plan["model.norm"] == plan["lm_head"] == 3
+    assert set(placement_plan(2, 1).values()) == {0}
+    with pytest.raises(ValueError, match="at least one layer"):
+        placement_plan(2, 3)
