@@ -80,13 +80,39 @@ def topk_compress(
     if not temperatures or min(temperatures) <= 0:
         raise ValueError(f"temperatures={temperatures}: give at least one, all > 0")
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
-        log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-        values, indices = log_p.topk(k, dim=-1)
-        tail = log_p.scatter(-1, indices, float("-inf"))  # logsumexp of an empty tail (k = classes) is -inf
-        tail_lse = torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temperatures], dim=-1)
+        values, indices, tail_lse, _ = topk_parts(teacher_logits.float(), k, temperatures)
     # A log-prob below the storage type's range would become -inf; its class carries no mass either way.
     values = values.clamp(min=torch.finfo(dtype).min).to(dtype)
     return TopK(values, indices.to(topk_index_dtype(num_classes)), tail_lse, temperatures)
+
+
+def topk_parts(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """(top-k log-probs at T=1, their ids, tail log-mass per T, logsumexp(z)) of fp32 logits z.
+
+    A language model's teacher makes this for every token over its whole vocabulary, so it
+    exponentiates z once per temperature and never materialises log_softmax: with
+    e = exp((z - max) / T), the tail's mass is the sum of e with the top k zeroed, which is exact
+    (no 1 - sum(top) cancellation). A row whose whole tail underflows in e (beyond e^-87 of its
+    top class) is recomputed in log space, so a confident teacher's tiny tail stays finite.
+    """
+    mx = z.amax(dim=-1, keepdim=True)
+    values, indices = z.topk(k, dim=-1)
+    e = (z - mx).exp_()
+    lse = mx + e.sum(dim=-1, keepdim=True).log()
+    tails, spent = [], False
+    for t in temperatures:
+        if t == 1.0 and not spent:
+            e_t, spent = e, True  # zeroed in place below: used once
+        else:
+            e_t = ((z - mx) / t).exp_()
+        rest = e_t.scatter_(-1, indices, 0.0).sum(dim=-1, keepdim=True)
+        tail = rest.log() + (mx - lse) / t  # log of an empty tail (k = classes) is -inf
+        lost = ((rest == 0) & (k < z.shape[-1]))[:, 0]  # an underflowed tail, not an empty one
+        if bool(lost.any()):
+            masked = (z[lost] - lse[lost]).scatter(-1, indices[lost], float("-inf")) / t
+            tail[lost] = torch.logsumexp(masked, dim=-1, keepdim=True)
+        tails.append(tail)
+    return values - lse, indices, torch.cat(tails, dim=-1), lse[:, 0]
 
 
 def tail_column(temperatures: tuple[float, ...], temperature: float) -> int:
@@ -120,6 +146,12 @@ def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperatur
 def bucket_log_probs(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probabilities at temperature T over the same k+1 buckets: the
     teacher's top-k classes, then everything else. fp32, shape (N, k+1) each."""
+    log_p, log_q, _ = _buckets(student_logits, teacher, temperature)
+    return log_p, log_q
+
+
+def _buckets(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> tuple[torch.Tensor, ...]:
+    """bucket_log_probs, and the student's logsumexp at T (its softmax's normaliser)."""
     column = tail_column(teacher.temperatures, temperature)
     idx = teacher.indices.long()
     # Teacher: k+1 log-probabilities that sum to one by construction, whatever the storage rounding.
@@ -127,13 +159,19 @@ def bucket_log_probs(student_logits: torch.Tensor, teacher: TopK, temperature: f
     t_tail = teacher.tail_lse[:, column : column + 1].float()
     t_buckets = torch.cat([t_top, t_tail], dim=-1)
     log_p = t_buckets - torch.logsumexp(t_buckets, dim=-1, keepdim=True)
-    # Student: the same buckets. The masked fill is finite, not -inf, so an empty tail (k = classes)
-    # gives a finite log and a zero gradient instead of NaN from exp(-inf - -inf).
-    s = student_logits.float() / temperature
-    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
-    s_tail = torch.logsumexp(s.masked_fill(in_top, torch.finfo(s.dtype).min), dim=-1, keepdim=True)
-    log_q = torch.cat([s.gather(-1, idx), s_tail], dim=-1) - torch.logsumexp(s, dim=-1, keepdim=True)
-    return log_p, log_q
+    # Student: the same buckets, from one exponential of its logits (over a language model's
+    # vocabulary the exp is most of the loss's time): the tail's mass is the sum with the top k
+    # zeroed, exact. An empty tail (k = classes) is clamped rather than log(0) = -inf, so its
+    # gradient is zero instead of NaN.
+    s = student_logits.float()
+    s = s / temperature if temperature != 1.0 else s  # a pass over the vocabulary saved at T = 1
+    m = s.detach().amax(dim=-1, keepdim=True)
+    e = (s - m).exp()
+    lse = m + e.sum(dim=-1, keepdim=True).log()
+    rest = e.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
+    s_tail = m + rest.clamp_min(torch.finfo(s.dtype).tiny).log()
+    log_q = torch.cat([s.gather(-1, idx), s_tail], dim=-1) - lse
+    return log_p, log_q, lse
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -211,14 +249,21 @@ class TokenTerms(NamedTuple):
 
 def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[TopK], temperature: float,
                       alpha: float, divergence: str, beta: float) -> torch.Tensor:
-    """[loss, kd, ce, correct] summed over one chunk of tokens; its logits live only in here."""
+    """[loss, kd, ce, correct] summed over one chunk of tokens; its logits live only in here. The
+    top-1 count (an argmax over the vocabulary, a tenth of a training chunk's time) is taken only
+    outside training, where it is reported; training counts 0."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = head(hidden).float()
-        ce = F.cross_entropy(logits, targets.long(), reduction="sum")
-        correct = (logits.detach().argmax(dim=-1) == targets).sum().float()
+        training = torch.is_grad_enabled() and hidden.requires_grad
+        correct = torch.zeros((), device=logits.device) if training else (logits.argmax(dim=-1) == targets).sum().float()
         if teacher is None:
+            ce = F.cross_entropy(logits, targets.long(), reduction="sum")
             return torch.stack([ce, torch.zeros_like(ce), ce, correct])
-        log_p, log_q = bucket_log_probs(logits, teacher, temperature)
+        log_p, log_q, lse = _buckets(logits, teacher, temperature)
+        if temperature == 1.0:  # the buckets' normaliser is the softmax's: no second pass over the vocabulary
+            ce = (lse[:, 0] - logits.gather(-1, targets.long()[:, None])[:, 0]).sum()
+        else:
+            ce = F.cross_entropy(logits, targets.long(), reduction="sum")
         kd = bucket_divergence(log_p, log_q, divergence, beta).sum() * temperature**2
         return torch.stack([mix(kd, ce, alpha), kd, ce, correct])
 

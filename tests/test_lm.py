@@ -237,3 +237,93 @@ def test_a_teacher_on_several_gpus_gets_contiguous_even_runs_of_layers():
     assert set(placement_plan(2, 1).values()) == {0}
     with pytest.raises(ValueError, match="at least one layer"):
         placement_plan(2, 3)
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory) -> dict:
+    """A teacher directory with its own tokenizer, another tokenizer, and JSON-lines data."""
+    import json
+
+    from test_jobs import _tiny_hf_dir
+    from test_lm_end_to_end import _tokenizer
+
+    root = tmp_path_factory.mktemp("lm_mistakes")
+    text = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void."] * 10
+    tokenizer = _tokenizer(text)
+    teacher = _tiny_hf_dir(root / "teacher", tokenizer, 1)
+    other = _tokenizer([t.upper() for t in text])
+    other.save_pretrained(root / "other")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "q": t, "a": t}) + "\n" for t in text))
+    return {"root": root, "teacher": teacher, "other": str(root / "other" / "tokenizer.json"), "data": str(data)}
+
+
+def _lm_job(files, **data) -> dict:
+    return {"task": "causal_lm", "run": {"name": "m", "storage_path": str(files["root"] / "runs")},
+            "data": {"source": files["data"], "text": "text", "tokenizer": "teacher", "max_seq_len": 64, **data},
+            "teacher": {"model": files["teacher"]},
+            "student": {"model": "llama", "kwargs": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                     "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 128}},
+            "distill": {"top_k": 8}, "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2}}
+
+
+MISTAKES = [
+    ("a tokenizer that is not the teacher's", lambda f, j: j["data"].update(tokenizer=f["other"]), "data.tokenizer"),
+    ("a vocabulary the student cannot hold", lambda f, j: j["student"]["kwargs"].update(vocab_size=10), "student.kwargs"),
+    ("max_seq_len beyond the student's positions", lambda f, j: j["data"].update(max_seq_len=200), "data.max_seq_len"),
+    ("a prompt without a response", lambda f, j: j["data"].update(text=None, prompt="q"), "data.response"),
+    ("a response column that is not there", lambda f, j: j["data"].update(text=None, prompt="q", response="answer"), "data.response"),
+    ("a text column that is not there", lambda f, j: j["data"].update(text="body"), "data.text"),
+    ("k larger than the vocabulary", lambda f, j: j["distill"].update(top_k=100_000), "distill.top_k"),
+    ("no tokenizer and no teacher", lambda f, j: (j.pop("teacher"), j["data"].update(tokenizer=None)), "data.tokenizer"),
+    ("an LM cache (not yet)", lambda f, j: j["teacher"].update(mode="cached", cache={"path": "c"}), "teacher.mode"),
+    ("a model that is not a language model", lambda f, j: j["student"].update(model="resnet18"), "student.model"),
+    ("an unknown built-in text", lambda f, j: j["data"].update(source="builtin:bible"), "data.source"),
+]
+
+
+@pytest.mark.parametrize("what,mistake,field", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_each_lm_mistake_is_one_line_naming_the_field(lm_files, tmp_path, capsys, what, mistake, field):
+    import copy
+
+    from conftest import write_job
+    from kd_ray.cli import main
+
+    assert main(["validate", write_job(tmp_path / "ok.yaml", _lm_job(lm_files))]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    job = copy.deepcopy(_lm_job(lm_files))
+    mistake(lm_files, job)
+    code = main(["validate", write_job(tmp_path / "job.yaml", job)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"kd-ray: error: {field}: "), (code, err)
+    assert "Traceback" not in err
+
+
+def test_a_classifier_refuses_lm_only_settings(tmp_path, capsys):
+    from conftest import digits_job, write_job
+    from kd_ray.cli import main
+
+    for section, key, value, field in (("distill", "loss", "jsd", "distill.loss"), ("data", "text", "text", "data.text")):
+        job = digits_job(tmp_path, "c")
+        job.setdefault(section, {})[key] = value
+        assert main(["validate", write_job(tmp_path / "c.yaml", job)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"kd-ray: error: {field}: ") and "\n" not in err, err
+
+
+def test_padded_rows_are_trimmed_per_micro_batch_to_a_multiple_of_64():
+    from kd_ray.tasks.causal_lm import trim
+
+    docs = [(np.arange(n) % VOCAB, np.ones(n, bool)) for n in (70, 5)]
+    rows = make_rows(docs, 256, "pad")
+    batch = {TOKENS: torch.from_numpy(rows.tokens), DOCS: torch.from_numpy(rows.docs), TARGETS: torch.from_numpy(rows.targets),
+             TOKEN_POS: torch.from_numpy(rows.positions), "id": torch.arange(2)}
+    out = trim(batch)
+    assert out[TOKENS].shape == (2, 128) and out["id"].shape == (2,)  # 70 tokens -> 128; per-row columns untouched
+    assert (out[TARGETS] != IGNORE).sum() == (batch[TARGETS] != IGNORE).sum()  # no loss token lost
+    short = trim({k: v[1:] for k, v in batch.items()})
+    assert short[TOKENS].shape == (1, 64)

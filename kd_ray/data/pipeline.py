@@ -53,7 +53,7 @@ def _split_layouts(spec: "JobSpec", reader, eval_reader) -> tuple[order.Layout, 
     window = data.shuffle_window
 
     def layout(units, r):
-        return order.Layout(units, random_access=r.random_access, window=window)
+        return order.Layout(units, random_access=r.random_access, window=window, chunk_rows=r.chunk_rows)
 
     def every(i):
         return np.ones(len(i), dtype=bool)

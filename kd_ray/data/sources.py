@@ -180,6 +180,7 @@ class ArrayReader:
     a sample is its row number."""
 
     random_access = True
+    chunk_rows = UNIT_ROWS  # rows per chunk of a global shuffle (kd_ray.data.order.Layout)
 
     def __init__(self, arrays: Arrays, shape: list[int] | None):
         x = arrays.x.reshape((len(arrays.x), *shape)) if shape else arrays.x
@@ -206,6 +207,7 @@ class ParquetReader:
     path relative to the source and the row's number in that file."""
 
     random_access = False
+    chunk_rows = UNIT_ROWS  # unused: without random access a chunk is `window` row groups
 
     def __init__(self, source: str, data: "DataSpec", field: str):
         import pyarrow.dataset as pads

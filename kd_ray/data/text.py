@@ -128,14 +128,22 @@ def tokenize(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[int
     return [(r["id"], *done[r["id"]]) for r in records]
 
 
+# Tokens per unit and per chunk of the stream: one read task's rows, which the teacher pool
+# answers as one block. A classifier's 1,024 samples are milliseconds of a teacher; 1,024 rows of
+# 256 tokens were minutes of a CPU teacher before the first block reached the student.
+TOKENS_PER_CHUNK = 16_384
+
+
 class TokenRowReader:
-    """Token rows held in memory, cut into units of UNIT_ROWS rows like an in-memory source
-    (kd_ray.data.sources.ArrayReader): the id of a row is its number."""
+    """Token rows held in memory, cut into units of `unit_rows` rows like an in-memory source
+    (kd_ray.data.sources.ArrayReader): the id of a row is its number. The chunks of a global
+    shuffle are as large as the units (the order of rows does not depend on it)."""
 
     random_access = True
 
     def __init__(self, rows: Rows, unit_rows: int = 1024):
         self.rows, self.unit_rows = rows, unit_rows
+        self.chunk_rows = unit_rows
 
     def __len__(self) -> int:
         return len(self.rows.tokens)
@@ -173,6 +181,7 @@ def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
 
     def rows(part: list[dict]) -> TokenRowReader:
         docs = tokenize(part, data, tokenizer)
-        return TokenRowReader(make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing))
+        rows = make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing)
+        return TokenRowReader(rows, unit_rows=max(1, TOKENS_PER_CHUNK // data.max_seq_len))
 
     return rows(train), rows(held)

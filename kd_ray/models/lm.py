@@ -138,16 +138,18 @@ def build_lm(name: str, kwargs: dict, job_dir: str | None, vocab_size: int, gpus
 
 
 def load_tokenizer(name: str, job_dir: str | None, teacher: str | None = None):
-    """A fast tokenizer: a tokenizer.json file, a directory holding one, or `teacher` (the
-    teacher model's own, `teacher` naming it)."""
+    """A fast tokenizer: a tokenizer.json file, a directory holding one, `teacher` (the teacher
+    model's own, `teacher` naming it), or a model name whose tokenizer it is (a built-in or a .gguf)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if name == "teacher":
         if teacher is None:
             raise LMError("data.tokenizer: teacher names the teacher's tokenizer, but the job has no teacher; give a tokenizer file")
-        source = model_dir(teacher, job_dir)
+        name = teacher
+    if name in BUILTIN_LMS or name.endswith(".gguf") or ":" in name:
+        source = model_dir(name, job_dir) if ":" not in name else None
         if source is None:
-            raise LMError(f"data.tokenizer: teacher: {teacher} ships no tokenizer; give data.tokenizer a tokenizer.json")
+            raise LMError(f"data.tokenizer: {name} ships no tokenizer; give data.tokenizer a tokenizer.json")
         return AutoTokenizer.from_pretrained(source)
     path = name if os.path.isabs(name) else os.path.join(job_dir or os.getcwd(), name)
     if os.path.isfile(path):

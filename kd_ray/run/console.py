@@ -3,6 +3,7 @@ per event, the failure lines, and the summary table at the end."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -62,8 +63,9 @@ def _start_line(e: dict) -> str:
 
 
 def _train_line(e: dict) -> str:
+    ppl = f"  ppl {math.exp(min(e['ce_loss'], 50.0)):.2f}" if e.get("unit") == "tokens" else ""  # the window's, per token
     return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {fmt(e['loss'])}  "
-            f"kd {fmt(e['kd_loss'])}  ce {fmt(e['ce_loss'])}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
+            f"kd {fmt(e['kd_loss'])}  ce {fmt(e['ce_loss'])}{ppl}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
             f"{e['samples_per_second']:.0f} {e.get('unit', 'samples')}/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
             + (f"  teacher {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else ""))
 

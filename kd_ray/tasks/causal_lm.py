@@ -26,7 +26,7 @@ from torch import nn
 from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
-from kd_ray.losses import TokenTerms, TopK, token_loss, topk_compress
+from kd_ray.losses import TokenTerms, TopK, token_loss, topk_parts
 from kd_ray.models import lm as lms
 from kd_ray.signals import as_tensor, teacher_output
 from kd_ray.spec import JobSpec
@@ -174,9 +174,10 @@ class CausalLM:
         parts = []
         for a in range(0, len(targets), d.chunk_tokens):
             logits = head(hidden[a:a + d.chunk_tokens]).float()
-            top = topk_compress(logits, d.top_k, temperatures=d.temperature, dtype=torch.float16)
-            target = F.log_softmax(logits, dim=-1).gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0]
-            parts.append((top.values, top.indices.int(), top.tail_lse, target))
+            values, indices, tails, lse = topk_parts(logits, d.top_k, (float(d.temperature),))
+            target = logits.gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0] - lse
+            values = values.clamp(min=torch.finfo(torch.float16).min).half()
+            parts.append((values, indices.int(), tails, target))
         if not parts:
             k = d.top_k
             parts = [(torch.zeros((0, k), dtype=torch.float16), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, 1)),
