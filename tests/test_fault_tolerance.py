@@ -286,15 +286,18 @@ class Node:
 
     def __init__(self, cluster, resources: dict):
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            ["ray", "start", "--block", "--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-             "--resources", json.dumps(resources), "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
         before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         end = time.time() + 180  # a loaded 2-core machine can take a while to start a raylet
         self.node_id = None
         while self.node_id is None and time.time() < end:
+            # `ray start` gives up by itself when the GCS is slow to answer ("timed out during
+            # startup", seen once late in a long session): start it again, the test is not about that.
+            if getattr(self, "proc", None) is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    ["ray", "start", "--block", "--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+                     "--resources", json.dumps(resources), "--disable-usage-stats"],
+                    stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
             new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]
             self.node_id = new[0] if new else None
             time.sleep(0.5)
@@ -304,7 +307,10 @@ class Node:
             raise AssertionError("the node did not join: " + self.log.read().decode(errors="replace")[-3000:])
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # a `ray start` that had already given up
+            pass
         self.proc.wait()
 
 
