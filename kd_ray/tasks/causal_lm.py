@@ -115,8 +115,9 @@ class CausalLM:
         d = self.spec.data
         return _tokenizer(d.tokenizer or "teacher", self.spec.job_dir, self.spec.teacher.model if self.spec.teacher else None)
 
-    @property
+    @functools.cached_property
     def vocab(self) -> int:
+        """The tokenizer's real vocabulary (asked for at every teacher batch: counted once)."""
         return lms.vocab_size(self.tokenizer)
 
     def readers(self):
