@@ -43,7 +43,7 @@ def _check_columns(spec: JobSpec) -> None:
 
 
 def _check_source(source: str, spec: JobSpec, field: str) -> None:
-    from kd_ray.data.text import BUILTIN_TEXTS, columns_of
+    from kd_ray.data.text import BUILTIN_TEXTS, columns_of, field_of
 
     if source.startswith("builtin:"):
         if source.removeprefix("builtin:") not in BUILTIN_TEXTS:
@@ -54,8 +54,7 @@ def _check_source(source: str, spec: JobSpec, field: str) -> None:
     columns = _columns(source, field)
     for column in columns_of(spec.data):
         if column not in columns:
-            which = next((f for f in ("tokens", "prompt", "response", "text") if getattr(spec.data, f) == column), "text")
-            raise UserError(f"data.{which}", f"no column '{column}' in {os.path.basename(source)}; it has: {', '.join(columns)}")
+            raise UserError(f"data.{field_of(spec.data, column)}", f"no column '{column}' in {os.path.basename(source)}; it has: {', '.join(columns)}")
 
 
 def _columns(source: str, field: str) -> list[str]:

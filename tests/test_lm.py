@@ -21,7 +21,7 @@ from conftest import spawn_gloo
 from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
 from kd_ray.data.tokens import IGNORE, PAD_DOC, cut, make_rows, pack, shift_targets
-from kd_ray.losses import TopK, bucket_divergence, bucket_log_probs, distill_loss, token_loss, topk_compress
+from kd_ray.losses import bucket_divergence, bucket_log_probs, distill_loss, token_loss, topk_compress
 from kd_ray.models.lm import llama
 from kd_ray.spec import parse
 

@@ -77,14 +77,15 @@ def read_records(source: str, data: "DataSpec", field: str) -> list[dict]:
         records = table.to_pylist()
     missing = [c for c in cols if records and c not in records[0]]
     if missing:
-        raise UserError(f"data.{_field_of(data, missing[0])}", f"no column '{missing[0]}' in {os.path.basename(source)}; "
+        raise UserError(f"data.{field_of(data, missing[0])}", f"no column '{missing[0]}' in {os.path.basename(source)}; "
                         f"it has: {', '.join(records[0])}")
     for i, r in enumerate(records):
         r["id"] = int(r[data.id_column]) if data.id_column else i
     return records
 
 
-def _field_of(data: "DataSpec", column: str) -> str:
+def field_of(data: "DataSpec", column: str) -> str:
+    """The job-file field (tokens, prompt, response, text) that names a source column."""
     return next((f for f in ("tokens", "prompt", "response", "text") if getattr(data, f) == column), "text")
 
 

@@ -164,13 +164,13 @@ class Trainer:
         over the step's micro-batches on every rank (one all-reduce) before the first backward."""
         it, accumulation = iter(batches), self.plan.accumulation
         while self.step < self.plan.total_steps:  # every rank reaches the last step on the same micro-batch
-            group = [b for _, b in zip(range(accumulation), it)] if not self.task.fixed_count else None
-            if group is None:
+            if self.task.fixed_count:
                 batch = next(it, None)
                 if batch is None:
                     return
                 yield batch, self.plan.loss_denominator
                 continue
+            group = [b for _, b in zip(range(accumulation), it)]
             if len(group) < accumulation:
                 return
             denominator = global_denominator([self.task.count(b).to(self.device) for b in group], self.world)
