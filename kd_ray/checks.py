@@ -65,6 +65,8 @@ def _check(spec: JobSpec) -> None:
         from kd_ray.checks_lm import check_lm
 
         check_lm(spec)
+        if spec.teacher is not None and spec.teacher.cache is not None:
+            check_token_cache(spec)
         return
     _check_classifier(spec)
 
@@ -144,7 +146,7 @@ def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple
 def check_cache(spec: JobSpec, classes: int | None) -> None:
     """The teacher.cache block: a format its options fit, and a top-k with room in the classes
     (when they are known: here from the sample shape, in `kd-ray cache` from the data)."""
-    cache, distill = spec.teacher.cache, spec.distill
+    cache = spec.teacher.cache
     if cache.format == "full":
         for name in ("k", "temperatures"):
             if getattr(cache, name) is not None:
@@ -156,6 +158,24 @@ def check_cache(spec: JobSpec, classes: int | None) -> None:
         raise UserError("teacher.cache.k", "format: topk needs k, the number of classes kept per sample (e.g. k: 10)")
     if classes is not None and cache.k > classes:
         raise UserError("teacher.cache.k", f"k={cache.k} but the teacher gives {classes} classes; use k <= {classes} (or format: full)")
+    check_cache_temperatures(spec)
+
+
+def check_token_cache(spec: JobSpec) -> None:
+    """A language model's cache holds the teacher's top-k per token (kd_ray.cache_tokens)."""
+    cache = spec.teacher.cache
+    if cache.format != "topk":
+        raise UserError("teacher.cache.format", "a language model's cache holds the teacher's top-k per token (a full row of "
+                        "its vocabulary would cost ~100 KB a token); use format: topk, or leave it out")
+    if cache.k is not None and cache.k != spec.distill.top_k:
+        raise UserError("teacher.cache.k", f"{cache.k} is not distill.top_k ({spec.distill.top_k}): a language model's cache keeps "
+                        "distill.top_k log-probabilities per token; remove teacher.cache.k and set distill.top_k")
+    check_cache_temperatures(spec)
+
+
+def check_cache_temperatures(spec: JobSpec) -> None:
+    """A top-k cache's temperatures: each > 0, and the job's among them when it trains from it."""
+    cache, distill = spec.teacher.cache, spec.distill
     if cache.temperatures is not None and (not cache.temperatures or min(cache.temperatures) <= 0):
         raise UserError("teacher.cache.temperatures", f"{cache.temperatures}: give one or more temperatures, all > 0")
     if spec.teacher.cached:

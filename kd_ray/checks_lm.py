@@ -16,8 +16,6 @@ def check_lm(spec: JobSpec) -> None:
     _check_source(d.source, spec, "data.source")
     if d.eval_source:
         _check_source(d.eval_source, spec, "data.eval_source")
-    if spec.teacher is not None and spec.teacher.cached:
-        raise UserError("teacher.mode", "a teacher-output cache for task: causal_lm is not available yet; use teacher.mode: online")
     if d.tokenizer is None and spec.teacher is None:
         raise UserError("data.tokenizer", "a job with no teacher needs a tokenizer: a tokenizer.json or a directory holding one")
     tokenizer = _tokenizer(spec)

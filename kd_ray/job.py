@@ -130,9 +130,7 @@ def _open_cache(spec: JobSpec, data: pipeline.Sources, echo: Echo):
     from kd_ray import cache
 
     opened = cache.open_for_training(spec, data)
-    out = opened.manifest["outputs"]
-    kind = f"top-{out['k']} {out['dtype']}" if out["format"] == "topk" else f"full {out['dtype']} logits"
-    echo(f"teacher: cached outputs ({kind}) from {spec.teacher.cache.path}: {len(opened.manifest['shards'])} shards checked")
+    echo(f"teacher: cached outputs ({opened.train.codec.describe_outputs()}) from {spec.teacher.cache.path}: {len(opened.manifest['shards'])} shards checked")
     return opened
 
 

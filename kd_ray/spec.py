@@ -83,6 +83,8 @@ class DataSpec(_Section):
     tokenizer: Optional[str] = Field(None, description="causal_lm: a tokenizer.json, a directory holding one, or 'teacher'")
     max_seq_len: int = Field(512, ge=2, description="causal_lm: tokens per row; longer documents are cut")
     packing: Literal["pack", "pad"] = Field("pack", description="causal_lm: pack documents into rows, or one per row padded")
+    max_documents: Optional[int] = Field(None, ge=1, description="causal_lm: read only the first N documents of data.source "
+                                                                 "(a sample of a large corpus, e.g. to capture a cache of)")
     stream: Literal["auto", "ray_data"] = Field(
         "auto", description="auto: with no teacher pool, data in memory and CPU workers, each train worker reads its own "
                             "micro-batches (kd_ray.data.pipeline.LocalStream); ray_data: always through Ray Data's stream")
@@ -243,6 +245,15 @@ class JobSpec(_Section):
     # Where the job file lives: its directory is importable and anchors relative paths.
     job_dir: str = ""
 
+    @model_validator(mode="after")
+    def _token_cache(self):
+        # A language model's cache is always a top-k per token (kd_ray.checks_lm refuses format:
+        # full, whose rows of a 49k vocabulary would be ~100 KB a token), so the format may be left out.
+        cache = self.teacher.cache if self.teacher is not None else None
+        if self.task == "causal_lm" and cache is not None and "format" not in cache.model_fields_set:
+            cache.format = "topk"
+        return self
+
     @property
     def run_dir(self) -> str:
         return os.path.join(self.run.storage_path, self.run.name)
@@ -384,7 +395,7 @@ FIXED_ON_RESUME = (
 DISTILL_FIXED = ("loss", "temperature", "alpha")
 # A language model's run is also a function of how its rows are made and what the teacher sends.
 LM_FIXED_ON_RESUME = ("task", "data.text", "data.prompt", "data.response", "data.tokens", "data.tokenizer",
-                      "data.max_seq_len", "data.packing", "distill.beta", "distill.top_k")
+                      "data.max_seq_len", "data.packing", "data.max_documents", "distill.beta", "distill.top_k")
 
 
 def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:

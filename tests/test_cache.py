@@ -22,8 +22,9 @@ import torch
 import conftest
 import faults
 from conftest import ROOT, TEACHER_SPEC, run_cli, write_job
-from kd_ray import cache
-from kd_ray.data import ID, TAIL_LSE, TEACHER
+from kd_ray import cache, shards
+from kd_ray.cache_samples import SampleCodec, encode, shard_table
+from kd_ray.data import ID, TAIL_LSE, TEACHER, X
 from kd_ray.losses import distill_loss, topk_compress
 from kd_ray.registry import build_model
 from kd_ray.weights import load_into, read_state_dict, save
@@ -57,34 +58,34 @@ def shards_of(path: str) -> dict[str, bytes]:
                                      {**TOPK, "classes": 1000, "k": 20}], ids=["full32", "full16", "topk_bf16", "topk16", "topk1000"])
 def test_shard_round_trip_and_same_bytes(outputs):
     logits = torch.randn(37, outputs["classes"], generator=torch.Generator().manual_seed(0)) * 4
-    columns = cache.encode(logits, outputs)
-    digests = cache.input_digests(np.random.default_rng(0).random((37, 1, 8, 8), dtype=np.float32))
-    data = cache.to_parquet(cache.shard_table(np.arange(37) * 7, digests, columns))
-    same = cache.to_parquet(cache.shard_table(np.arange(37) * 7, digests.copy(), cache.encode(logits, outputs)))
+    columns = encode(logits, outputs)
+    digests = shards.input_digests(np.random.default_rng(0).random((37, 1, 8, 8), dtype=np.float32))
+    data = shards.to_parquet(shard_table(np.arange(37) * 7, digests, columns))
+    same = shards.to_parquet(shard_table(np.arange(37) * 7, digests.copy(), encode(logits, outputs)))
     assert same == data  # a unit's shard is one byte string
-    back = cache.decode(data)
+    back = shards.decode(data)
     np.testing.assert_array_equal(back[ID], np.arange(37) * 7)
-    np.testing.assert_array_equal(back[cache.ROW], np.arange(37))
-    assert back[cache.INPUT].dtype == np.uint64
-    np.testing.assert_array_equal(back[cache.INPUT], digests)
+    np.testing.assert_array_equal(back[shards.ROW], np.arange(37))
+    assert back[shards.INPUT].dtype == np.uint64
+    np.testing.assert_array_equal(back[shards.INPUT], digests)
     for name, values in columns.items():
         assert back[name].dtype == values.dtype and back[name].shape == values.shape
         np.testing.assert_array_equal(back[name], values)
-    assert set(cache.schema(outputs)) == set(back)
+    assert set(SampleCodec(outputs).schema()) == set(back)
 
 
 def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
     x = np.random.default_rng(1).random((50, 3, 4), dtype=np.float32)
-    d = cache.input_digests(x)
+    d = shards.input_digests(x)
     assert len(set(d.tolist())) == 50
-    np.testing.assert_array_equal(d, cache.input_digests(x.copy()))
-    np.testing.assert_array_equal(d[[4, 2]], cache.input_digests(x[[4, 2]]))  # a row's digest is its own
+    np.testing.assert_array_equal(d, shards.input_digests(x.copy()))
+    np.testing.assert_array_equal(d[[4, 2]], shards.input_digests(x[[4, 2]]))  # a row's digest is its own
     y = x.copy()
     y[7, 2, 3] = np.nextafter(y[7, 2, 3], np.float32(2))  # the smallest change a float32 allows
-    assert (cache.input_digests(y) != d).tolist() == [i == 7 for i in range(50)]
-    assert not (cache.input_digests(x.astype(np.float64)) == d).any()
-    assert not (cache.input_digests(x.reshape(50, 4, 3)) == d).any()
-    assert not (cache.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
+    assert (shards.input_digests(y) != d).tolist() == [i == 7 for i in range(50)]
+    assert not (shards.input_digests(x.astype(np.float64)) == d).any()
+    assert not (shards.input_digests(x.reshape(50, 4, 3)) == d).any()
+    assert not (shards.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
 
 
 def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
@@ -93,19 +94,19 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     from kd_ray.signals import teacher_output
 
     outputs = {**TOPK, "temperatures": [1.0, 2.0, 4.0]}
-    store = cache.Store(str(tmp_path))
+    store = shards.Store(str(tmp_path))
     logits = [torch.randn(n, 10, generator=torch.Generator().manual_seed(n)) * 3 for n in (5, 8)]
     inputs = [np.random.default_rng(n).random((n, 64), dtype=np.float32) for n in (5, 8)]
     files = {}
     for unit, z in enumerate(logits):
-        data = cache.to_parquet(cache.shard_table(np.arange(len(z)) + 100 * unit, cache.input_digests(inputs[unit]), cache.encode(z, outputs)))
-        files[unit] = cache.shard_name("source", unit, cache._sha256(data))
+        data = shards.to_parquet(shard_table(np.arange(len(z)) + 100 * unit, shards.input_digests(inputs[unit]), encode(z, outputs)))
+        files[unit] = shards.shard_name("source", unit, shards.sha256(data))
         store.write(files[unit], data)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    reader = cache.CacheReader("source", store, outputs, files, temperature=4.0, contents=None)
+    reader = cache.CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, contents=None)
     units, rows = np.array([1, 0, 1, 0]), np.array([7, 2, 0, 4])
     x = np.stack([inputs[u][r] for u, r in zip(units, rows)])
-    columns = reader.read(units, rows, ids=units * 100 + rows, x=x)
+    columns = reader.read(units, rows, {ID: units * 100 + rows, X: x})
     assert columns[TAIL_LSE].shape == (4, 1)
     got = teacher_output({k: torch.from_numpy(v) for k, v in columns.items()}, temperature=4.0)
     live = topk_compress(torch.stack([logits[u][r] for u, r in zip(units, rows)]), 4, temperatures=4.0, dtype=torch.bfloat16)
@@ -116,10 +117,10 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     kw = dict(temperature=4.0, alpha=0.5, denominator=4.0)
     torch.testing.assert_close(distill_loss(student, got, labels, **kw).loss, distill_loss(student, live, labels, **kw).loss)
     with pytest.raises(RuntimeError, match=r"^data.source: 4 of 4 rows read \(the first with id 108\) differ from the inputs"):
-        reader.read(units, rows, ids=units * 100 + rows + 1, x=x)
+        reader.read(units, rows, {ID: units * 100 + rows + 1, X: x})
     x[2, 5] += 1  # the source rewritten under the cache: same ids, another input
     with pytest.raises(RuntimeError, match=r"^data.source: 1 of 4 rows read \(the first with id 100\) .* `kd-ray cache JOB.yaml` again$"):
-        reader.read(units, rows, ids=units * 100 + rows, x=x)
+        reader.read(units, rows, {ID: units * 100 + rows, X: x})
 
 
 def test_mismatch_rules():
@@ -179,16 +180,16 @@ def test_capture_holds_the_teachers_outputs(full_cache, teacher_weights):
     assert manifest["teacher"]["model"] == "convnet" and manifest["outputs"]["format"] == "full"
     assert manifest["schema"] == {"id": "int64", "row": "int32", "input_digest": "uint64",
                                   "teacher_logits": "fixed_size_list<item: float>[10]"}
-    shards = shards_of(full_cache["path"])
-    assert sorted(shards) == sorted(s["file"] for s in manifest["shards"])
+    files = shards_of(full_cache["path"])
+    assert sorted(files) == sorted(s["file"] for s in manifest["shards"])
     for s in manifest["shards"]:
-        assert cache._sha256(shards[s["file"]]) == s["sha256"]
-    columns = [cache.decode(shards[s["file"]]) for s in manifest["shards"]]
+        assert shards.sha256(files[s["file"]]) == s["sha256"]
+    columns = [shards.decode(files[s["file"]]) for s in manifest["shards"]]
     ids = np.concatenate([c[ID] for c in columns])
     np.testing.assert_array_equal(ids, np.arange(1797))  # every sample, train and eval rows alike
     x, _ = load_digits(return_X_y=True)
     x = x.astype(np.float32).reshape(-1, 1, 8, 8)  # as the source gives it (data.shape), before preprocessing
-    np.testing.assert_array_equal(np.concatenate([c[cache.INPUT] for c in columns]), cache.input_digests(x))
+    np.testing.assert_array_equal(np.concatenate([c[shards.INPUT] for c in columns]), shards.input_digests(x))
     direct = teacher_logits(teacher_weights, x * 0.0625)
     np.testing.assert_allclose(np.concatenate([c[TEACHER] for c in columns]), direct, rtol=1e-5, atol=1e-5)
     s = full_cache["summary"]

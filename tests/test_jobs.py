@@ -77,6 +77,23 @@ def test_lm_quickstart_job_is_valid():
     assert num_parameters(student) < 135_000_000 / 10
 
 
+def test_lm_quickstart_offline_is_the_online_run_from_a_cache():
+    """The offline quickstart trains the online one's run from its cache: every field that makes
+    the run (its resume fingerprint) and the cache's identity is the same; only how the teacher's
+    outputs arrive, the pool's size and the student's cores differ."""
+    from kd_ray.spec import FIXED_ON_RESUME, LM_FIXED_ON_RESUME
+
+    online, offline = load_job(job("lm_quickstart.yaml")), load_job(job("lm_quickstart_offline.yaml"))
+    assert offline.teacher.cached and not online.teacher.cached
+    assert offline.teacher.cache.path == online.teacher.cache.path and offline.teacher.cache.format == "topk"
+    a, b = online.model_dump(mode="json"), offline.model_dump(mode="json")
+    for key in FIXED_ON_RESUME + LM_FIXED_ON_RESUME + ("train.max_steps", "train.micro_batch_size", "train.num_workers"):
+        node_a, node_b = a, b
+        for part in key.split("."):
+            node_a, node_b = node_a[part], node_b[part]
+        assert node_a == node_b, key
+
+
 def _tiny_hf_dir(path, tokenizer, layers: int) -> str:
     from kd_ray.models.lm import llama
 

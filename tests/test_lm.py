@@ -279,7 +279,7 @@ MISTAKES = [
     ("a text column that is not there", lambda f, j: j["data"].update(text="body"), "data.text"),
     ("k larger than the vocabulary", lambda f, j: j["distill"].update(top_k=100_000), "distill.top_k"),
     ("no tokenizer and no teacher", lambda f, j: (j.pop("teacher"), j["data"].update(tokenizer=None)), "data.tokenizer"),
-    ("an LM cache (not yet)", lambda f, j: j["teacher"].update(mode="cached", cache={"path": "c"}), "teacher.mode"),
+    ("an LM cache of full logits", lambda f, j: j["teacher"].update(mode="cached", cache={"path": "c", "format": "full"}), "teacher.cache.format"),
     ("a model that is not a language model", lambda f, j: j["student"].update(model="resnet18"), "student.model"),
     ("an unknown built-in text", lambda f, j: j["data"].update(source="builtin:bible"), "data.source"),
 ]

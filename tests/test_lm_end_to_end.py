@@ -16,6 +16,7 @@ Ray Data actors, top-k + tail per token) and trained without it on the same budg
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
@@ -95,11 +96,10 @@ def lm_job(root, name: str, teacher: str | None, tokenizer: str, data: str, **tr
     return job
 
 
-def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster, lm_teacher, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from test_fault_tolerance import surviving_steps
-
+@pytest.fixture(scope="module")
+def online_kd(ray_cluster, lm_teacher, tmp_path_factory) -> dict:
+    """The online KD run through the CLI, a worker killed at step 25 (the tests' DieAt)."""
+    tmp_path = tmp_path_factory.mktemp("online_kd")
     tokenizer = os.path.join(lm_teacher["teacher"], "tokenizer.json")
     trace, marks = tmp_path / "trace", tmp_path / "marks"
     trace.mkdir()
@@ -109,14 +109,23 @@ def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster
     kd["callbacks"] = [{"callable": "faults:Trace", "kwargs": {"directory": str(trace)}},
                        {"callable": "faults:DieAt", "kwargs": {"steps": [25], "marks": str(marks)}}]
     proc = run_cli(["run", write_job(tmp_path / "kd.yaml", kd)], ray_cluster)
+    return {"proc": proc, "job": kd, "dir": tmp_path, "trace": trace, "marks": marks, "tokenizer": tokenizer}
+
+
+def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster, lm_teacher, online_kd):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_fault_tolerance import surviving_steps
+
+    proc, tmp_path, tokenizer = online_kd["proc"], online_kd["dir"], online_kd["tokenizer"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "runs" / "kd" / "summary.json"))
-    assert summary["restarts"] == 1 and os.listdir(marks) == ["died_at_25"], summary
+    assert summary["restarts"] == 1 and os.listdir(online_kd["marks"]) == ["died_at_25"], summary
     assert "from step 20" in proc.stdout, proc.stdout[-3000:]
 
     # Every step trained the planned rows of the stream exactly once, the failed attempt's
     # steps after its checkpoint replaced by the next attempt's.
-    steps = surviving_steps(trace)
+    steps = surviving_steps(online_kd["trace"])
     assert sorted(steps) == list(range(1, 61))
     for s, pairs in steps.items():
         assert [p for p, _ in pairs] == list(range((s - 1) * 32, s * 32)), f"step {s}"
@@ -138,3 +147,89 @@ def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert abs(metrics["perplexity"] - kd_ppl) / kd_ppl < 0.02, (metrics, kd_ppl)
+
+
+def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_cluster, lm_teacher, online_kd, tmp_path):
+    """`kd-ray cache` of the online run's job: SIGKILLed after its 2nd shard, the rerun writes only
+    the missing shards and the cache is byte for byte one captured in one go; a corrupt shard is
+    named before training and rewritten by the next capture. Trained from it (no teacher pool;
+    a worker killed at step 35, the group resuming from its checkpoint), every step trains its
+    planned rows once and the student ends with the online run's weights."""
+    import copy
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from kd_ray import cache
+    from kd_ray.checks import validate
+    from kd_ray.weights import read_state_dict
+    from test_cache import shards_of
+    from test_fault_tolerance import surviving_steps
+
+    assert online_kd["proc"].returncode == 0, online_kd["proc"].stderr[-3000:]
+    faults.install(tmp_path)
+    job = copy.deepcopy(online_kd["job"])
+    job["run"].update(name="cached", storage_path=str(tmp_path / "runs"))
+    job["teacher"].update(mode="cached", cache={"path": str(tmp_path / "cache")})
+    pid_file, cache_dir = tmp_path / "driver.pid", tmp_path / "cache"
+    job["callbacks"] = [{"callable": "faults:KillDriver", "kwargs": {"after": 2, "pid_file": str(pid_file), "mark": str(tmp_path / "killed")}}]
+    path = write_job(tmp_path / "cached.yaml", job)
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray", "cache", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ray_cluster.env(), cwd=ROOT)
+    (tmp_path / "driver.pid.tmp").write_text(str(proc.pid))
+    os.replace(tmp_path / "driver.pid.tmp", pid_file)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -9, stderr[-3000:]
+    assert json.load(open(cache_dir / cache.MANIFEST))["status"] == "incomplete"
+    before = {n: os.stat(cache_dir / n) for n in os.listdir(cache_dir) if n.endswith(".parquet")}
+    assert len(before) == 2
+
+    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.load(open(cache_dir / cache.MANIFEST))
+    shards = len(manifest["shards"])
+    assert shards > 4 and {s["part"] for s in manifest["shards"]} == {"source", "eval_source"}
+    assert f"2 already whole; writing {shards - 2}" in proc.stdout, proc.stdout
+    assert re.search(r"\d+\.\d bytes/token on disk", proc.stdout), proc.stdout
+    for name, st in before.items():  # kept, not rewritten
+        now = os.stat(cache_dir / name)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    one_go = validate({**job, "callbacks": [], "teacher": {**job["teacher"], "cache": {"path": str(tmp_path / "one_go")}}},
+                      job_dir=str(tmp_path))
+    cache.capture(one_go, echo=print)
+    assert shards_of(str(cache_dir)) == shards_of(str(tmp_path / "one_go"))
+    assert manifest["shards"] == json.load(open(tmp_path / "one_go" / cache.MANIFEST))["shards"]
+
+    # A shard damaged on disk: named before any training, and the next capture rewrites just it.
+    victim = manifest["shards"][3]["file"]
+    data = bytearray((cache_dir / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (cache_dir / victim).write_bytes(bytes(data))
+    proc = run_cli(["run", path], ray_cluster)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray")]  # Ray logs its connection there too
+    assert proc.returncode == 2 and len(errors) == 1 and victim in errors[0] and "corrupt" in errors[0], proc.stderr[-3000:]
+    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    assert proc.returncode == 0 and "1 damaged or stray removed; writing 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert shards_of(str(cache_dir)) == shards_of(str(tmp_path / "one_go"))
+
+    trace, marks = tmp_path / "trace", tmp_path / "marks"
+    trace.mkdir()
+    marks.mkdir()
+    job["callbacks"] = [{"callable": "faults:Trace", "kwargs": {"directory": str(trace)}},
+                        {"callable": "faults:DieAt", "kwargs": {"steps": [35], "marks": str(marks)}}]
+    proc = run_cli(["run", write_job(tmp_path / "cached.yaml", job)], ray_cluster)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "teacher: cached outputs (top-32 float16 per token)" in proc.stdout and "TeacherPredictor" not in proc.stdout
+    cached = json.load(open(tmp_path / "runs" / "cached" / "summary.json"))
+    assert cached["restarts"] == 1 and "from step 30" in proc.stdout, proc.stdout[-3000:]
+    steps = surviving_steps(trace)
+    assert sorted(steps) == list(range(1, 61))
+    for s, pairs in steps.items():
+        assert [p for p, _ in pairs] == list(range((s - 1) * 32, s * 32)), f"step {s}"
+    online = json.load(open(online_kd["dir"] / "runs" / "kd" / "summary.json"))
+    assert cached["teacher"] == online["teacher"]
+    mine, theirs = read_state_dict(cached["student_weights"]), read_state_dict(online["student_weights"])
+    worst = max(float((mine[k] - theirs[k]).abs().max()) for k in theirs)
+    print(f"\ncached vs online student weights: max |difference| {worst:.3g}; perplexity {cached['student']['perplexity']:.4f} "
+          f"vs {online['student']['perplexity']:.4f}; tokens/s {cached['tokens_per_second']} vs {online['tokens_per_second']}")
+    assert worst <= 1e-5, worst

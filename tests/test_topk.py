@@ -349,7 +349,8 @@ def test_cache_shard_bytes_per_sample(case, k, request):
     """kd_ray.cache shards of these real teachers' outputs: what a sample costs on disk,
     id and row included, against the payload of kd_ray.losses.bytes_per_sample. zstd shrinks
     little of the logits (noisy mantissas), so a top-k is what makes a cache small."""
-    from kd_ray import cache
+    from kd_ray.cache_samples import TORCH_DTYPES, encode, shard_table
+    from kd_ray.shards import input_digests, to_parquet
 
     _, teacher, _ = request.getfixturevalue({"digits": "digits_outputs", "1000-class": "thousand_class_outputs"}[case])
     classes, rows = teacher.shape[1], len(teacher)
@@ -358,9 +359,9 @@ def test_cache_shard_bytes_per_sample(case, k, request):
     formats = {"full fp32": full, "full fp16": {**full, "dtype": "float16"}, f"top-{k} fp16": {**topk, "dtype": "float16"}, f"top-{k} bf16": topk}
     sizes = {}
     for name, outputs in formats.items():
-        digests = cache.input_digests(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
-        on_disk = len(cache.to_parquet(cache.shard_table(np.arange(rows), digests, cache.encode(teacher, outputs)))) / rows
-        payload = bytes_per_sample(classes, outputs["k"], cache.TORCH_DTYPES[outputs["dtype"]], len(outputs["temperatures"] or [1]))
+        digests = input_digests(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
+        on_disk = len(to_parquet(shard_table(np.arange(rows), digests, encode(teacher, outputs)))) / rows
+        payload = bytes_per_sample(classes, outputs["k"], TORCH_DTYPES[outputs["dtype"]], len(outputs["temperatures"] or [1]))
         assert on_disk < payload + 16, (name, on_disk, payload)  # ids, rows, input digests (8) and parquet's own bytes
         sizes[name] = (on_disk, payload)
     print(f"\n{case} ({rows} samples in one shard), bytes per sample on disk (payload): "

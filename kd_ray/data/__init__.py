@@ -17,3 +17,6 @@ POS = "position"
 # bfloat16), their class ids, and log sum over the other classes of exp(log p / T) at the job's
 # temperature: the fields of kd_ray.losses.TopK.
 TOPK_VALUES, TOPK_INDICES, TAIL_LSE = "teacher_topk_values", "teacher_topk_indices", "teacher_tail_lse"
+# A language model's teacher also sends, per token, the log-probability of the real next token
+# (its perplexity on the eval split needs nothing else).
+TARGET_LOGPROB = "teacher_target_logprob"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from kd_ray.data import ID, POS, X, order
+from kd_ray.data import POS, X, order
 from kd_ray.data.ids import is_eval
 from kd_ray.data.transforms import augment, preprocess
 from kd_ray.seeds import chunk_rng
@@ -122,7 +122,7 @@ def _read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index:
     if not transform["augment"]:  # per-row work only: read just the rows kept
         units, rows, positions, keep = units[keep], rows[keep], positions[keep], slice(None)
     out = reader.read(units, rows)
-    teacher = cache.read(units, rows, out[ID], out[X]) if cache is not None else {}
+    teacher = cache.read(units, rows, out) if cache is not None else {}
     if transform["preprocess"] is not None:
         out = preprocess(out, **transform["preprocess"])
     if transform["augment"]:

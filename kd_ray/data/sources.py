@@ -251,11 +251,11 @@ class ParquetReader:
     def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
         cols = [c for c in (self.features, self.labels, self.id_column) if c]
 
-        def unit(u: int) -> dict:
+        def unit(u: int, picked: np.ndarray) -> dict:
             table = self._table(u, cols)
             batch = {self.features: to_numpy(table.column(self.features)), self.labels: to_numpy(table.column(self.labels)),
                      "row_hash": self._ids(u, table)}
-            return standardize(batch, self.features, self.labels, None, self.shape)
+            return {k: v[picked] for k, v in standardize(batch, self.features, self.labels, None, self.shape).items()}
 
         out = gather(units, rows, unit)
         if out is None:
@@ -275,17 +275,17 @@ class ParquetReader:
         return h.hexdigest()
 
 
-def gather(units: np.ndarray, rows: np.ndarray, unit_columns: Callable[[int], dict]) -> dict | None:
-    """Rows (units[i], rows[i]) of per-unit column arrays, in the order asked: each unit is read
-    once (`unit_columns(u)` gives every row of unit u). None when nothing is asked."""
+def gather(units: np.ndarray, rows: np.ndarray, unit_rows: Callable[[int, np.ndarray], dict]) -> dict | None:
+    """Rows (units[i], rows[i]) as column arrays, in the order asked: each unit is asked once
+    (`unit_rows(u, r)` gives rows r of unit u, as columns). None when nothing is asked."""
     out: dict | None = None
     for u in np.unique(units):
         picked = np.flatnonzero(units == u)
-        part = unit_columns(int(u))
+        part = unit_rows(int(u), rows[picked])
         if out is None:
             out = {k: np.empty((len(units), *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
         for k, v in part.items():
-            out[k][picked] = v[rows[picked]]
+            out[k][picked] = v
     return out
 
 

@@ -172,7 +172,7 @@ def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
     """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
     data.eval_source for eval), tokenized, then cut and packed each on their own."""
     data = spec.data
-    records = read_records(data.source, data, "data.source")
+    records = read_records(data.source, data, "data.source")[:data.max_documents]
     if data.eval_source:
         train, held = records, read_records(data.eval_source, data, "data.eval_source")
     else:

@@ -98,6 +98,24 @@ def model_dir(name: str, job_dir: str | None = None) -> str | None:
     return path if kind == "hf" else None
 
 
+def files_digest(name: str, job_dir: str | None = None) -> str | None:
+    """SHA-256 over the files a pretrained model is made of (a GGUF file; a directory's config
+    and weight files), by name and content: what a teacher-output cache of it is bound to. None
+    for models built from code (`llama`, import paths): their weights are teacher.weights."""
+    kind, path = locate(name, job_dir)
+    if kind not in ("gguf", "hf"):
+        return None
+    from kd_ray.weights import sha256
+
+    if kind == "gguf":
+        return sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(path)):
+        if f == "config.json" or f.endswith((".safetensors", ".bin", ".gguf")):
+            h.update(f"{f}\0{sha256(os.path.join(path, f))}\0".encode())
+    return h.hexdigest()
+
+
 def llama(vocab_size: int, **kwargs: Any):
     """A small Llama-style causal LM (SDPA attention) from transformers.LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM

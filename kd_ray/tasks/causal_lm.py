@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
+from kd_ray.data import TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
 from kd_ray.losses import TokenTerms, TopK, token_loss, topk_parts
@@ -33,9 +33,6 @@ from kd_ray.spec import JobSpec
 from kd_ray.train.checkpoint import STUDENT_DIR
 from kd_ray.train.parallel import grad_sync
 from kd_ray.train.precision import autocast
-
-TARGET_LOGPROB = "teacher_target_logprob"  # the teacher's log p(next token), for its perplexity
-
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(name: str, job_dir: str, teacher: str | None):
@@ -150,9 +147,10 @@ class CausalLM:
         gpus = int(self.spec.teacher.pool.gpus_per_actor) if device.type == "cuda" else 0
         return self._lm(self.spec.teacher, gpus)
 
-    def teacher_columns(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
-        """Per token that carries loss: top-k log-probs at T=1 (float16), their ids (int32), the
-        exact tail at the job's temperature, and log p(next token); zeros elsewhere."""
+    def teacher_signal(self, model: nn.Module, batch: dict, device: torch.device, precision: str,
+                       temperatures: tuple[float, ...], dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, dict]:
+        """(which positions carry loss, and for each of them in row order: its top-k log-probs at
+        T=1 in `dtype`, their ids (int32), the exact tail at each temperature, log p(next token))."""
         tokens, positions = (as_tensor(batch[c]).to(device).long() for c in (TOKENS, TOKEN_POS))
         targets = as_tensor(batch[TARGETS]).to(device).long()
         decoder, head = decoder_and_head(model)
@@ -162,26 +160,33 @@ class CausalLM:
             # A teacher placed across GPUs (kd_ray.models.lm.placement_plan) ends on its last one.
             targets = targets.to(hidden.device)
             keep = targets >= 0
-            cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device))
+            cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device), temperatures, dtype)
+        return keep, cols
+
+    def teacher_columns(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+        """Per token that carries loss: top-k log-probs at T=1 (float16), their ids (int32), the
+        exact tail at the job's temperature, and log p(next token); zeros elsewhere."""
+        keep, cols = self.teacher_signal(model, batch, device, precision, (float(self.spec.distill.temperature),))
         out = {}
         for name, values in cols.items():
-            full = torch.zeros((*keep.shape, *values.shape[1:]), dtype=values.dtype, device=hidden.device)
+            full = torch.zeros((*keep.shape, *values.shape[1:]), dtype=values.dtype, device=keep.device)
             full[keep] = values
             out[name] = full.cpu().numpy()
         return out
 
-    def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head) -> dict[str, torch.Tensor]:
+    def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head, temperatures: tuple[float, ...],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
         d = self.spec.distill
         parts = []
         for a in range(0, len(targets), d.chunk_tokens):
             logits = head(hidden[a:a + d.chunk_tokens]).float()
-            values, indices, tails, lse = topk_parts(logits, d.top_k, (float(d.temperature),))
+            values, indices, tails, lse = topk_parts(logits, d.top_k, temperatures)
             target = logits.gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0] - lse
-            values = values.clamp(min=torch.finfo(torch.float16).min).half()
+            values = values.clamp(min=torch.finfo(dtype).min).to(dtype)
             parts.append((values, indices.int(), tails, target))
         if not parts:
             k = d.top_k
-            parts = [(torch.zeros((0, k), dtype=torch.float16), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, 1)),
+            parts = [(torch.zeros((0, k), dtype=dtype), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, len(temperatures))),
                       torch.zeros(0))]
         names = (TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB)
         return {n: torch.cat([p[i].to(hidden.device) for p in parts]) for i, n in enumerate(names)}

@@ -1,0 +1,125 @@
+"""Cache shards on disk: where they live, what their files are called, and how their bytes are
+made, whatever the teacher's outputs in them (kd_ray.cache_samples: per sample of a classifier;
+kd_ray.cache_tokens: per token of a language model; kd_ray.cache puts them together).
+
+A shard's name carries the first 16 hex digits of its content's SHA-256, and it is written under
+a temporary name and renamed into place (on an object store the upload itself is atomic): a
+shard is whole if and only if its name is there and its bytes hash to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kd_ray.data.sources import to_numpy
+from kd_ray.storage import filesystem
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+ROW = "row"  # a row's place within its unit
+INPUT = "input_digest"  # input_digests of the row's input, as the source gave it
+SHARD = re.compile(r"^(source|eval_source)-(\d+)\.([0-9a-f]{16})\.parquet$")
+TMP = ".tmp-"
+
+
+def shard_name(part: str, unit: int, sha256: str) -> str:
+    return f"{part}-{unit:05d}.{sha256[:16]}.parquet"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def input_digests(x: np.ndarray) -> np.ndarray:
+    """A 64-bit BLAKE2b digest of each row of `x` (with its dtype and shape): what ties a cached
+    output to the exact input the teacher saw."""
+    x = np.ascontiguousarray(x)
+    head = hashlib.blake2b(repr((x.dtype.str, x.shape[1:])).encode(), digest_size=8)
+    out = np.empty(len(x), dtype=np.uint64)
+    for i, row in enumerate(x):
+        h = head.copy()
+        h.update(row.data)
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def to_parquet(table: "pa.Table") -> bytes:
+    """The shard's bytes: the same table always gives the same bytes (same pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    # Dictionaries never pay for logits (nearly every value is distinct); splitting each value's
+    # bytes into streams lets zstd find the repetition in exponents and high bytes. Measured on
+    # a trained 1000-class teacher: 3,394 bytes/sample for fp32 logits, against 4,326 by default.
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False, use_byte_stream_split=_splittable(table.schema))
+    return sink.getvalue().to_pybytes()
+
+
+def _splittable(schema: "pa.Schema") -> list[str]:
+    """The leaf columns byte-stream split applies to: all but booleans (bit-packed already)."""
+    import pyarrow as pa
+
+    out = []
+    for field in schema:
+        kind, path = field.type, field.name
+        while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind, path = kind.value_type, f"{path}.list.element"
+        if not pa.types.is_boolean(kind):
+            out.append(path)
+    return out
+
+
+def read_table(data: bytes) -> "pa.Table":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data))
+
+
+def decode(data: bytes) -> dict[str, np.ndarray]:
+    """A shard's columns as numpy arrays (fixed-size lists as 2-D arrays)."""
+    table = read_table(data)
+    return {name: to_numpy(table.column(name)) for name in table.column_names}
+
+
+class Store:
+    """A cache directory on any filesystem pyarrow opens (local paths, file://, s3://, gs://)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fs, self.root = filesystem(path)
+
+    def _at(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self._at(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Whole or not at all: written under a temporary name, then renamed into place."""
+        tmp = self._at(f"{TMP}{uuid.uuid4().hex[:12]}-{name}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self._at(name))
+
+    def names(self) -> list[str]:
+        from pyarrow.fs import FileSelector, FileType
+
+        return [i.base_name for i in self.fs.get_file_info(FileSelector(self.root, allow_not_found=True)) if i.type == FileType.File]
+
+    def remove(self, name: str) -> None:
+        self.fs.delete_file(self._at(name))
+
+    def make(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
