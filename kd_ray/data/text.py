@@ -88,16 +88,19 @@ def read_records(source: str, data: "DataSpec", field: str) -> list[dict]:
 
 def _json_lines(source: str, field: str) -> list[dict]:
     records = []
-    with open(source, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(json.loads(line))
-                    if not isinstance(records[-1], dict):
-                        raise ValueError(f"a JSON {type(records[-1]).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(field, f"line {n} of {os.path.basename(source)} is not a JSON object ({clip(str(e), SHOWN_CHARS)}); "
-                            "write one JSON object per line") from None
+    with open(source, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")  # per line: a bad byte is named by its line
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise UserError(field, f"line {n} of {os.path.basename(source)} is not a JSON object in UTF-8 "
+                                f"({clip(str(e), SHOWN_CHARS)}); write one JSON object per line") from None
+            records.append(record)
     return records
 
 
@@ -211,7 +214,7 @@ class TokenRowReader:
         return h.hexdigest()
 
 
-def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab: int, data: "DataSpec") -> None:
+def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> None:
     """Token ids given in data.tokens must be ids of the tokenizer: one past it would index past
     the student's embedding inside a train worker."""
     for doc, ids, _ in docs:
@@ -223,6 +226,8 @@ def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab
 def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
     """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
     data.eval_source for eval), tokenized, then cut and packed each on their own."""
+    from kd_ray.models.lm import vocab_size
+
     data = spec.data
     records = read_records(data.source, data, "data.source")
     if data.eval_source:
@@ -234,7 +239,7 @@ def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
 
     def rows(part: list[dict]) -> TokenRowReader:
         docs = tokenize(part, data, tokenizer)
-        _refuse_unknown_tokens(docs, len(tokenizer), data)
+        _refuse_unknown_tokens(docs, vocab_size(tokenizer))
         rows = make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing)
         return TokenRowReader(rows, unit_rows=max(1, TOKENS_PER_CHUNK // data.max_seq_len))
 
