@@ -75,9 +75,10 @@ def check_world_sizes(global_batch: int, micro_batch: int, low: int, high: int) 
     if low == high:
         accumulation_steps(global_batch, micro_batch, low)  # the fixed-size message, with its options
     fits = [m for m in range(micro_batch, 0, -1) if all(global_batch % (m * w) == 0 for w in range(low, high + 1))]
+    listed = ", ".join(map(str, bad[:8])) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
     raise UserError(
         "train.num_workers",
-        f"world size(s) {', '.join(map(str, bad))} in [{low}, {high}] do not split global_batch_size {global_batch} into "
+        f"world size(s) {listed} in [{low}, {high}] do not split global_batch_size {global_batch} into "
         f"micro-batches of {micro_batch}; use a range whose every size divides {global_batch // micro_batch}"
         + (f", or train.micro_batch_size: {fits[0]}" if fits else ""),
     )

@@ -68,7 +68,7 @@ from kd_ray.data import ID
 from kd_ray.errors import Failed, UserError, reason
 from kd_ray.losses import tail_column
 from kd_ray.data.sources import gather
-from kd_ray.shards import INPUT, SHARD, TMP, Store, sha256, shard_name, to_parquet
+from kd_ray.shards import INPUT, MANIFEST, SHARD, TMP, Store, sha256, shard_name, to_parquet
 from kd_ray.spec import DATA_IDENTITY
 from kd_ray.tasks import task_for
 
@@ -76,7 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.data.pipeline import Sources
     from kd_ray.spec import JobSpec
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # of the layout above; a cache of another version is refused, not misread
 
 Key = tuple[str, int]  # (the job-file field of the source: "source" or "eval_source", unit)

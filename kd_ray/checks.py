@@ -14,25 +14,33 @@ import os
 import yaml
 
 from kd_ray import storage, weights
+from kd_ray.storage import need_file
 from kd_ray.batching import check_world_sizes
 from kd_ray.data.sources import check_source
-from kd_ray.errors import UserError
+from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
 from kd_ray.losses import tail_column
+from kd_ray.shards import MANIFEST
 from kd_ray.registry import ModelNameError, check_kwargs, import_callable, resolve
-from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, parse
+from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, load_yaml, parse
 
 
 def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read, override, validate and resolve a job file. Raises UserError on any mistake."""
-    if not os.path.isfile(path):
-        raise UserError("job file", f"{path} does not exist; pass the path of a YAML job file such as jobs/quickstart.yaml")
+    need_file(path, "job file", "pass the path of a YAML job file such as jobs/quickstart.yaml")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError("job file", f"{path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); save it as UTF-8") from None
+    try:
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError("job file", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise UserError("job file", f"{path} is not valid YAML{where}: {clip(str(getattr(e, 'problem', e)), SHOWN_CHARS)}") from None
+    except RecursionError:
+        raise UserError("job file", f"{path} nests sections thousands of levels deep; a job file's sections are a few levels deep") from None
     if not isinstance(raw, dict):
         raise UserError("job file", f"{path} must be a YAML mapping with sections run, data, student, train")
     for item in overrides:
@@ -49,8 +57,7 @@ def validate(raw: dict, job_dir: str = "") -> JobSpec:
 
 
 def _check(spec: JobSpec) -> None:
-    if storage.is_remote(spec.run.storage_path):
-        raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
+    check_storage(spec)
     check_world_sizes(spec.train.global_batch_size, spec.train.micro_batch_size, *spec.train.worker_range)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
@@ -71,13 +78,33 @@ def _check(spec: JobSpec) -> None:
     _check_classifier(spec)
 
 
+def check_storage(spec: JobSpec) -> None:
+    """run.storage_path: a local directory (or one to be made) that this user can write in, and
+    no file where the run's directory goes. Checked before anything is created: a run that cannot
+    write its summary fails while reporting its failure."""
+    root = spec.run.storage_path
+    if storage.is_remote(root):
+        raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
+    existing = root
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError("run.storage_path", f"{existing} is a file, so {root} cannot be a directory of runs; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError("run.storage_path", f"cannot write in {existing} (permission denied); choose a directory you can write in")
+    if os.path.exists(spec.run_dir) and not os.path.isdir(spec.run_dir):
+        raise UserError("run.name", f"{spec.run_dir} is a file, not a run directory; choose another run.name or move the file")
+
+
 def _check_classifier(spec: JobSpec) -> None:
     for name in ("text", "prompt", "response", "tokens", "tokenizer"):
         if getattr(spec.data, name) is not None:
             raise UserError(f"data.{name}", "only applies to task: causal_lm; remove it, or set task: causal_lm")
     if spec.distill.divergence != "forward":
         raise UserError("distill.loss", f"{spec.distill.loss} is for task: causal_lm; a classifier distills with hinton (forward KL)")
-    sample_shape, max_label = check_source(spec.data)
+    facts = check_source(spec.data, spec.run.seed)
+    sample_shape, max_label = facts.sample_shape, facts.max_label
+    _check_training_rows(spec, facts.train_rows, facts.source_rows)
     if spec.teacher is not None:
         if not spec.teacher.weights:
             raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
@@ -98,6 +125,10 @@ def _check_classifier(spec: JobSpec) -> None:
         if section is not None:
             outputs[section_name] = check_model(section, section_name, spec.job_dir, sample_shape)
     classes = spec.data.num_classes
+    if classes is None and outputs.get("student") is not None:
+        # The bound every label is checked against as a parquet source is read (the values are not
+        # read here): the student's outputs, where the job does not say data.num_classes.
+        spec.data.num_classes = outputs["student"]
     if max_label is not None and outputs.get("student") is not None and max_label >= outputs["student"]:
         raise UserError("student.kwargs", f"the labels go up to {max_label} but {spec.student.model} gives {outputs['student']} outputs per sample; give it {max_label + 1} classes")
     if classes and outputs.get("student") not in (None, classes):
@@ -106,6 +137,18 @@ def _check_classifier(spec: JobSpec) -> None:
         raise UserError("teacher.kwargs", f"the teacher gives {outputs['teacher']} outputs per sample and the student {outputs['student']}; distillation needs the same classes in both")
     if spec.teacher is not None and spec.teacher.cache is not None:
         check_cache(spec, outputs.get("teacher"))
+
+
+def _check_training_rows(spec: JobSpec, rows: int | None, source_rows: int | None) -> None:
+    """A global batch the training split cannot fill, found before Ray starts (None: a remote
+    source, counted only when the run opens it)."""
+    G = spec.train.global_batch_size
+    if rows is None or rows >= G:
+        return
+    if source_rows >= G:  # the split, not the data, leaves too few
+        raise UserError("data.eval_split", f"{spec.data.eval_split} leaves {rows} of the {source_rows} samples to train on, fewer "
+                        f"than one global batch ({G}); lower it, or give more data")
+    raise UserError("train.global_batch_size", f"{G} is larger than the {rows} training samples; use at most {rows}")
 
 
 # Below these sizes the shape probe runs for real on the CPU, in milliseconds: the meta device's
@@ -118,25 +161,31 @@ def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple
     """Resolve the model, check its kwargs and weights, and return its number of outputs for
     one sample (found by a forward of 2 samples: on the meta device, no memory and no compute,
     for a large model or sample), when the sample shape is known."""
+    import torch
+
     try:
         factory = resolve(section.model, job_dir)
         check_kwargs(section.model, factory, section.kwargs)
     except ModelNameError as e:
         raise UserError(f"{name}.model", str(e)) from None
-    if section.weights:
-        _check_weights(section, name, job_dir, factory)
-    if sample_shape is None:
-        return None
-    import torch
-
     try:
         with torch.device("meta"):
             model = factory(**section.kwargs)
-        params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+    except (Exception, SystemExit) as e:  # a user's factory can fail in any way; report it on one line
+        raise UserError(f"{name}.model", f"{section.model}({shown(section.kwargs)}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{name}.model", f"{section.model} returned {clip(type(model).__name__, 60)}, not a torch.nn.Module; "
+                        "the factory must build and return the model")
+    if section.weights:
+        _check_weights(section, name, model)
+    if sample_shape is None:
+        return None
+    try:
+        params = sum(p.numel() for p in model.parameters())
         small = params <= PROBE_ON_CPU_PARAMS and math.prod(sample_shape) <= PROBE_ON_CPU_SAMPLE
         with torch.no_grad(), torch.device("cpu" if small else "meta"):
             out = (factory(**section.kwargs) if small else model)(torch.zeros((2, *sample_shape)))
-    except Exception as e:  # any failure of the user's forward on this shape is the user's to fix
+    except (Exception, SystemExit) as e:  # any failure of the user's forward on this shape is the user's to fix
         raise UserError(f"{name}.model", f"{section.model} cannot take samples of shape {list(sample_shape)} ({type(e).__name__}: {e}); check data.shape and the model's kwargs") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"{name}.model", f"{section.model} must return logits of shape [batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
@@ -147,6 +196,7 @@ def check_cache(spec: JobSpec, classes: int | None) -> None:
     """The teacher.cache block: a format its options fit, and a top-k with room in the classes
     (when they are known: here from the sample shape, in `kd-ray cache` from the data)."""
     cache = spec.teacher.cache
+    _check_cache_path(cache.path)
     if cache.format == "full":
         for name in ("k", "temperatures"):
             if getattr(cache, name) is not None:
@@ -170,6 +220,7 @@ def check_token_cache(spec: JobSpec) -> None:
     if cache.k is not None and cache.k != spec.distill.top_k:
         raise UserError("teacher.cache.k", f"{cache.k} is not distill.top_k ({spec.distill.top_k}): a language model's cache keeps "
                         "distill.top_k log-probabilities per token; remove teacher.cache.k and set distill.top_k")
+    _check_cache_path(cache.path)
     check_cache_temperatures(spec)
 
 
@@ -187,6 +238,16 @@ def check_cache_temperatures(spec: JobSpec) -> None:
 
 
 
+def _check_cache_path(path: str) -> None:
+    if storage.is_remote(path):
+        return  # opened, and checked, by pyarrow when the capture or the run reads it
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError("teacher.cache.path", f"{path} is a file; a cache is a directory (kd-ray cache writes it): choose another path")
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.exists(manifest) and not os.path.isfile(manifest):
+        raise UserError("teacher.cache.path", f"{manifest} is not a file, so {path} is not a kd_ray cache; choose another path")
+
+
 def refuse_augmentation(spec: JobSpec) -> None:
     if spec.data.augment.active:
         raise UserError("data.augment", "random augmentation gives new inputs every epoch, but a teacher-output cache holds one "
@@ -194,26 +255,25 @@ def refuse_augmentation(spec: JobSpec) -> None:
 
 
 
-def _check_weights(section: ModelSpec, name: str, job_dir: str, factory) -> None:
+def _check_weights(section: ModelSpec, name: str, model) -> None:
     """Compare the file's tensor shapes with the model's, built on the meta device (no memory)."""
-    import torch
-
     path = section.weights
-    if not storage.is_remote(path) and not os.path.isfile(path):
-        raise UserError(f"{name}.weights", f"{path} does not exist; train it first (see README) or fix the path")
-    if not path.endswith(weights.WEIGHT_SUFFIXES):
-        raise UserError(f"{name}.weights", f"{path}: use a .safetensors or .pt state dict")
     if storage.is_remote(path):
-        return
+        raise UserError(f"{name}.weights", f"{shown(path)} is a URL; weights are read from a local file (or a shared mount): "
+                        "download the file and give its path")
+    check_weights_file(path, f"{name}.weights", model, section.model, "train it first (see README) or fix the path")
+
+
+def check_weights_file(path: str, field: str, model, model_name: str, fix: str) -> None:
+    """A state-dict file that fits `model` (built on the meta device): names and shapes."""
+    need_file(path, field, fix)
+    if not path.endswith(weights.WEIGHT_SUFFIXES):
+        raise UserError(field, f"{path}: use a .safetensors or .pt state dict")
     try:
-        with torch.device("meta"):
-            model = factory(**section.kwargs)
         found = weights.file_shapes(path)
-        expected = weights.model_shapes(model)  # inside the try: a factory may return a non-Module
-    except Exception as e:  # a user's factory or file can fail in any way; report it on one line
-        raise UserError(f"{name}.weights", f"cannot read {path} or build the model to check it: {type(e).__name__}: {e}") from None
+        expected = weights.model_shapes(model)
+    except Exception as e:  # a user's file can fail in any way; report it on one line
+        raise UserError(field, f"cannot read {path} as weights: {type(e).__name__}: {clip(str(e), SHOWN_CHARS)}") from None
     problem = weights.mismatch(expected, found)
     if problem:
-        raise UserError(f"{name}.weights", f"{os.path.basename(path)} does not fit {section.model}{section.kwargs or ''}: {problem}")
-
-
+        raise UserError(field, f"{os.path.basename(path)} does not fit {model_name}: {problem}")

@@ -9,9 +9,18 @@ import sys
 from kd_ray.errors import Failed, UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line, like every other (argparse prints its usage first)."""
+
+    def error(self, message: str):
+        if "required: job" in message:
+            message = f"job file: missing; give the path of a YAML job file, e.g. {self.prog} jobs/quickstart.yaml"
+        self.exit(2, f"kd-ray: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kd-ray", description="Knowledge distillation on Ray, from one YAML job file.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="kd-ray", description="Knowledge distillation on Ray, from one YAML job file.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a job (train a student, with or without a teacher)")
     run.add_argument("job", help="path of the YAML job file")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
@@ -37,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except UserError as e:
-        # One line even when the message quotes a user's exception that spans several lines.
-        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"kd-ray: error: {one_line}", file=sys.stderr)
+        print(f"kd-ray: error: {e.line()}", file=sys.stderr)
         return e.exit_code
     except Failed as e:
         print(f"kd-ray: {e.what} failed: {e}", file=sys.stderr)

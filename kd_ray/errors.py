@@ -3,7 +3,28 @@
 from __future__ import annotations
 
 import re
+import reprlib
 import traceback
+
+# The most of a user's value a message echoes back, and the most a whole line may hold: a YAML
+# file of nested aliases (a "billion laughs") or a range of a million world sizes must not become
+# a line of megabytes.
+SHOWN_CHARS = 200
+LINE_CHARS = 2000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN_CHARS
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """A user's value as a message quotes it: its repr, never longer than `limit` characters
+    (reprlib stops early, so a huge nested value costs no more than a small one to show)."""
+    return clip(_REPR.repr(value), limit)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 5] + "[...]"
 
 
 class UserError(Exception):
@@ -19,6 +40,36 @@ class UserError(Exception):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self):
+        # Raised in a Ray task or a train worker, it crosses to the driver pickled: rebuild it
+        # from its two parts (Exception's default would call it with the joined line alone).
+        return type(self), (self.field, self.message)
+
+    def line(self) -> str:
+        """The error as the CLI prints it: one line, bounded, even when the message quotes a
+        user's exception that spans several lines."""
+        return clip(" ".join(part.strip() for part in str(self).splitlines() if part.strip()), LINE_CHARS)
+
+
+def user_error_in(e: BaseException) -> UserError | None:
+    """The UserError a run's failure comes from, if any: a data check raised where the data is
+    read (a Ray Data task, a train worker) reaches the driver wrapped by Ray (a task error, a
+    worker group's failures by rank, the chain of causes)."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, UserError):
+            return UserError(err.field, err.message)  # the plain error, not Ray's subclass of it
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += [failures[r] for r in sorted(failures)]
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
 
 
 class Failed(Exception):

@@ -31,9 +31,11 @@ def _score(spec: JobSpec, path: str, dataset) -> dict:
 
 
 def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
-    path = weights_path or task_for(spec).exported(spec.run_dir)
+    task = task_for(spec)
+    path = weights_path or task.exported(spec.run_dir)
     if not os.path.exists(path):
         raise UserError("--weights", f"{path} does not exist; run the job first (kd-ray run) or pass --weights PATH")
+    task.check_exported(path, "--weights")
     ensure_ray(spec)
     quiet_data()
     metrics = ray.get(_score.remote(spec, os.path.abspath(path), pipeline.build_eval(spec)))

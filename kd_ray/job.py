@@ -15,10 +15,10 @@ from typing import Any, Callable
 from kd_ray import batching
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
 from kd_ray.data import X, pipeline
-from kd_ray.errors import Failed, UserError, reason
+from kd_ray.errors import Failed, UserError, reason, user_error_in
 from kd_ray.run.console import ProgressBoard, fmt, follow
 from kd_ray.run.control import RunControl, stop_on_signals
-from kd_ray.run.directory import RESUMING, prepare_run_dir, resume_point, summarize, write_summary
+from kd_ray.run.directory import MOVE_ASIDE, RESUMING, move_aside, resume_point, run_dir_action, summarize, write_summary
 from kd_ray.spec import JobSpec, fingerprint
 from kd_ray.tasks import task_for
 
@@ -30,18 +30,20 @@ class RunStopped(Exception):
 
 
 def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = False) -> dict:
-    note = prepare_run_dir(spec, fresh)
+    action = run_dir_action(spec, fresh)
     ensure_ray(spec, verbose)
     quiet_data()
     check_cluster(spec, echo)
-    data = pipeline.Sources(spec)
+    data = _sources(spec)
     teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
     _refuse_empty_training_split(spec, data)
     # Steps depend on the data and the global batch only, never on the world size.
     plan = batching.plan(data.train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.max_workers,
                          spec.train.epochs, spec.train.max_steps)
     fp = fingerprint(spec, data.train_rows)
-    resumed = resume_point(spec, fp, echo) if note == RESUMING else None
+    resumed = resume_point(spec, fp, echo) if action == RESUMING else None
+    # Every check that can fail before training has passed: only now is a previous run moved.
+    note = move_aside(spec.run_dir) if action == MOVE_ASIDE else action
     _announce(spec, data, plan, note, resumed, echo)
     summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     try:  # the eval split's stream (or its cached outputs) may fail as the training stream may
@@ -65,6 +67,20 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     return summary
 
 
+def _sources(spec: JobSpec) -> pipeline.Sources:
+    """The job's data, opened on the driver (a language model's documents are tokenized in Ray
+    Data tasks: a data mistake found there comes back wrapped by Ray)."""
+    try:
+        return pipeline.Sources(spec)
+    except UserError:
+        raise
+    except Exception as e:
+        found = user_error_in(e)
+        if found is None:
+            raise
+        raise found from None
+
+
 def _refuse_empty_training_split(spec: JobSpec, data: pipeline.Sources) -> None:
     if data.train_rows:
         return  # no batch size can help otherwise
@@ -85,10 +101,14 @@ def _announce(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, n
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
 
 
-def _failed(spec: JobSpec, summary: dict, e: Exception, echo: Echo) -> Failed:
-    """The run's one-line failure, recorded in its summary."""
-    summary["error"] = reason(e)
+def _failed(spec: JobSpec, summary: dict, e: Exception, echo: Echo) -> Failed | UserError:
+    """The run's one-line failure, recorded in its summary: a data mistake found where the data is
+    read (kd_ray.data.sources.check_samples) is the user's to fix, and says so (exit 2)."""
+    found = user_error_in(e)
+    summary["error"] = f"{found.field}: {found.message}" if found else reason(e)
     write_summary(spec.run_dir, summary)
+    if found:
+        return found
     if session_logs():
         echo(f"workers' and actors' logs: {session_logs()}")
     return Failed("run", summary["error"])

@@ -47,8 +47,9 @@ def import_callable(name: str, job_dir: str | None = None) -> Callable[..., Any]
             f"cannot import module '{module_name}' ({e}); put {module_name}.py next to the "
             f"job file or install the package that provides it"
         ) from None
-    except Exception as e:  # the user's module itself fails on import: SyntaxError, any error it raises
-        raise ModelNameError(f"importing module '{module_name}' failed: {type(e).__name__}: {e}; fix {module_name}.py") from None
+    except (Exception, SystemExit) as e:  # the user's module itself fails on import: SyntaxError, any error, sys.exit()
+        what = f"calls sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
+        raise ModelNameError(f"importing module '{module_name}' {what}; fix {module_name}.py") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]

@@ -22,6 +22,7 @@ from kd_ray.storage import filesystem
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
+MANIFEST = "manifest.json"  # a cache's manifest (kd_ray.cache), next to its shards
 ROW = "row"  # a row's place within its unit
 INPUT = "input_digest"  # input_digests of the row's input, as the source gave it
 SHARD = re.compile(r"^(source|eval_source)-(\d+)\.([0-9a-f]{16})\.parquet$")

@@ -11,25 +11,42 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kd_ray.errors import UserError
+from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
 from kd_ray.storage import is_remote
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+def _numeric(annotation: Any) -> bool:
+    """A number field (int or float, alone, optional or in a union), which YAML's true/false must
+    not fill: pydantic takes true as 1."""
+    return annotation in (int, float) or any(_numeric(a) for a in get_args(annotation) if a is not type(None))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # An infinite or NaN number is never what a job means (lr: .inf, scale: .nan), and it fails
+    # far from the field: refused here for every float of the schema.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 class RunSpec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # A run directory's name, and a moved-aside run's NAME.<timestamp>, must fit a file name (255 bytes).
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)
     storage_path: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds torch and numpy, which take 64-bit integers")
     max_failures: int = Field(3, ge=-1, description="worker/node failures to recover from (-1: no limit)")
     deterministic: bool = Field(False, description="deterministic kernels: a resumed run ends equal to an uninterrupted one")
 
@@ -47,6 +64,13 @@ class PreprocessSpec(_Section):
     scale: float = 1.0
     mean: Union[float, list[float]] = 0.0
     std: Union[float, list[float]] = 1.0
+
+    @field_validator("std")
+    @classmethod
+    def _divides(cls, std: Union[float, list[float]]) -> Union[float, list[float]]:
+        if 0 in (std if isinstance(std, list) else [std]):
+            raise ValueError("must not be 0 (samples are divided by it); use 1 to leave them unscaled")
+        return std
 
 
 class AugmentSpec(_Section):
@@ -66,7 +90,7 @@ class DataSpec(_Section):
     features: str = "x"
     labels: str = "y"
     id_column: Optional[str] = None
-    shape: Optional[list[int]] = None
+    shape: Optional[list[Annotated[int, Field(ge=1)]]] = Field(None, min_length=1)
     num_classes: Optional[int] = Field(None, ge=2)
     preprocess: PreprocessSpec = PreprocessSpec()
     augment: AugmentSpec = AugmentSpec()
@@ -156,7 +180,7 @@ class OptimizerSpec(_Section):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0)
 
 
@@ -267,30 +291,83 @@ class JobSpec(_Section):
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+# Past these a job file is not a job file: the depth of a section a job names is under 10, and a
+# YAML file of nested aliases (a "billion laughs") names billions of values in a few lines.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
+    silently, and a repeated section or key is a mistake the user would never see."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float)):
+                continue  # an unhashable key: SafeLoader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key, 60)} appears twice in the same section; "
+                                                        "keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A job file's or an override's YAML. Raises yaml.YAMLError (a repeated key too) or
+    RecursionError (nesting deeper than Python's stack)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def check_size(raw: Any, where: str) -> None:
+    """Refuse a job nested too deep or holding too many values, before anything walks it
+    (pydantic, a repr in a message, a fingerprint). Stops at the first excess: cheap even for a
+    structure of aliases that would expand to gigabytes, or one that contains itself."""
+    count, stack = 0, [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise UserError("job file", f"{where} nests sections more than {MAX_DEPTH} deep; a job file's sections are a few levels deep")
+        if count > MAX_VALUES:
+            raise UserError("job file", f"{where} holds more than {MAX_VALUES:,} values (YAML aliases repeat what they name); "
+                            "write the job's values out, without aliases that multiply")
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children)
+
 
 def apply_override(raw: dict, item: str) -> None:
     """`train.epochs=3` sets raw['train']['epochs'] = 3; the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise UserError("override", f"'{item}' is not of the form section.key=value, e.g. train.epochs=3")
+        raise UserError("override", f"{shown(item)} is not of the form section.key=value, e.g. train.epochs=3")
+    parts = key.split(".")
+    if "" in parts:
+        raise UserError("override", f"{shown(item)}: {shown(key)} has an empty part (a leading, trailing or doubled dot); "
+                        "write section.key=value, e.g. train.epochs=3")
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = load_yaml(value) if value != "" else None
     except yaml.YAMLError:
         parsed = value
+    except RecursionError:
+        raise UserError("override", f"{shown(item)} nests its value more than {MAX_DEPTH} deep") from None
     node = raw
-    parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(".".join(parts[: i + 1]), f"is not a section, so '{item}' cannot set a key inside it")
+            raise UserError(".".join(parts[: i + 1]), f"is not a section, so {shown(item)} cannot set a key inside it")
         node = child
     node[parts[-1]] = parsed
 
 
 def parse(raw: dict, job_dir: str = "") -> JobSpec:
     """The schema's checks and the paths resolved; kd_ray.checks.validate adds the checks that read files."""
+    check_size(raw, "the job")
     try:
         spec = JobSpec.model_validate({**raw, "job_dir": job_dir})
     except ValidationError as e:
@@ -325,21 +402,24 @@ def _clean_loc(loc: tuple, keep_last: bool) -> tuple:
 
 
 def _one_line(e: ValidationError) -> UserError:
-    err = e.errors()[0]
+    # The deepest error: for a value of a union (a number or a list of numbers), the member its
+    # shape matched says what is wrong inside it ("mean.0: finite number", not "mean: not a number").
+    errors = e.errors()
+    err = max(errors, key=lambda x: (len(x["loc"]), -errors.index(x)))
     loc = _clean_loc(tuple(err["loc"]), keep_last=err["type"] == "extra_forbidden")
-    field = ".".join(str(p) for p in loc) or "job file"
+    field = clip(".".join(str(p) for p in loc), SHOWN_CHARS) or "job file"
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = difflib.get_close_matches(str(loc[-1])[:SHOWN_CHARS], allowed, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys here: {', '.join(allowed)}"
         return UserError(field, f"unknown key; {fix}")
     if kind == "missing":
         return UserError(field, "is required; add it to the job file")
     msg = err["msg"]
-    if kind.startswith("literal_error"):
-        return UserError(field, f"{msg} (got {err.get('input')!r})")
-    return UserError(field, f"{msg} (got {err.get('input')!r})" if "input" in err and kind != "value_error" else msg.removeprefix("Value error, "))
+    if "input" in err and kind != "value_error":
+        return UserError(field, f"{msg} (got {shown(err['input'])})")
+    return UserError(field, msg.removeprefix("Value error, "))
 
 
 # ---------------------------------------------------------------------------------------------

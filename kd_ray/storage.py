@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import os
 
+from kd_ray.errors import UserError
+
 
 def is_remote(path: str) -> bool:
     """A URI (`s3://bucket/key`, `file:///dir`), as opposed to a path on this machine."""
     return "://" in path
+
+
+def need_file(path: str, field: str, fix: str) -> None:
+    """A local path that must name a file: missing and a directory are different mistakes."""
+    if os.path.isdir(path):
+        raise UserError(field, f"{path} is a directory, not a file; {fix}")
+    if not os.path.isfile(path):
+        raise UserError(field, f"{path} does not exist; {fix}")
 
 
 def filesystem(path: str):

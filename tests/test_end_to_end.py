@@ -154,21 +154,23 @@ def test_supervised_job_on_users_files(ray_cluster, tmp_path):
 
 def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     """A mistake only the data reveals (labels 0..9 in a user's parquet files, which the spec does
-    not read, for a 5-class student): shown as each attempt fails, then non-zero exit, the reason
-    in one line, a failed summary."""
+    not read, for a 5-class student): found where a row group is read, before the student sees
+    it, and shown as each attempt fails; then exit 2, the reason in one line naming data.labels,
+    the file and the row, a failed summary."""
     source = write_digits_parquet(tmp_path / "digits")
     job = digits_job(tmp_path, "broken", data={"source": source, "features": "pixels", "labels": "digit", "shape": [64]})
     job["student"]["kwargs"]["num_classes"] = 5
     job["train"].update(num_workers=1, epochs=1)
     job["run"]["max_failures"] = 1  # two attempts
     proc = run_cli(["run", write_job(tmp_path / "broken.yaml", job)], ray_cluster)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = r"UserError: data\.labels: row \d+ of \S+\.parquet has label [5-9]; labels must be class ids 0\.\.4"
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
-    assert len(warnings) == 2 and all(re.search(r"failed: \w+Error: .*out of bounds", w) and "ray." not in w for w in warnings), \
+    assert len(warnings) == 2 and all(re.search(said, w) and not re.search(r"(?<!kd_)ray\.", w) for w in warnings), \
         proc.stdout[-3000:]
     # joined to a cluster, the CLI also relays the workers' logs; its own verdict is one line
-    verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: run failed:")]
-    assert len(verdicts) == 1 and "out of bounds" in verdicts[0], proc.stderr[-2000:]
+    verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
+    assert len(verdicts) == 1 and re.match(r"kd-ray: error: data\.labels: row \d+ of \S+ has label [5-9]", verdicts[0]), proc.stderr[-2000:]
     assert read_summary(tmp_path / "runs" / "broken")["status"] == "failed"
 
 

@@ -43,7 +43,7 @@ def test_gpu_cluster_job_is_valid(tmp_path):
     """ResNet-50 -> ResNet-18, bf16, compile, DDP on GPUs; the paths point at a user's files."""
     data = tmp_path / "train"
     data.mkdir()
-    n = 4
+    n = 12  # validation counts the rows: the job's batch of 1536 is cut to 12 below (1536 samples of 3x224x224 are 0.9 GB)
     images = np.zeros((n, 3 * 224 * 224), dtype=np.float32)
     table = pa.table({"image": pa.array(list(images), pa.list_(pa.float32(), 3 * 224 * 224)), "label": np.arange(n), "sample_id": np.arange(n)})
     pq.write_table(table, data / "part-0.parquet")
@@ -55,6 +55,7 @@ def test_gpu_cluster_job_is_valid(tmp_path):
     weights.save(state, str(w))
     spec = load_job(job("resnet50_to_resnet18.yaml"), [
         f"data.source={data}", f"data.eval_source={data}", f"teacher.weights={w}", f"run.storage_path={tmp_path / 'runs'}",
+        "train.global_batch_size=12", "train.micro_batch_size=1",  # splits over 2, 3 or 4 workers as 1536 / 128 does
     ])
     assert spec.train.use_gpu and spec.train.precision == "bf16" and spec.train.compile
     assert spec.teacher.precision == "bf16" and spec.teacher.pool.gpus_per_actor == 1

@@ -144,7 +144,7 @@ BAD = [
     ("teacher-weights-do-not-fit", None, TEACHER + ["teacher.weights=other.safetensors"], "teacher.weights",
      ["other.safetensors does not fit convnet", "0.weight"]),
     ("weights-of-non-module-factory", None, ["student.model=models:not_a_module", "student.weights=teacher.safetensors"],
-     "student.weights", ["AttributeError"]),
+     "student.model", ["returned int, not a torch.nn.Module"]),
     ("pool-max-below-min", None, WITH_WEIGHTS + ["teacher.pool.min_actors=3", "teacher.pool.max_actors=2"], "teacher.pool",
      ["max_actors must be >= min_actors"]),
     ("teacher-without-model", None, ["teacher.pool.max_actors=2"], "teacher.model", ["is required"]),
@@ -277,6 +277,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, monkeypatch):
     raw = _copy(BASE)
     raw["run"]["storage_path"] = "../runs"
     raw["data"]["source"] = "data/d.npz"
+    raw["train"].update(global_batch_size=8, micro_batch_size=4)  # 20 samples: one batch of 8 fits
     raw["teacher"] = {"model": "convnet", "kwargs": TEACHER_KWARGS, "weights": "weights/t.safetensors"}
     path = write_job(job_dir, raw)
 
@@ -297,7 +298,8 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, monkeypatch):
 
 def test_relative_paths_through_the_cli_from_another_cwd(job_dir, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-    rc, _, err = _validate(capsys, job_dir / "job.yaml", WITH_WEIGHTS + ["data.source=data.npz", "data.features=feats"])
+    rc, _, err = _validate(capsys, job_dir / "job.yaml", WITH_WEIGHTS + ["data.source=data.npz", "data.features=feats",
+                                                                     "train.global_batch_size=8", "train.micro_batch_size=4"])
     assert rc == 0, err
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from kd_ray.data import ID
 from kd_ray.data.ids import is_eval
 from kd_ray.data.tokens import Rows, make_rows
-from kd_ray.errors import UserError
+from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import DataSpec
@@ -68,20 +68,66 @@ def read_records(source: str, data: "DataSpec", field: str) -> list[dict]:
         return kjv_chapters()
     cols = columns_of(data)
     if source.endswith((".jsonl", ".json")):
-        with open(source) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = _json_lines(source, field)
     else:
         import pyarrow.dataset as pads
 
         table = pads.dataset(source, format="parquet").to_table(columns=cols + ([data.id_column] if data.id_column else []))
         records = table.to_pylist()
-    missing = [c for c in cols if records and c not in records[0]]
-    if missing:
-        raise UserError(f"data.{field_of(data, missing[0])}", f"no column '{missing[0]}' in {os.path.basename(source)}; "
-                        f"it has: {', '.join(records[0])}")
+    name, seen = os.path.basename(source), set()
     for i, r in enumerate(records):
+        for c in cols + ([data.id_column] if data.id_column else []):
+            _check_value(r, c, data, f"row {i} of {name}")
         r["id"] = int(r[data.id_column]) if data.id_column else i
+        if r["id"] in seen:
+            raise UserError("data.id_column", f"row {i} of {name} repeats id {r['id']}; ids must be unique: fix the data, "
+                            "or remove data.id_column to number the rows")
+        seen.add(r["id"])
     return records
+
+
+def _json_lines(source: str, field: str) -> list[dict]:
+    records = []
+    with open(source, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")  # per line: a bad byte is named by its line
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise UserError(field, f"line {n} of {os.path.basename(source)} is not a JSON object in UTF-8 "
+                                f"({clip(str(e), SHOWN_CHARS)}); write one JSON object per line") from None
+            records.append(record)
+    return records
+
+
+def _token_ids(value) -> bool:
+    """Whether a document's value is a flat list of token ids (checked by numpy, not per token in Python)."""
+    try:
+        ids = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    except ValueError:  # ragged: a list inside the list
+        return False
+    return bool(ids is not None and ids.ndim == 1 and (not ids.size or (np.issubdtype(ids.dtype, np.integer) and ids.min() >= 0)))
+
+
+def _check_value(record: dict, column: str, data: "DataSpec", where: str) -> None:
+    """One document's column: text for text, prompt and response, token ids for tokens, an
+    integer for an id. A missing or null value would be tokenized as the word 'None'."""
+    field = "id_column" if column == data.id_column else field_of(data, column)
+    value = record.get(column)
+    if value is None:
+        raise UserError(f"data.{field}", f"{where} has no value in column '{column}'; give every document one (or drop the row)")
+    if field == "tokens":
+        ok, want = _token_ids(value), "a list of token ids (integers >= 0)"
+    elif field == "id_column":
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer id"
+    else:
+        ok, want = isinstance(value, str), "text (a string)"
+    if not ok:
+        raise UserError(f"data.{field}", f"{where} holds {shown(value, 80)} in column '{column}'; it must be {want}")
 
 
 def field_of(data: "DataSpec", column: str) -> str:
@@ -168,9 +214,20 @@ class TokenRowReader:
         return h.hexdigest()
 
 
+def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> None:
+    """Token ids given in data.tokens must be ids of the tokenizer: one past it would index past
+    the student's embedding inside a train worker."""
+    for doc, ids, _ in docs:
+        if len(ids) and ids.max() >= vocab:
+            raise UserError("data.tokens", f"document {doc} holds token id {int(ids.max())} but data.tokenizer has {vocab} tokens "
+                            f"(ids 0..{vocab - 1}); tokenize the data with the job's tokenizer")
+
+
 def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
     """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
     data.eval_source for eval), tokenized, then cut and packed each on their own."""
+    from kd_ray.models.lm import vocab_size
+
     data = spec.data
     records = read_records(data.source, data, "data.source")[:data.max_documents]
     if data.eval_source:
@@ -182,6 +239,7 @@ def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
 
     def rows(part: list[dict]) -> TokenRowReader:
         docs = tokenize(part, data, tokenizer)
+        _refuse_unknown_tokens(docs, vocab_size(tokenizer))
         rows = make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing)
         return TokenRowReader(rows, unit_rows=max(1, TOKENS_PER_CHUNK // data.max_seq_len))
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from kd_ray import batching, telemetry
 from kd_ray.errors import UserError
@@ -24,10 +24,14 @@ from kd_ray.train import checkpoint
 SUMMARY = "summary.json"
 STUDENT_FIGURES = ("eval_accuracy", "eval_loss", "eval_perplexity")
 RESUMING = "resuming from its latest checkpoint"
+MOVE_ASIDE = "move the previous run aside"
 
 
-def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
-    """Returns a note for the user. A finished run (or --fresh) is moved aside, never deleted."""
+def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
+    """What a run will do with its directory: None (nothing there), RESUMING, or MOVE_ASIDE (a
+    finished run, or --fresh). Only decides: the driver moves a run aside (`move_aside`) after
+    every check that can fail before training has passed, so a mistake found late (after Ray has
+    started) leaves the finished run where `kd-ray eval` looks for it."""
     run_dir = spec.run_dir
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return None
@@ -36,11 +40,14 @@ def prepare_run_dir(spec: JobSpec, fresh: bool) -> str | None:
     if SUMMARY not in names and "checkpoint_manager_snapshot.json" not in names and not has_checkpoint:
         raise UserError("run.name", f"{run_dir} exists and is not a kd_ray run; choose another run.name or run.storage_path")
     finished = read_summary(run_dir).get("status") == "finished"
-    if fresh or finished or not has_checkpoint:
-        archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.move(run_dir, archived)
-        return f"previous run moved to {archived}"
-    return RESUMING
+    return MOVE_ASIDE if fresh or finished or not has_checkpoint else RESUMING
+
+
+def move_aside(run_dir: str) -> str:
+    """Moves a previous run to NAME.<timestamp>/, never deletes it; returns the note for the user."""
+    archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(run_dir, archived)
+    return f"previous run moved to {archived}"
 
 
 def read_summary(run_dir: str) -> dict:

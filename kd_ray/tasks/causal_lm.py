@@ -26,6 +26,7 @@ from torch import nn
 from kd_ray.data import TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
+from kd_ray.errors import UserError
 from kd_ray.losses import TokenTerms, TopK, token_loss, topk_parts
 from kd_ray.models import lm as lms
 from kd_ray.signals import as_tensor, teacher_output
@@ -261,6 +262,10 @@ class CausalLM:
 
     def exported(self, run_dir: str) -> str:
         return os.path.join(run_dir, STUDENT_DIR)
+
+    def check_exported(self, path: str, field: str) -> None:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(field, f"{path} is not a Hugging Face model directory (no config.json); pass the student directory a run exported")
 
     def load_exported(self, path: str) -> nn.Module:
         """A Hugging Face directory, as `export` writes it."""

@@ -119,6 +119,15 @@ class Classify:
     def exported(self, run_dir: str) -> str:
         return os.path.join(run_dir, STUDENT_WEIGHTS)
 
+    def check_exported(self, path: str, field: str) -> None:
+        """On the driver, before Ray: a weights file that fits the student (names and shapes, the
+        model built on the meta device)."""
+        from kd_ray.checks import check_weights_file
+
+        with torch.device("meta"):
+            model = build_model(self.spec.student.model, self.spec.student.kwargs, self.spec.job_dir)
+        check_weights_file(path, field, model, self.spec.student.model, "run the job first (kd-ray run) or pass --weights PATH")
+
     def load_exported(self, path: str) -> torch.nn.Module:
         model = build_model(self.spec.student.model, self.spec.student.kwargs, self.spec.job_dir)
         load_into(model, path)

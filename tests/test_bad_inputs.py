@@ -1,0 +1,458 @@
+"""Bad inputs, as a careful new user makes them (issue 17): each is ONE stderr line that names the
+job-file field and the fix, exit 2, no traceback, a bounded length, and nothing the user made
+(a finished run, a teacher-output cache) renamed, moved or changed.
+
+Most cases go through the real CLI entry point as `kd-ray run` (in-process: no Ray starts, as
+each must be refused before Ray does); the finished run and the cache beside the job are compared
+byte for byte after each. Data checks that need a pass over parquet data run where the data is
+read: those are tested on the reader itself, and through Ray's wrappers to the driver's exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kd_ray import weights
+from kd_ray.cli import main
+from kd_ray.errors import LINE_CHARS, UserError
+from kd_ray.models import convnet
+from test_lm import lm_files  # noqa: F401 (a fixture)
+from test_spec import BASE, TEACHER, TEACHER_KWARGS, _isolated_imports, write_job  # noqa: F401 (a fixture)
+
+WITH_TEACHER = TEACHER + ["teacher.weights=teacher.safetensors"]
+CACHED = WITH_TEACHER + ["teacher.mode=cached"]
+
+MODELS_PY = """\
+from kd_ray.models import mlp
+
+
+def not_a_module(**kwargs):
+    return "a string"
+"""
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    """A 1 KB YAML file whose aliases name 10^levels values."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    return "\n".join(lines) + f"\nrun: {{name: *a{levels - 1}}}\n"
+
+
+def _job_text(base: dict, extra: str) -> str:
+    return yaml.safe_dump(base) + extra
+
+
+def _data_files(d) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 64), dtype=np.float32)
+    y = rng.integers(0, 10, 40)
+    np.savez(d / "ok.npz", x=x, y=y)
+    (d / "random.npz").write_bytes(rng.bytes(300))
+    (d / "random.npy").write_bytes(rng.bytes(300))
+    np.save(d / "labels.npy", y)
+    np.save(d / "object.npy", np.array([np.zeros(64), np.zeros(3)] + [np.zeros(64)] * 38, dtype=object), allow_pickle=True)
+    np.savez(d / "strings.npz", x=np.array([["a"] * 64] * 40), y=y)
+    np.savez(d / "negative.npz", x=x, y=np.where(np.arange(40) == 7, -1, y))
+    np.savez(d / "beyond.npz", x=x, y=np.where(np.arange(40) == 5, 12, y))
+    np.savez(d / "nan.npz", x=np.where(np.arange(40)[:, None] == 3, np.nan, x), y=y)
+    np.savez(d / "inf.npz", x=np.where(np.arange(40)[:, None] == 9, np.inf, x), y=y)
+    os.makedirs(d / "folder.npz")
+    os.makedirs(d / "labels_dir.npy")
+    ids = np.arange(40)
+    ids[21] = 5
+    pq.write_table(pa.table({"x": list(x), "y": y, "sid": ids}), d / "dup_ids.parquet")
+    pq.write_table(pa.table({"x": [str(v) for v in range(40)], "y": y}), d / "strings.parquet")
+    pq.write_table(pa.table({"x": pa.array(list(x), pa.list_(pa.float32(), 64)), "y": y}), d / "fixed.parquet")
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A job directory with the files the mistakes name, a finished run of the job and a
+    teacher-output cache; Ray must not start (every case is refused before it would)."""
+    import kd_ray.evaluate
+    import kd_ray.job
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the mistake got past validation: Ray was about to start")
+
+    monkeypatch.setattr(kd_ray.job, "ensure_ray", no_ray)
+    monkeypatch.setattr(kd_ray.evaluate, "ensure_ray", no_ray)
+    weights.save(convnet(**TEACHER_KWARGS).state_dict(), str(tmp_path / "teacher.safetensors"))
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(500))
+    (tmp_path / "models.py").write_text(MODELS_PY)
+    (tmp_path / "exiting_models.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "a_file").write_text("not a directory\n")
+    (tmp_path / "weights_dir").mkdir()
+    _data_files(tmp_path)
+    run = tmp_path / "runs" / "t"
+    (run / "checkpoint_000000").mkdir(parents=True)
+    (run / "checkpoint_000000" / "resume.json").write_text('{"step": 22}')
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "steps": 22}))
+    (run / "student.safetensors").write_bytes(b"\x00student weights\x01")
+    (tmp_path / "runs" / "file_run").write_text("a file where a run would go\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text('{"kd_ray_cache": 1}')
+    (tmp_path / "cache" / "source-0.parquet").write_bytes(b"PAR1 a shard PAR1")
+    (tmp_path / "bad_cache" / "manifest.json").mkdir(parents=True)
+    write_job(tmp_path, BASE)
+    return tmp_path
+
+
+def _tree(root) -> dict:
+    """Every file and directory under root with its bytes: what must not change."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root) + "/"] = None
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+    return out
+
+
+def _refused(capsys, argv: list[str], field: str, needles: list[str], root=None) -> str:
+    """argv through the CLI: exit 2, one bounded line naming `field` first, no traceback, and the
+    runs and the cache under root exactly as they were."""
+    before = {p: _tree(os.path.join(root, p)) for p in ("runs", "cache")} if root else {}
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}: {err[:2000]!r}"
+    assert lines[0].startswith(f"kd-ray: error: {field}: "), lines[0]
+    assert len(lines[0]) <= len("kd-ray: error: ") + LINE_CHARS
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    for p, tree in before.items():
+        assert _tree(os.path.join(root, p)) == tree, f"{p} changed"
+    assert not [n for n in os.listdir(os.path.join(root, "runs")) if n.startswith("t.")] if root else True
+    return lines[0]
+
+
+# (id, overrides of the base job, field, needles): `kd-ray run job.yaml OVERRIDES...`
+OVERRIDES = [
+    # the schema: numbers that are not numbers, out of range, or unbounded
+    ("leading-dot-override", [".epochs=3"], "override", ["'.epochs=3'", "empty part"]),
+    ("double-dot-override", ["train..epochs=3"], "override", ["empty part"]),
+    ("epochs-true", ["train.epochs=true"], "train.epochs", ["must be a number, not true"]),
+    ("lr-false", ["train.optimizer.lr=false"], "train.optimizer.lr", ["must be a number, not false"]),
+    ("lr-inf", ["train.optimizer.lr=.inf"], "train.optimizer.lr", ["finite number"]),
+    ("scale-nan", ["data.preprocess.scale=.nan"], "data.preprocess.scale", ["finite number"]),
+    ("std-zero", ["data.preprocess.std=0"], "data.preprocess.std", ["must not be 0"]),
+    ("std-list-with-zero", ["data.preprocess.std=[0]"], "data.preprocess.std", ["must not be 0"]),
+    ("mean-list-inf", ["data.preprocess.mean=[.inf]"], "data.preprocess.mean.0", ["finite number"]),
+    ("temperature-inf", ["distill.temperature=.inf"], "distill.temperature", ["finite number"]),
+    ("betas-above-one", ["train.optimizer.betas=[2, 3]"], "train.optimizer.betas.0", ["less than 1"]),
+    ("cpus-per-worker-inf", ["train.cpus_per_worker=.inf"], "train.cpus_per_worker", ["finite number"]),
+    ("resources-nan", ["train.resources_per_worker={x: .nan}"], "train.resources_per_worker", ["finite number"]),
+    ("seed-beyond-64-bits", [f"run.seed={2**64}"], "run.seed", ["less than 9223372036854775808"]),
+    ("seed-negative", ["run.seed=-1"], "run.seed", ["greater than or equal to 0"]),
+    ("run-name-too-long", ["run.name=" + "a" * 300], "run.name", ["at most 200 characters"]),
+    ("huge-value-echoed", ["run.name=[" + ", ".join(["123456789"] * 5_000) + "]"], "run.name", ["valid string", "123456789, ...]"]),
+    ("million-world-sizes", ["train.num_workers=[1, 1000000]"], "train.num_workers", ["(999998 in all)"]),
+    # paths: a directory for a file, a file for a directory, a URL
+    ("storage-path-a-file", ["run.storage_path=a_file"], "run.storage_path", ["a_file is a file"]),
+    ("storage-path-under-a-file", ["run.storage_path=a_file/runs"], "run.storage_path", ["a_file is a file"]),
+    ("run-dir-a-file", ["run.name=file_run"], "run.name", ["file_run is a file"]),
+    ("weights-url", ["student.weights=https://example.com/w.safetensors"], "student.weights", ["is a URL"]),
+    ("weights-a-directory", ["student.weights=weights_dir"], "student.weights", ["is a directory, not a file"]),
+    ("weights-random-bytes", TEACHER + ["teacher.weights=random.safetensors"], "teacher.weights", ["cannot read", "random.safetensors"]),
+    ("source-a-directory", ["data.source=folder.npz"], "data.source", ["is a directory, not a file"]),
+    ("labels-npy-a-directory", ["data.source=labels.npy", "data.labels=labels_dir.npy"], "data.labels", ["labels_dir.npy is a directory"]),
+    ("cache-path-a-file", CACHED + ["teacher.cache.path=a_file"], "teacher.cache.path", ["a_file is a file"]),
+    ("cache-manifest-a-directory", CACHED + ["teacher.cache.path=bad_cache"], "teacher.cache.path", ["manifest.json is not a file"]),
+    # models
+    ("factory-not-a-module", ["student.model=models:not_a_module"], "student.model", ["returned str, not a torch.nn.Module"]),
+    ("module-calls-sys-exit", ["student.model=exiting_models:net"], "student.model", ["calls sys.exit(3)"]),
+    # data files
+    ("npz-random-bytes", ["data.source=random.npz"], "data.source", ["cannot read", "random.npz"]),
+    ("npy-random-bytes", ["data.source=random.npy", "data.labels=labels.npy"], "data.source", ["cannot read", "random.npy"]),
+    ("npy-object-features", ["data.source=object.npy", "data.labels=labels.npy"], "data.source", ["cannot read", "Python objects"]),
+    ("npz-string-features", ["data.source=strings.npz"], "data.features", ["<U1", "must be an array of numbers"]),
+    ("negative-label", ["data.source=negative.npz"], "data.labels", ["row 7 of negative.npz has label -1"]),
+    ("label-beyond-num-classes", ["data.source=beyond.npz", "data.num_classes=10"], "data.labels", ["row 5 of beyond.npz has label 12", "0..9"]),
+    ("nan-feature", ["data.source=nan.npz"], "data.features", ["row 3 of nan.npz", "NaN or infinite"]),
+    ("inf-feature", ["data.source=inf.npz"], "data.features", ["row 9 of inf.npz"]),
+    ("parquet-string-features", ["data.source=strings.parquet", "data.shape=null"], "data.features", ["holds string"]),
+    ("shape-negative", ["data.shape=[-8, -8]"], "data.shape.0", ["greater than or equal to 1", "-8"]),
+    ("parquet-shape-product", ["data.source=fixed.parquet", "data.shape=[1, 8, 9]"], "data.shape", ["72 values", "has 64"]),
+    ("parquet-duplicate-ids", ["data.source=dup_ids.parquet", "data.id_column=sid", "data.shape=null", "train.global_batch_size=8",
+                               "train.micro_batch_size=4"], "data.id_column", ["id 5 appears more than once", "row 5", "row 21"]),
+    # the data against the batch, before Ray starts
+    ("global-batch-beyond-data", ["train.global_batch_size=2048"], "train.global_batch_size", ["larger than the", "training samples"]),
+    ("eval-split-leaves-too-little", ["data.eval_split=0.99"], "data.eval_split", ["of the 1797 samples", "fewer than one global batch"]),
+]
+
+
+def test_cases_are_distinct():
+    assert len({c[0] for c in OVERRIDES}) == len(OVERRIDES) and len({tuple(c[1]) for c in OVERRIDES}) == len(OVERRIDES)
+
+
+@pytest.mark.parametrize("overrides, field, needles", [c[1:] for c in OVERRIDES], ids=[c[0] for c in OVERRIDES])
+def test_each_mistake_is_one_line_and_nothing_is_touched(world, capsys, overrides, field, needles):
+    _refused(capsys, ["run", str(world / "job.yaml"), *overrides], field, needles, world)
+
+
+# (id, the job file's text (from the base job's YAML), needles): mistakes in the file itself
+FILES = [
+    ("latin-1", "run: {name: caf\xe9}\n".encode("latin-1"), ["not UTF-8 text", "byte 15 is 0xe9"]),
+    ("utf-16", _job_text(BASE, "").encode("utf-16"), ["not UTF-8 text", "byte 0 is 0xff"]),
+    ("nested-thousands-deep", ("a: " + "[" * 3000 + "]" * 3000 + "\n").encode(), ["nests sections thousands of levels deep"]),
+    ("nested-past-the-limit", ("a: " + "[" * 100 + "]" * 100 + "\n").encode(), ["more than 64 deep"]),
+    ("billion-laughs", _billion_laughs().encode(), ["more than 100,000 values"]),
+    ("contains-itself", b"a: &a [*a]\n", ["more than 64 deep"]),
+    ("duplicate-key", _job_text(BASE, "").replace("  epochs: 1\n", "  epochs: 1\n  epochs: 3\n").encode(),
+     ["key 'epochs' appears twice", "line"]),
+    ("duplicate-section", _job_text(BASE, "train: {epochs: 2, global_batch_size: 64, micro_batch_size: 32}\n").encode(),
+     ["key 'train' appears twice"]),
+]
+
+
+@pytest.mark.parametrize("text, needles", [c[1:] for c in FILES], ids=[c[0] for c in FILES])
+def test_each_broken_job_file_is_one_line(world, capsys, text, needles):
+    (world / "broken.yaml").write_bytes(text)
+    _refused(capsys, ["run", str(world / "broken.yaml")], "job file", needles, world)
+
+
+def test_billion_laughs_is_small_on_disk_and_in_the_message(world, capsys):
+    assert len(_billion_laughs()) < 1300
+    (world / "laughs.yaml").write_text(_job_text(BASE, "").replace("name: t", "name: *a8").replace("run:", _billion_laughs() + "x:"))
+    line = _refused(capsys, ["validate", str(world / "laughs.yaml")], "job file", ["values"])
+    assert len(line) < 400
+
+
+def test_a_directory_as_the_job_file(world, capsys):
+    _refused(capsys, ["run", str(world / "runs")], "job file", ["is a directory, not a file"], world)
+
+
+@pytest.mark.parametrize("argv", [["validate"], ["run"]], ids=["validate", "run"])
+def test_no_job_file_is_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "overrides" not in err, err
+    assert err.startswith("kd-ray: error: job file: missing; give the path of a YAML job file"), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_storage_path_not_writable(world, capsys):
+    locked = world / "locked"
+    locked.mkdir(mode=0o500)
+    _refused(capsys, ["validate", str(world / "job.yaml"), f"run.storage_path={locked}/runs"], "run.storage_path", ["cannot write"])
+
+
+@pytest.mark.parametrize("weights_file, needles", [("random.safetensors", ["cannot read"]), ("teacher.safetensors", ["does not fit mlp"])],
+                         ids=["corrupt", "another-model"])
+def test_eval_refuses_weights_before_ray(world, capsys, weights_file, needles):
+    _refused(capsys, ["eval", str(world / "job.yaml"), "--weights", str(world / weights_file)], "--weights", needles, world)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet data checked where it is read: in the Ray task that reads each row group
+
+
+def _reader(path, **data):
+    from kd_ray.data.sources import open_source
+    from kd_ray.spec import DataSpec
+
+    return open_source(str(path), DataSpec(source=str(path), **data))
+
+
+def _read_all(reader):
+    sizes = [len(u) for u in reader.unit_ids()]
+    units = np.repeat(np.arange(len(sizes)), sizes)
+    rows = np.concatenate([np.arange(n) for n in sizes])
+    return reader.read(units, rows)
+
+
+PARQUET_ROWS = [
+    ("ragged", lambda x, y: ([list(v) for v in x[:3]] + [list(x[3][:5])] + [list(v) for v in x[4:]], y), {}, "data.features",
+     ["row 3 of", "shape (5,)", "row 0 holds (64,)"]),
+    ("missing-features", lambda x, y: ([list(v) for v in x[:6]] + [None] + [list(v) for v in x[7:]], y), {}, "data.features",
+     ["row 6 of", "shape None"]),
+    ("nan", lambda x, y: (np.where(np.arange(len(x))[:, None] == 11, np.nan, x).tolist(), y), {}, "data.features",
+     ["row 11 of", "NaN or infinite"]),
+    ("negative-label", lambda x, y: (x.tolist(), np.where(np.arange(len(y)) == 2, -3, y)), {}, "data.labels", ["row 2 of", "label -3"]),
+    ("label-beyond-classes", lambda x, y: (x.tolist(), np.where(np.arange(len(y)) == 17, 10, y)), {"num_classes": 10}, "data.labels",
+     ["row 17 of", "label 10", "0..9"]),
+]
+
+
+@pytest.mark.parametrize("make, data, field, needles", [c[1:] for c in PARQUET_ROWS], ids=[c[0] for c in PARQUET_ROWS])
+def test_parquet_rows_are_checked_as_they_are_read(tmp_path, make, data, field, needles):
+    rng = np.random.default_rng(0)
+    x, y = make(rng.random((20, 64)), rng.integers(0, 10, 20))
+    pq.write_table(pa.table({"x": x, "y": y}), tmp_path / "d.parquet", row_group_size=8)
+    with pytest.raises(UserError) as e:
+        _read_all(_reader(tmp_path / "d.parquet", **data))
+    assert e.value.field == field and str(tmp_path / "d.parquet") in e.value.message, e.value
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+
+
+def test_a_data_mistake_raised_in_a_ray_task_ends_the_run_as_the_users(tmp_path):
+    """A check raised in a read task or a train worker reaches the driver wrapped by Ray (a task
+    error, a worker group's failures); the driver finds it, and the CLI exits 2 with its line."""
+    import traceback
+
+    from ray.exceptions import RayTaskError, UserCodeException
+    from ray.train import WorkerGroupError
+
+    from kd_ray.errors import user_error_in
+
+    def raised_in_a_task():
+        try:
+            try:
+                raise UserError("data.labels", "row 2 of d.parquet has label -3")
+            except UserError as e:
+                raise UserCodeException("UDF failed to process a data block.") from e
+        except Exception as e:
+            return RayTaskError("MapBatches(_emit)", traceback.format_exc(), e).as_instanceof_cause()
+
+    found = user_error_in(WorkerGroupError("Training failed", {1: raised_in_a_task(), 0: RuntimeError("other")}))
+    assert (type(found), found.field, found.message) == (UserError, "data.labels", "row 2 of d.parquet has label -3")
+    assert user_error_in(RuntimeError("a bug")) is None
+    import pickle
+
+    again = pickle.loads(pickle.dumps(UserError("data.labels", "row 2")))  # as it crosses from a task
+    assert (again.field, again.message) == ("data.labels", "row 2")
+
+
+# ------------------------------------------------------------------------------------------------
+# Found only after Ray has started: on the session's cluster, in this process
+
+
+def test_a_finished_run_is_not_moved_for_a_mistake_found_after_ray_starts(ray_cluster, lm_files, tmp_path, capsys):
+    """A language model's global batch is checked against its rows, which only tokenizing (in
+    Ray Data tasks) gives: the one line, and the finished run as it was, where `kd-ray eval`
+    finds it (it used to be moved to NAME.<timestamp>/ first)."""
+    from conftest import write_job as write_yaml
+    from test_lm import _lm_job
+
+    job = _lm_job({**lm_files, "root": tmp_path})
+    job["train"].update(global_batch_size=4096, micro_batch_size=2)
+    run = tmp_path / "runs" / "m"
+    (run / "student").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (run / "student" / "model.safetensors").write_bytes(b"weights")
+    line = _refused(capsys, ["run", write_yaml(tmp_path / "job.yaml", job)], "train.global_batch_size", ["larger than the"], tmp_path)
+    assert os.listdir(tmp_path / "runs") == ["m"], line
+
+
+def test_a_bad_parquet_row_is_found_in_the_task_that_reads_it(ray_cluster, tmp_path):
+    """A NaN in row 150 of a parquet source, seen only where its row group is read (a Ray Data
+    task): the driver finds the user's mistake in Ray's wrappers (the run then ends with its one
+    line, exit 2: kd_ray.job._failed)."""
+    from conftest import digits_job
+
+    from kd_ray.checks import validate
+    from kd_ray.data import pipeline
+    from kd_ray.errors import user_error_in
+
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 64), dtype=np.float32)
+    x[150, 3] = np.nan
+    pq.write_table(pa.table({"x": list(x), "y": rng.integers(0, 10, 200)}), tmp_path / "d.parquet", row_group_size=50)
+    job = digits_job(tmp_path, "nan")
+    job["data"].update(source=str(tmp_path / "d.parquet"), features="x", labels="y", eval_source=str(tmp_path / "d.parquet"))
+    spec = validate(job, job_dir=str(tmp_path))  # the schema, the columns and the row count pass: the values are not read
+    with pytest.raises(Exception) as e:
+        for _ in pipeline.build_eval(spec).iter_batches(batch_size=None):
+            pass
+    found = user_error_in(e.value)
+    assert found is not None and found.field == "data.features", repr(e.value)[:2000]
+    assert found.message.startswith(f"row 150 of {tmp_path / 'd.parquet'} has a NaN"), found.message
+
+
+# ------------------------------------------------------------------------------------------------
+# Language models: the tokenizer, the vocabulary, the sequence length, the document columns
+
+
+@pytest.fixture
+def lm(lm_files, tmp_path, monkeypatch):
+    import kd_ray.job
+
+    monkeypatch.setattr(kd_ray.job, "ensure_ray", lambda *a, **k: pytest.fail("Ray was about to start"))
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "random.json").write_bytes(np.random.default_rng(2).bytes(200))
+    return {**lm_files, "tmp": tmp_path}
+
+
+LM_JOBS = [
+    ("tokenizer-missing", lambda f, j: j["data"].update(tokenizer=str(f["tmp"] / "nope.json")), "data.tokenizer", ["neither"]),
+    ("tokenizer-dir-without-one", lambda f, j: j["data"].update(tokenizer=str(f["tmp"] / "no_tokenizer")), "data.tokenizer",
+     ["neither a tokenizer.json"]),
+    ("tokenizer-random-bytes", lambda f, j: j["data"].update(tokenizer=str(f["tmp"] / "random.json")), "data.tokenizer", ["cannot load"]),
+    ("max-seq-len-true", lambda f, j: j["data"].update(max_seq_len=True), "data.max_seq_len", ["not true"]),
+    ("max-seq-len-one", lambda f, j: j["data"].update(max_seq_len=1), "data.max_seq_len", ["greater than or equal to 2"]),
+    ("text-and-prompt", lambda f, j: j["data"].update(prompt="q", response="a"), "data.prompt", ["give one of"]),
+    ("top-k-true", lambda f, j: j["distill"].update(top_k=True), "distill.top_k", ["not true"]),
+    ("beta-nan", lambda f, j: j["distill"].update(beta=float("nan")), "distill.beta", ["finite number"]),
+    ("jsonl-not-json", lambda f, j: j["data"].update(source=str(f["tmp"] / "random.json")), "data.source", ["cannot read"]),
+]
+
+
+@pytest.mark.parametrize("mistake, field, needles", [c[1:] for c in LM_JOBS], ids=[c[0] for c in LM_JOBS])
+def test_each_lm_job_mistake_is_one_line(lm, capsys, mistake, field, needles):
+    import copy
+
+    from conftest import write_job as write_yaml
+    from test_lm import _lm_job
+
+    job = copy.deepcopy(_lm_job(lm))
+    job["run"]["storage_path"] = str(lm["tmp"] / "runs")
+    os.makedirs(lm["tmp"] / "runs" / "m")
+    (lm["tmp"] / "runs" / "m" / "summary.json").write_text('{"status": "finished"}')
+    mistake(lm, job)
+    _refused(capsys, ["run", write_yaml(lm["tmp"] / "job.yaml", job)], field, needles, lm["tmp"])
+
+
+LM_ROWS = [
+    ("bad-json-line", ['{"text": "a"}', '{"text": "b"}', '{"text": "c",'], {}, "data.source", ["line 3 of d.jsonl"]),
+    ("latin-1-line", ['{"text": "a"}', '{"text": "caf\xe9"}'], {}, "data.source", ["line 2 of d.jsonl", "UTF-8"]),
+    ("json-array-line", ['{"text": "a"}', '["b"]'], {}, "data.source", ["line 2 of d.jsonl", "list"]),
+    ("null-text", ['{"text": "a"}'] * 4 + ['{"text": null}'], {}, "data.text", ["row 4 of d.jsonl has no value in column 'text'"]),
+    ("column-missing-later", ['{"text": "a"}', '{"body": "b"}'], {}, "data.text", ["row 1 of d.jsonl has no value"]),
+    ("number-text", ['{"q": "a", "r": "b"}', '{"q": 3, "r": "b"}'], {"text": None, "prompt": "q", "response": "r"}, "data.prompt",
+     ["row 1 of d.jsonl holds 3", "must be text"]),
+    ("string-token", ['{"t": [1, 2]}', '{"t": [1, "two"]}'], {"text": None, "tokens": "t"}, "data.tokens",
+     ["row 1 of d.jsonl", "list of token ids"]),
+    ("nested-token", ['{"t": [1, [2, 3]]}'], {"text": None, "tokens": "t"}, "data.tokens", ["row 0 of d.jsonl"]),
+    ("negative-token", ['{"t": [1, -2]}'], {"text": None, "tokens": "t"}, "data.tokens", ["row 0 of d.jsonl"]),
+    ("duplicate-id", ['{"text": "a", "i": 1}', '{"text": "b", "i": 2}', '{"text": "c", "i": 1}'], {"id_column": "i"}, "data.id_column",
+     ["row 2 of d.jsonl repeats id 1"]),
+]
+
+
+@pytest.mark.parametrize("lines, data, field, needles", [c[1:] for c in LM_ROWS], ids=[c[0] for c in LM_ROWS])
+def test_lm_documents_are_checked_as_they_are_read(tmp_path, lines, data, field, needles):
+    """Read on the driver before tokenizing, before anything of the run is created or moved."""
+    from kd_ray.data.text import read_records
+    from kd_ray.spec import DataSpec
+
+    (tmp_path / "d.jsonl").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))  # ASCII, but for the latin-1 case
+    with pytest.raises(UserError) as e:
+        read_records(str(tmp_path / "d.jsonl"), DataSpec(**{"source": "d.jsonl", "text": "text", **data}), "data.source")
+    assert e.value.field == field, e.value
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+
+
+def test_token_ids_beyond_the_tokenizer(tmp_path):
+    from kd_ray.data.text import _refuse_unknown_tokens
+
+    docs = [(0, np.array([1, 2]), np.ones(2, bool)), (7, np.array([3, 50]), np.ones(2, bool))]
+    with pytest.raises(UserError) as e:
+        _refuse_unknown_tokens(docs, 50)
+    assert e.value.field == "data.tokens" and "document 7 holds token id 50" in e.value.message and "0..49" in e.value.message
+    _refuse_unknown_tokens(docs[:1], 50)
+
