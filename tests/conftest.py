@@ -176,6 +176,7 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("online_kd")
     job = kd_job(tmp, "kd_ddp", teacher_weights, strategy="ddp")
     job["profile"] = {"start_step": 3, "steps": 2}
+    job["logging"] = {"mlflow": {"tracking_uri": str(tmp / "mlruns"), "experiment": "kd_tests"}}  # TensorBoard: on by default
     path = write_job(tmp / "kd.yaml", job)
     return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
 

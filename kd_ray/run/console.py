@@ -38,9 +38,13 @@ class ProgressBoard:
             self.windows, self.pool_done = [], False
         if event["kind"] == "train":
             event = self._train_figures(event, now)
-        if self.log is not None:
-            self.log.write(event)
         self.events.append(event)
+        if self.log is not None:
+            try:
+                self.log.write(event)
+            except OSError as e:  # the run goes on; the user hears of it once
+                self.log = None
+                self.events.append({"kind": "warning", "time": now, "message": f"metrics.jsonl is not written any more: {e}"})
 
     def _train_figures(self, event: dict, now: float) -> dict:
         self.windows.append(event)

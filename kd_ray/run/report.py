@@ -115,16 +115,27 @@ def _pool_panel(ax, run: Run, color, label: str, detail: bool) -> None:
         twin.legend(loc="center right", fontsize="small")
 
 
+def _loss_panel(ax, run: Run, color, label: str, detail: bool) -> None:
+    """One run: the loss and its terms. Several: each run's CE on the labels, the one term every
+    run has (a distilled run's loss mixes in its KD term), and a distilled run's loss dashed."""
+    kd = any(r.get("kd_loss") is not None for r in run.records)
+    if detail:
+        ax.plot(*series(run.records, "train", "loss"), color=color, label="loss")
+        if kd:
+            ax.plot(*series(run.records, "train", "kd_loss"), "--", color="tab:orange", label="KD term")
+            ax.plot(*series(run.records, "train", "ce_loss"), ":", color="tab:green", label="CE term (labels)")
+        return
+    ax.plot(*series(run.records, "train", "ce_loss"), color=color, label=f"{label}CE term (labels)")
+    if kd:
+        ax.plot(*series(run.records, "train", "loss"), "--", color=color, linewidth=1, label=f"{label}loss (KD + CE)")
+
+
 def _panels(axes, runs: list[Run], colors) -> None:
     detail = len(runs) == 1
     unit = runs[0].unit
     for run, color in zip(runs, colors):
         label = "" if detail else f"{run.name}: "
-        ax = axes[0]
-        ax.plot(*series(run.records, "train", "loss"), color=color, label=f"{label}loss")
-        if detail and any(r.get("kd_loss") is not None for r in run.records):
-            ax.plot(*series(run.records, "train", "kd_loss"), "--", color="tab:orange", label="KD term")
-            ax.plot(*series(run.records, "train", "ce_loss"), ":", color="tab:green", label="CE term (labels)")
+        _loss_panel(axes[0], run, color, label, detail)
         _eval_panel(axes[1], run, color, label)
         axes[2].plot(*series(run.records, "train", "samples_per_second"), ".-", color=color, label=f"{run.name}")
         axes[3].plot(*series(run.records, "train", _wait_share, 100), ".-", color=color, label=f"{run.name}")
@@ -175,7 +186,7 @@ def draw(run_dirs: list[str], out: str | None = None) -> str:
     fig, grid = plt.subplots(2, 3, figsize=(18, 9.5), layout="constrained")
     colors = ["tab:blue"] if len(runs) == 1 else [f"C{i}" for i in range(len(runs))]
     _panels(list(grid.flat), runs, colors)
-    fig.suptitle(" vs ".join(_headline(r) for r in runs), fontsize="large")
+    fig.suptitle("\n".join(_headline(r) for r in runs), fontsize="large")
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
