@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="path of the YAML job file")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
-    run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors")
+    run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors, and Ray's own "
+                     "warnings and log lines (otherwise kept in Ray's session logs)")
     ca = sub.add_parser("cache", help="run the job's teacher once over its data and write its outputs to teacher.cache.path "
                         "(resumable: run it again after an interruption)")
     ca.add_argument("job")

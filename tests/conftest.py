@@ -112,6 +112,8 @@ def digits_job(tmp_path, name: str, **sections) -> dict:
         "student": {"model": "mlp", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": 32, "depth": 1}},
         "train": {"epochs": 2, "global_batch_size": 64, "micro_batch_size": 16, "num_workers": 2,
                   "optimizer": {"name": "adamw", "lr": 0.01}, "log_every": 10},
+        # Pictures are drawn where a test looks at them (test_end_to_end): a few seconds a run.
+        "logging": {"report": False},
     }
     job.update(sections)
     return job
