@@ -46,6 +46,9 @@ class Cluster:
             "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
             "--num-cpus", "10", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port), "--disable-usage-stats",
+            # Its own port for the agent that `ray job submit` goes through: the default (52365) is
+            # taken by any other cluster on the machine, and then no job can be submitted here.
+            "--dashboard-agent-listen-port", str(free_port()),
         ]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
 

@@ -226,9 +226,9 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     # The entrypoint's output (after the job manager's "Running entrypoint" line, before `ray job
     # submit`'s closing lines) is kd_ray's, every line of it: none of Ray's deprecation warnings, C++
     # log lines or raylet warnings (they stay in Ray's logs).
-    job_lines = out[out.index("Running entrypoint for job"):].splitlines()[1:]
-    job_lines = job_lines[:next(i for i, line in enumerate(job_lines) if re.match(r"^Job '\w+' succeeded", line))]
-    while job_lines and set(job_lines[-1]) <= {"-"}:  # `ray job submit`'s rule above its verdict
+    job_lines = re.sub(r"\x1b\[[0-9;]*m", "", out[out.index("Running entrypoint for job"):]).splitlines()[1:]
+    job_lines = job_lines[:next(i for i, line in enumerate(job_lines) if re.search(r"Job '\w+' succeeded", line))]
+    while job_lines and re.fullmatch(r"(.* -- )?-*", job_lines[-1]):  # `ray job submit`'s rule above its verdict
         job_lines.pop()
     assert job_lines[-1].startswith("run directory: "), job_lines[-5:]
     table: list[str] = []
