@@ -21,6 +21,7 @@ from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
 from kd_ray.losses import tail_column
 from kd_ray.shards import MANIFEST
 from kd_ray.registry import ModelNameError, check_kwargs, import_callable, resolve
+from kd_ray.run.tracking import check_logging
 from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, load_yaml, parse
 
 
@@ -63,6 +64,7 @@ def _check(spec: JobSpec) -> None:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
     if spec.teacher is not None and spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
         raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
+    check_logging(spec)
     for i, callback in enumerate(spec.callbacks):
         try:
             import_callable(callback.callable, spec.job_dir)

@@ -1,9 +1,10 @@
-"""`kd-ray run | cache | eval | validate`: the command line. User mistakes exit 2 with one line."""
+"""`kd-ray run | cache | eval | validate | report`: the command line. User mistakes exit 2 with one line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kd_ray.errors import Failed, UserError
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="path of the YAML job file")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
-    run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors")
+    run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors, and Ray's own "
+                     "warnings and log lines (otherwise kept in Ray's session logs)")
     ca = sub.add_parser("cache", help="run the job's teacher once over its data and write its outputs to teacher.cache.path "
                         "(resumable: run it again after an interruption)")
     ca.add_argument("job")
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("job")
     ev.add_argument("overrides", nargs="*")
     ev.add_argument("--weights", help="student weights (default: RUN_DIR/student.safetensors)")
+    rep = sub.add_parser("report", help="draw a run's figures (RUN_DIR/report.png), or one picture comparing several runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", help="where the comparison goes (default: compare_A_vs_B.png beside the first run)")
     val = sub.add_parser("validate", help="check a job file and exit")
     val.add_argument("job")
     val.add_argument("overrides", nargs="*")
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from kd_ray.checks import load_job
+
+    if args.command == "report":
+        return _report(args.run_dirs, args.out)
 
     spec = load_job(args.job, args.overrides)
     if args.command == "validate":
@@ -84,3 +92,17 @@ def _dispatch(args) -> int:
         return e.exit_code
     print_summary(summary)
     return 0 if summary["status"] == "finished" else 1
+
+
+def _report(run_dirs: list[str], out: str | None) -> int:
+    from kd_ray.run import report
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("report", report.NO_MATPLOTLIB.removeprefix("no picture of the run: ")) from None
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            raise UserError("report", f"{d} has no metrics.jsonl: give the directory of a kd_ray run (run.storage_path/run.name)")
+    print(report.draw(run_dirs, out))
+    return 0

@@ -6,6 +6,7 @@ for, and keep Ray Data quiet. The driver (kd_ray.job), the capture (kd_ray.cache
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Callable
 
 import ray
@@ -29,30 +30,34 @@ def local_cpu_budget(physical: int, train_cpus: float, teacher_cpus: float) -> i
 def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start an embedded one.
 
-    The embedded instance keeps workers' and actors' own logs in Ray's session directory
-    (printed on failure) unless `verbose`: kd_ray's progress lines are what a user follows.
+    Unless `verbose`, workers' and actors' logs stay in Ray's session directory (printed on
+    failure), and so does what Ray itself prints in this process (kd_ray.run.ray_output): kd_ray's
+    lines are what a user follows, and kd_ray reports a failed worker itself.
     `teacher_pool`: whether the teacher's pool runs (default: unless the job reads a cache).
     """
     if ray.is_initialized():
         return
+    quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=verbose)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
-    if teacher_pool is None:
-        teacher_pool = spec.runs_teacher_pool
-    teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
-    ray.init(
-        address="local",  # a new instance, never a `ray start` cluster left on this machine
-        num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
-        # The dashboard serves the state API that Train V2's placement-group cleaner polls.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",  # an embedded instance talks to itself over loopback only
-        configure_logging=True,
-        logging_level="warning",
-        log_to_driver=verbose,
-    )
+        ray.init(**quiet)
+    else:
+        train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
+        if teacher_pool is None:
+            teacher_pool = spec.runs_teacher_pool
+        teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
+        ray.init(
+            address="local",  # a new instance, never a `ray start` cluster left on this machine
+            num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),
+            # The dashboard serves the state API that Train V2's placement-group cleaner polls.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",  # an embedded instance talks to itself over loopback only
+            **quiet,
+        )
+    if not verbose:
+        from kd_ray.run.ray_output import hold_back
+
+        hold_back(session_logs() or tempfile.gettempdir())
 
 
 def quiet_data() -> None:

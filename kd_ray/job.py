@@ -19,6 +19,8 @@ from kd_ray.errors import Failed, UserError, reason, user_error_in
 from kd_ray.run.console import ProgressBoard, fmt, follow
 from kd_ray.run.control import RunControl, stop_on_signals
 from kd_ray.run.directory import MOVE_ASIDE, RESUMING, move_aside, resume_point, run_dir_action, summarize, write_summary
+from kd_ray.run.report import draw_finished_run
+from kd_ray.run.tracking import Trackers
 from kd_ray.spec import JobSpec, fingerprint
 from kd_ray.tasks import task_for
 
@@ -52,16 +54,23 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
         raise
     except Exception as e:
         raise _failed(spec, summary, e, echo) from e
-    board, control = ProgressBoard.remote(), RunControl.remote()
+    board, control = ProgressBoard.remote(spec.run_dir), RunControl.remote()
+    trackers = Trackers(spec, echo)
+    if teacher_scores:
+        board.push.remote({"kind": "teacher", "step": resumed["step"] if resumed else 0, **teacher_scores})
     trainer = _trainer(spec, data, plan, fp, board, control, teacher_cache.train if teacher_cache else None)
     started = time.time()
     try:
         with stop_on_signals(control, spec, echo):
-            result, events = follow(board, trainer.fit, echo)
+            result, events = follow(board, trainer.fit, echo, trackers.record)
     except Exception as e:
+        trackers.close(summary)
         raise _failed(spec, summary, e, echo) from e
     summary.update(summarize(spec, result, events, time.time() - started, plan, teacher_scores))
     write_summary(spec.run_dir, summary)
+    if summary["status"] == "finished" and spec.logging.report:
+        echo(draw_finished_run(spec.run_dir))
+    trackers.close(summary)
     if summary["status"] == "stopped":
         raise RunStopped(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
     return summary

@@ -247,6 +247,20 @@ class ProfileSpec(_Section):
     memory: bool = Field(True, description="on CUDA, also a memory snapshot of the same steps")
 
 
+class MlflowSpec(_Section):
+    tracking_uri: Optional[str] = Field(None, description="an MLflow server (http://...) or a directory (a file store); "
+                                                          "default: $MLFLOW_TRACKING_URI")
+    experiment: str = "kd_ray"
+
+
+class LoggingSpec(_Section):
+    """Where a run's figures go besides RUN_DIR/metrics.jsonl, which is always written (kd_ray.run.metrics)."""
+
+    tensorboard: bool = Field(True, description="event files under RUN_DIR/tensorboard")
+    mlflow: Optional[MlflowSpec] = Field(None, description="also log params, metrics and the exported student to MLflow")
+    report: bool = Field(True, description="a finished run draws RUN_DIR/report.png (needs matplotlib)")
+
+
 class CallbackSpec(_Section):
     """A user's kd_ray.callbacks.Callback, built in every train worker and capture actor."""
 
@@ -265,6 +279,7 @@ class JobSpec(_Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
     profile: ProfileSpec = ProfileSpec()
+    logging: LoggingSpec = LoggingSpec()
     callbacks: list[CallbackSpec] = []
     # Where the job file lives: its directory is importable and anchors relative paths.
     job_dir: str = ""
@@ -446,6 +461,9 @@ def _resolve_paths(spec: JobSpec) -> None:
             section.weights = _abs(section.weights, jd)
     if spec.teacher is not None and spec.teacher.cache is not None:
         spec.teacher.cache.path = _abs(spec.teacher.cache.path, jd)
+    mlflow = spec.logging.mlflow
+    if mlflow is not None and mlflow.tracking_uri and ":" not in mlflow.tracking_uri:  # a directory: a file store
+        mlflow.tracking_uri = _abs(mlflow.tracking_uri, jd)
 
 
 def cache_temperatures(spec: JobSpec) -> list[float]:

@@ -17,6 +17,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from kd_ray.data import POS
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -46,7 +50,7 @@ class TeacherPredictor:
 
     REPORT_EVERY_S = 2.0
 
-    def __init__(self, spec: "JobSpec", board=None):
+    def __init__(self, spec: "JobSpec", board=None, end: int | None = None):
         import torch
 
         from kd_ray.registry import make_importable
@@ -60,6 +64,7 @@ class TeacherPredictor:
         # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
         self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
+        self.last_position = end - 1 if end else None  # the stream's last row: once sent, the pool is done
 
     def __call__(self, batch: dict) -> dict:
         start = self.clock()
@@ -67,8 +72,9 @@ class TeacherPredictor:
         out = {**batch, **self.task.teacher_columns(self.model, batch, self.device, self.precision)}
         self.rows += len(next(iter(batch.values())))
         self.busy += self.clock() - start
-        if self.board is not None and self.clock() - self.reported >= self.REPORT_EVERY_S:
-            self.board.teacher_report.remote(self.name, self.rows, self.busy)
+        done = self.last_position is not None and POS in batch and int(np.max(batch[POS])) >= self.last_position
+        if self.board is not None and (done or self.clock() - self.reported >= self.REPORT_EVERY_S):
+            self.board.teacher_report.remote(self.name, self.rows, self.busy, done)
             self.reported = self.clock()
         return out
 

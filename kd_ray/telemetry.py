@@ -28,6 +28,27 @@ def pool_window(before: dict[str, tuple[int, float]], now: dict[str, tuple[int, 
     }
 
 
+def pool_finished(now: dict[str, tuple[int, float]]) -> dict:
+    """A pool that has finished its stream: the actors that worked, and its rows per second while
+    they were in the forward (rows over each actor's mean busy seconds: they work side by side)."""
+    rows = sum(r for r, _ in now.values())
+    busy = sum(b for _, b in now.values())
+    actors = sum(1 for r, _ in now.values() if r > 0)
+    return {"done": True, "actors_worked": actors, "rows": rows,
+            "rows_per_second_working": rows * actors / busy if busy > 0 else 0.0}
+
+
+def seconds_per_step(windows: list[dict]) -> float | None:
+    """The pace of the run's steps, evaluations and checkpoints included, from this attempt's log
+    windows: the steady ones, or (before there is one) the first without its wait for the pipeline."""
+    steady = [w for w in windows if not w.get("startup")]
+    if steady:
+        steps = sum(w["window_steps"] for w in steady)
+        return sum(w["window_seconds"] for w in steady) / steps if steps else None
+    steps = sum(w["window_steps"] for w in windows)
+    return sum(w["window_seconds"] - w["data_wait_seconds"] for w in windows) / steps if steps else None
+
+
 def verdict(wait_fraction: float, teacher_busy: float | None) -> tuple[str, str]:
     """(bottleneck, what to change)."""
     if wait_fraction < STARVED:

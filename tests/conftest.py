@@ -46,6 +46,9 @@ class Cluster:
             "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
             "--num-cpus", "10", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port), "--disable-usage-stats",
+            # Its own port for the agent that `ray job submit` goes through: the default (52365) is
+            # taken by any other cluster on the machine, and then no job can be submitted here.
+            "--dashboard-agent-listen-port", str(free_port()),
         ]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
 
@@ -112,6 +115,8 @@ def digits_job(tmp_path, name: str, **sections) -> dict:
         "student": {"model": "mlp", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": 32, "depth": 1}},
         "train": {"epochs": 2, "global_batch_size": 64, "micro_batch_size": 16, "num_workers": 2,
                   "optimizer": {"name": "adamw", "lr": 0.01}, "log_every": 10},
+        # Pictures are drawn where a test looks at them (test_end_to_end): a few seconds a run.
+        "logging": {"report": False},
     }
     job.update(sections)
     return job
@@ -176,6 +181,7 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("online_kd")
     job = kd_job(tmp, "kd_ddp", teacher_weights, strategy="ddp")
     job["profile"] = {"start_step": 3, "steps": 2}
+    job["logging"] = {"mlflow": {"tracking_uri": str(tmp / "mlruns"), "experiment": "kd_tests"}}  # TensorBoard: on by default
     path = write_job(tmp / "kd.yaml", job)
     return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
 

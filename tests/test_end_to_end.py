@@ -14,9 +14,14 @@ import torch
 
 from conftest import ROOT, TEACHER_SPEC, digits_job, kd_job, run_cli, write_job
 from kd_ray.registry import build_model
+from kd_ray.run.console import print_summary
 from kd_ray.weights import load_into
 
 pytestmark = pytest.mark.slow
+
+# The lines kd-ray run prints besides its summary table (kd_ray.job, kd_ray.run.console).
+KD_RAY_LINE = re.compile(r"^(kd-ray: run |data: \d+ train |teacher on the eval split: |start: world size |epoch \d+\.\d\d step |"
+                         r"eval  after epoch |picture of the run: )")
 
 
 def write_digits_parquet(path, rows=slice(None)) -> str:
@@ -49,6 +54,36 @@ def assert_loadable(summary: dict, floor: float) -> None:
     load_into(model, summary["student_weights"])  # raises if anything is missing or mis-shaped
 
 
+def assert_watchable(run_dir, job: dict, summary: dict) -> None:
+    """What the run left to watch it by, read back with each tool's own reader: metrics.jsonl,
+    TensorBoard's event reader, MLflow's client; and its picture."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kd_ray.run.metrics import read_metrics
+
+    records = read_metrics(str(run_dir))
+    trains = [r for r in records if r["kind"] == "train"]
+    steps = [r["step"] for r in trains]
+    assert steps == sorted(set(steps)) and steps[-1] == summary["steps"]
+    assert [r["kind"] for r in records[:2]] == ["teacher", "start"] and records[0]["accuracy"] == summary["teacher"]["accuracy"]
+    assert all(r["teacher_pool"]["actors"] >= 0 and r["eta_seconds"] is not None for r in trains[1:])
+    assert [r["step"] for r in records if r["kind"] == "eval"][-1] == summary["steps"]
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == steps
+    assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(summary["student"]["accuracy"])
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 opens a directory store only when asked to
+    client = MlflowClient(job["logging"]["mlflow"]["tracking_uri"])
+    run_id = json.load(open(run_dir / "mlflow.json"))["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["distill.temperature"] == "2.0"
+    assert [m.step for m in client.get_metric_history(run_id, "train/kd_loss")] == steps
+    assert run.data.metrics["eval/accuracy"] == pytest.approx(summary["student"]["accuracy"])
+    assert {a.path for a in client.list_artifacts(run_id, "student")} == {"student/student.json", "student/student.safetensors"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"report.png", "summary.json"}
+    assert os.path.getsize(run_dir / "report.png") > 20_000
+
+
 def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
     proc = online_kd_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,6 +101,7 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
     assert sorted(os.listdir(profile)) == ["rank0.top_ops.txt", "rank0.trace.json", "rank1.top_ops.txt", "rank1.trace.json"]
     assert json.loads((profile / "rank0.trace.json").read_text())["traceEvents"]
     assert_loadable(summary, 0.7)
+    assert_watchable(online_kd_run["run_dir"], online_kd_run["job"], summary)
 
     proc = run_cli(["eval", online_kd_run["path"]], ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,7 +204,7 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
     assert len(warnings) == 2 and all(re.search(said, w) and not re.search(r"(?<!kd_)ray\.", w) for w in warnings), \
         proc.stdout[-3000:]
-    # joined to a cluster, the CLI also relays the workers' logs; its own verdict is one line
+    # the workers' own logs stay in Ray's logs (--verbose relays them); the CLI's verdict is one line
     verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
     assert len(verdicts) == 1 and re.match(r"kd-ray: error: data\.labels: row \d+ of \S+ has label [5-9]", verdicts[0]), proc.stderr[-2000:]
     assert read_summary(tmp_path / "runs" / "broken")["status"] == "failed"
@@ -187,7 +223,22 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-4000:]
-    assert read_summary(storage / "quickstart")["status"] == "finished"
+    summary = read_summary(storage / "quickstart")
+    assert summary["status"] == "finished"
+    # The entrypoint's output (after the job manager's "Running entrypoint" line, before `ray job
+    # submit`'s closing lines) is kd_ray's, every line of it: none of Ray's deprecation warnings, C++
+    # log lines or raylet warnings (they stay in Ray's logs).
+    job_lines = re.sub(r"\x1b\[[0-9;]*m", "", out[out.index("Running entrypoint for job"):]).splitlines()[1:]
+    job_lines = job_lines[:next(i for i, line in enumerate(job_lines) if re.search(r"Job '\w+' succeeded", line))]
+    while job_lines and re.fullmatch(r"(.* -- )?-*", job_lines[-1]):  # `ray job submit`'s rule above its verdict
+        job_lines.pop()
+    assert job_lines[-1].startswith("run directory: "), job_lines[-5:]
+    table: list[str] = []
+    print_summary(summary, table.append)
+    others = [line for line in job_lines if line not in table and not KD_RAY_LINE.match(line)]
+    assert not others, "not kd_ray's:\n" + "\n".join(others)
+    assert re.search(r"^epoch \d+\.\d\d step (\d+)/\1 .*  teacher: (done, 1 actor, [\d,]+ rows/s while working|1 actor [\d,]+ rows/s "
+                     r"busy \d+%)  \d+:\d\d elapsed, ~0:00 left$", out, re.M), out[-3000:]
 
 
 @pytest.mark.parametrize("fmt", ["builtin", "parquet"])

@@ -105,6 +105,27 @@ def train_ids(tmp_path) -> set[int]:
     return {int(r) + u * UNIT_ROWS for u, rows in enumerate(units) for r in rows}
 
 
+def assert_logged_once(run_dir, total_steps: int, epochs: int, starts: list[int], log_every) -> None:
+    """metrics.jsonl and the TensorBoard events hold each logged step of the run once, in order,
+    none lost: the steps that survived, each logged by the attempt whose weights the run kept.
+    `log_every(step)`: the job's train.log_every when that step was trained."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kd_ray import batching
+    from kd_ray.run.metrics import read_metrics
+
+    plan = batching.plan(len(train_ids(run_dir.parent.parent)), G, 16, 2, epochs, None)
+    expected = [s for s in range(1, total_steps + 1)
+                if s % log_every(s) == 0 or plan.epochs_done(s) > plan.epochs_done(s - 1) or s == total_steps]
+    records = read_metrics(str(run_dir))
+    assert [r["step"] for r in records if r["kind"] == "start"] == starts
+    assert [r["step"] for r in records if r["kind"] == "train"] == expected
+    evals = [r["step"] for r in records if r["kind"] == "eval"]
+    assert evals == sorted(set(evals)) and len(evals) == epochs, evals
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == expected
+
+
 def summary_of(tmp_path, name) -> dict:
     with open(tmp_path / "runs" / name / "summary.json") as f:
         return json.load(f)
@@ -127,6 +148,7 @@ def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path)
     assert sorted(os.listdir(tmp_path / "marks")) == ["died_at_15", "died_at_33"]
     assert out.count("from step 10 (data position 640)") == 1 and out.count("from step 30 (data position 1920)") == 1, out
     assert_exactly_once(surviving_steps(tmp_path / "trace"), 44, train_ids(tmp_path))
+    assert_logged_once(tmp_path / "runs" / "faulty", 44, 2, [0, 10, 30], lambda s: 10)
 
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -212,6 +234,7 @@ def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp
     assert summary["status"] == "finished" and summary["steps"] == 88 and summary["resumed_from_step"] == older_step
     assert newest_step > older_step > stopped["steps"]
     assert_exactly_once(surviving_steps(tmp_path / "trace"), 88, train_ids(tmp_path))
+    assert_logged_once(run_dir, 88, 4, [0, stopped["steps"], older_step], lambda s: 10 if s <= older_step else 5)
 
 
 # A user's own model module next to the job file: a built-in model whose every forward first

@@ -183,10 +183,12 @@ def _first_row(layout: order.Layout) -> tuple[np.ndarray, np.ndarray]:
     return np.array([u]), layout.units[u][:1]
 
 
-def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None) -> "ray.data.Dataset":
+def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None, end: int | None = None) -> "ray.data.Dataset":
+    """`end`: where the stream ends, so the pool can tell the board when it has sent its last row."""
     from kd_ray.teacher import TeacherPredictor, pool_options
 
-    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(spec=spec, board=board), **pool_options(spec.teacher))
+    return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(spec=spec, board=board, end=end),
+                          **pool_options(spec.teacher))
 
 
 def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray.data.Dataset":
@@ -206,7 +208,7 @@ def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, cont
     train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True,
                     control, end, cache)
     if spec.teacher is not None and cache is None:
-        train = with_teacher(train, spec, board)
+        train = with_teacher(train, spec, board, end)
     return train.repartition(target_num_rows_per_block=micro_batch, strict=True)
 
 

@@ -11,36 +11,69 @@ from typing import Any, Callable
 import ray
 
 from kd_ray import telemetry
+from kd_ray.run.metrics import MetricsLog
 
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """Workers push report dicts here; the driver polls them (Train V2 keeps only metrics that come
     with a checkpoint, so this is how a run is followed live). Teacher actors report their
-    running totals too, and each training line gets the pool's figures over the same window."""
+    running totals too, and each training line gets the pool's figures over the same window, the
+    time since the run began and an estimate of the time left. Each event worth keeping is written
+    to RUN_DIR/metrics.jsonl here, as it arrives (kd_ray.run.metrics)."""
 
-    def __init__(self):
+    def __init__(self, run_dir: str | None = None):
         self.events: list[dict] = []
         self.pool: dict[str, tuple[int, float]] = {}
         self.pool_logged: dict[str, tuple[int, float]] = {}
-        self.pool_logged_at = time.time()
+        self.pool_logged_at = self.began = time.time()
+        self.pool_done = False
+        self.windows: list[dict] = []  # this attempt's log windows: the pace of its steps
+        self.log = MetricsLog(run_dir) if run_dir else None
 
     def push(self, event: dict) -> None:
         now = time.time()
-        if event["kind"] == "train" and self.pool:
-            # What the teacher pool did over the same window as the student's log line.
-            event = {**event, "teacher_pool": telemetry.pool_window(self.pool_logged, self.pool, now - self.pool_logged_at)}
-            self.pool_logged, self.pool_logged_at = dict(self.pool), now
-        self.events.append({**event, "time": now})
+        event = {**event, "time": now, "elapsed_seconds": round(now - self.began, 3)}
+        if event["kind"] == "start":  # a new attempt: a new stream, and its own pace
+            self.windows, self.pool_done = [], False
+        if event["kind"] == "train":
+            event = self._train_figures(event, now)
+        self.events.append(event)
+        if self.log is not None:
+            try:
+                self.log.write(event)
+            except OSError as e:  # the run goes on; the user hears of it once
+                self.log = None
+                self.events.append({"kind": "warning", "time": now, "message": f"metrics.jsonl is not written any more: {e}"})
 
-    # Teacher actors' running totals (kd_ray.teacher.TeacherPredictor), a few times a minute.
-    def teacher_report(self, actor: str, rows: int, busy: float) -> None:
+    def _train_figures(self, event: dict, now: float) -> dict:
+        self.windows.append(event)
+        pace = telemetry.seconds_per_step(self.windows)
+        event = {**event, "eta_seconds": round(pace * (event["total_steps"] - event["step"]), 1) if pace else None}
+        if self.pool:
+            # What the teacher pool did over the same window as the student's log line.
+            window = telemetry.pool_window(self.pool_logged, self.pool, now - self.pool_logged_at)
+            if self.pool_done:
+                window.update(telemetry.pool_finished(self.pool))
+            event["teacher_pool"] = window
+            self.pool_logged, self.pool_logged_at = dict(self.pool), now
+        return event
+
+    # Teacher actors' running totals (kd_ray.teacher.TeacherPredictor), a few times a minute and
+    # once more when one has sent the stream's last row (`done`).
+    def teacher_report(self, actor: str, rows: int, busy: float, done: bool = False) -> None:
         if not self.pool:
             self.pool_logged_at = time.time()
         self.pool[actor] = (rows, busy)
+        self.pool_done = self.pool_done or done
 
     def since(self, index: int) -> list[dict]:
         return self.events[index:]
+
+    def written(self) -> bool:
+        """Answers once every event pushed before the call is in metrics.jsonl (the actor runs
+        its calls in order): the trainer asks before it takes a checkpoint."""
+        return True
 
 
 def fmt(v: Any, spec: str = ".4f") -> str:
@@ -52,8 +85,27 @@ def _ms(e: dict) -> str:
     return f"{1000 * (e['window_seconds'] - e['data_wait_seconds']) / steps:.0f} ms" if steps else "-"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def _pool(p: dict) -> str:
-    return f"{p['actors']} actor(s) {p['rows_per_second']:.0f} rows/s busy {100 * p['busy_fraction']:.0f}%"
+    if p.get("done"):  # its stream is all sent: the student reads what it queued
+        return (f"teacher: done, {plural(p['actors_worked'], 'actor')}, "
+                f"{p['rows_per_second_working']:,.0f} rows/s while working")
+    return f"teacher: {plural(p['actors'], 'actor')} {p['rows_per_second']:,.0f} rows/s busy {100 * p['busy_fraction']:.0f}%"
+
+
+def _clock(e: dict) -> str:
+    left = f", ~{duration(e['eta_seconds'])} left" if e.get("eta_seconds") is not None else ""
+    return f"  {duration(e['elapsed_seconds'])} elapsed{left}" if "elapsed_seconds" in e else ""
 
 
 def _start_line(e: dict) -> str:
@@ -67,7 +119,7 @@ def _train_line(e: dict) -> str:
     return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {fmt(e['loss'])}  "
             f"kd {fmt(e['kd_loss'])}  ce {fmt(e['ce_loss'])}{ppl}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
             f"{e['samples_per_second']:.0f} {e.get('unit', 'samples')}/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
-            + (f"  teacher {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else ""))
+            + (f"  {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else "") + _clock(e))
 
 
 _LINES: dict[str, Callable[[dict], str]] = {
@@ -108,8 +160,9 @@ class FailureLines:
         return new
 
 
-def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[Any, list[dict]]:
-    """Run fit() in a thread and echo the board's events until it returns."""
+def follow(board, fit: Callable[[], Any], echo: Callable[[str], None],
+           seen: Callable[[dict], None] = lambda e: None) -> tuple[Any, list[dict]]:
+    """Run fit() in a thread and echo the board's events until it returns; `seen` gets each event."""
     result: dict = {}
 
     def target():
@@ -126,6 +179,7 @@ def follow(board, fit: Callable[[], Any], echo: Callable[[str], None]) -> tuple[
         alive = thread.is_alive()
         for e in ray.get(board.since.remote(len(events))):
             events.append(e)
+            seen(e)
             line = format_event(e) if failures.show(e) else None
             if line:
                 echo(line)

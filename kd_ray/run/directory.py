@@ -2,6 +2,8 @@
 `summary.json` written from the run's events, and the final student exported to its top.
 
     summary.json                          status, counters, scores, telemetry (kd_ray.telemetry)
+    metrics.jsonl                         the run's time series (kd_ray.run.metrics)
+    tensorboard/, mlflow.json, report.png what the run's trackers and its picture keep (kd_ray.run.tracking, .report)
     student.safetensors, student.json     the exported student (kd_ray.train.checkpoint's files)
     checkpoint_*/                         Ray Train's checkpoints (kd_ray.train.checkpoint's layout)
     profile/                              an optional profiled window (kd_ray.train.profile)
@@ -17,6 +19,7 @@ from typing import Callable
 
 from kd_ray import batching, telemetry
 from kd_ray.errors import UserError
+from kd_ray.run.metrics import METRICS
 from kd_ray.spec import JobSpec, changed_fields
 from kd_ray.tasks import task_for
 from kd_ray.train import checkpoint
@@ -37,7 +40,7 @@ def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
         return None
     names = os.listdir(run_dir)
     has_checkpoint = any(n.startswith("checkpoint_") for n in names)
-    if SUMMARY not in names and "checkpoint_manager_snapshot.json" not in names and not has_checkpoint:
+    if not {SUMMARY, METRICS, "checkpoint_manager_snapshot.json"} & set(names) and not has_checkpoint:
         raise UserError("run.name", f"{run_dir} exists and is not a kd_ray run; choose another run.name or run.storage_path")
     finished = read_summary(run_dir).get("status") == "finished"
     return MOVE_ASIDE if fresh or finished or not has_checkpoint else RESUMING

@@ -244,6 +244,8 @@ class Trainer:
         resume = {"fingerprint": self.config["fingerprint"], "position": self.position,
                   "epoch": self.position // p.train_rows, "world_size": self.world, "accumulation": p.accumulation,
                   "rng": f"re-seeded from (run.seed={s.run.seed}, step, rank) at every step", "reason": why}
+        if self.rank == 0:  # the records of the steps this checkpoint holds are in metrics.jsonl before it is
+            ray.get(self.board.written.remote())
         with tempfile.TemporaryDirectory() as d:
             counters = {"step": self.step, "samples": self.samples}
             wrote = checkpoint.write(d, self.model, self.optimizer, self.scheduler, self.scaler, counters, info, resume,

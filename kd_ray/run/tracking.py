@@ -1,0 +1,157 @@
+"""A run's figures, as the driver follows them, sent to TensorBoard and MLflow (the `logging:` section).
+
+    TensorBoard   event files under RUN_DIR/tensorboard (tensorboardX, which Ray Train brings: on by
+                  default). A (re)start from step S purges the events past S, as metrics.jsonl drops them.
+    MLflow        one MLflow run per kd_ray run (its id kept in RUN_DIR/mlflow.json, so a resumed run
+                  goes on in the same one): the job spec flattened as params, every record's figures
+                  as metrics, and at the end the exported student, summary.json and report.png as
+                  artifacts. Needs the `observe` extra (or mlflow-skinny).
+
+The names of the figures are kd_ray.run.metrics.scalars'. A tracker that fails (a server that
+went away) says so once and is dropped: it never stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+from kd_ray.errors import UserError, reason
+from kd_ray.run.metrics import as_record, scalars
+from kd_ray.spec import JobSpec
+
+TENSORBOARD = "tensorboard"
+MLFLOW_RUN = "mlflow.json"
+
+
+def check_logging(spec: JobSpec) -> None:
+    """Asked-for trackers that are not installed: the usual one-line error, before Ray starts."""
+    if spec.logging.mlflow is not None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UserError("logging.mlflow", "needs MLflow, which is not installed: pip install 'kd_ray[observe]' "
+                            "(or mlflow-skinny), or remove logging.mlflow") from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """A nested dict as dotted keys -> strings (MLflow params), lists kept whole."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, str] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, (list, dict)) else str(tree)}
+
+
+class TensorBoard:
+    def __init__(self, run_dir: str):
+        self.logdir = os.path.join(run_dir, TENSORBOARD)
+        self.writer, self.writers = None, 0
+
+    def record(self, record: dict) -> None:
+        from tensorboardX import SummaryWriter
+
+        if record["kind"] == "start" or self.writer is None:
+            if self.writer is not None:
+                self.writer.close()
+            # Events past the step this attempt starts from belong to steps trained again: hidden. A
+            # file per attempt, named apart (a file is named by the second it was opened in).
+            self.writers += 1
+            self.writer = SummaryWriter(self.logdir, purge_step=record["step"] + 1 if record["kind"] == "start" else None,
+                                        filename_suffix=f".{os.getpid()}.{self.writers:04d}")
+        for name, value in scalars(record).items():
+            self.writer.add_scalar(name, value, global_step=record["step"], walltime=record.get("time"))
+        self.writer.flush()
+
+    def close(self, summary: dict) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MLflow:
+    def __init__(self, spec: JobSpec):
+        from mlflow.tracking import MlflowClient
+
+        uri = spec.logging.mlflow.tracking_uri
+        if uri and (uri.startswith("file:") or ":" not in uri):
+            # A directory as the tracking store: MLflow 3 keeps it working only on request.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(uri)
+        self.run_id = self._run(spec)
+
+    def _run(self, spec: JobSpec) -> str:
+        """The MLflow run of this kd_ray run: the one a resumed run began, or a new one."""
+        kept = os.path.join(spec.run_dir, MLFLOW_RUN)
+        if os.path.exists(kept):
+            with open(kept) as f:
+                run_id = json.load(f)["run_id"]
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        name = spec.logging.mlflow.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        run_id = self.client.create_run(experiment_id, run_name=spec.run.name, tags={"kd_ray.task": spec.task}).info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, v[:6000]) for k, v in flatten(spec.model_dump(mode="json", exclude={"job_dir"})).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        os.makedirs(spec.run_dir, exist_ok=True)
+        with open(kept, "w") as f:
+            json.dump({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": spec.logging.mlflow.tracking_uri}, f)
+        return run_id
+
+    def record(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(1000 * record.get("time", time.time()))
+        metrics = [Metric(name, value, stamp, record["step"]) for name, value in scalars(record).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, summary: dict) -> None:
+        run_dir = summary["run_dir"]
+        for name in ("summary.json", "report.png", "student.json", "student.safetensors"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                self.client.log_artifact(self.run_id, os.path.join(run_dir, name), artifact_path="student" if "student" in name else None)
+        if os.path.isdir(os.path.join(run_dir, "student")):  # a language model's Hugging Face directory
+            self.client.log_artifacts(self.run_id, os.path.join(run_dir, "student"), artifact_path="student/hf")
+        status = {"finished": "FINISHED", "stopped": "KILLED"}.get(summary.get("status"), "FAILED")
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class Trackers:
+    """The trackers a job asks for, fed each recorded event by the driver."""
+
+    def __init__(self, spec: JobSpec, echo: Callable[[str], None]):
+        self.echo = echo
+        self.items: list = []
+        if spec.logging.tensorboard:
+            self._add("tensorboard", lambda: TensorBoard(spec.run_dir))
+        if spec.logging.mlflow is not None:
+            self._add("mlflow", lambda: MLflow(spec))
+
+    def _add(self, name: str, make) -> None:
+        try:
+            self.items.append((name, make()))
+        except Exception as e:
+            self.echo(f"warning: {name}: {reason(e)}; the run goes on without it")
+
+    def _each(self, method: str, arg) -> None:
+        for name, tracker in list(self.items):
+            try:
+                getattr(tracker, method)(arg)
+            except Exception as e:
+                self.items.remove((name, tracker))
+                self.echo(f"warning: {name}: {reason(e)}; the run goes on without it")
+
+    def record(self, event: dict) -> None:
+        record = as_record(event)
+        if record is not None:
+            self._each("record", record)
+
+    def close(self, summary: dict) -> None:
+        self._each("close", summary)
