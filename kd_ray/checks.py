@@ -145,6 +145,9 @@ def _check_training_rows(spec: JobSpec, rows: int | None, source_rows: int | Non
     """A global batch the training split cannot fill, found before Ray starts (None: a remote
     source, counted only when the run opens it)."""
     G = spec.train.global_batch_size
+    if rows is not None and rows == source_rows and not spec.data.eval_source:
+        raise UserError("data.eval_split", f"{spec.data.eval_split} leaves none of the {source_rows} samples to evaluate on (a "
+                        "sample's split is drawn by a hash of its id); raise it, or give data.eval_source")
     if rows is None or rows >= G:
         return
     if source_rows >= G:  # the split, not the data, leaves too few

@@ -38,7 +38,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     check_cluster(spec, echo)
     data = _sources(spec)
     teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
-    _refuse_empty_training_split(spec, data)
+    _refuse_empty_splits(spec, data)
     # Steps depend on the data and the global batch only, never on the world size.
     plan = batching.plan(data.train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.max_workers,
                          spec.train.epochs, spec.train.max_steps)
@@ -90,12 +90,18 @@ def _sources(spec: JobSpec) -> pipeline.Sources:
         raise found from None
 
 
-def _refuse_empty_training_split(spec: JobSpec, data: pipeline.Sources) -> None:
-    if data.train_rows:
-        return  # no batch size can help otherwise
-    if spec.data.eval_source:
-        raise UserError("data.source", f"{spec.data.source} holds no training samples; point it at the training data")
-    raise UserError("data.eval_split", f"{spec.data.eval_split} leaves no training samples; lower it, or give more data")
+def _refuse_empty_splits(spec: JobSpec, data: pipeline.Sources) -> None:
+    """Both splits need rows: the student trains on one and every run is scored on the other
+    (an empty eval split would report a perplexity of 1 and a teacher with no score)."""
+    if not data.train_rows:  # no batch size can help otherwise
+        if spec.data.eval_source:
+            raise UserError("data.source", f"{spec.data.source} holds no training samples; point it at the training data")
+        raise UserError("data.eval_split", f"{spec.data.eval_split} leaves no training samples; lower it, or give more data")
+    if not data.eval_rows:
+        if spec.data.eval_source:
+            raise UserError("data.eval_source", f"{spec.data.eval_source} holds no samples to evaluate on; point it at held-out data")
+        raise UserError("data.eval_split", f"{spec.data.eval_split} leaves no eval samples (it draws by a hash of each sample's or "
+                        "document's id); raise it, or give data.eval_source")
 
 
 def _announce(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, note: str | None, resumed: dict | None,

@@ -190,6 +190,7 @@ OVERRIDES = [
     # the data against the batch, before Ray starts
     ("global-batch-beyond-data", ["train.global_batch_size=2048"], "train.global_batch_size", ["larger than the", "training samples"]),
     ("eval-split-leaves-too-little", ["data.eval_split=0.99"], "data.eval_split", ["of the 1797 samples", "fewer than one global batch"]),
+    ("eval-split-leaves-nothing", ["data.eval_split=0"], "data.eval_split", ["none of the 1797 samples to evaluate on"]),
 ]
 
 
@@ -345,6 +346,11 @@ def test_a_finished_run_is_not_moved_for_a_mistake_found_after_ray_starts(ray_cl
     (run / "summary.json").write_text(json.dumps({"status": "finished"}))
     (run / "student" / "model.safetensors").write_bytes(b"weights")
     line = _refused(capsys, ["run", write_yaml(tmp_path / "job.yaml", job)], "train.global_batch_size", ["larger than the"], tmp_path)
+    assert os.listdir(tmp_path / "runs") == ["m"], line
+    # An eval split that leaves no held-out document, also known only once the rows are made.
+    job["train"].update(global_batch_size=2)
+    job["data"].update(eval_split=0.0)
+    line = _refused(capsys, ["run", write_yaml(tmp_path / "job.yaml", job)], "data.eval_split", ["leaves no eval samples"], tmp_path)
     assert os.listdir(tmp_path / "runs") == ["m"], line
 
 
