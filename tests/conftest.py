@@ -186,8 +186,8 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
 
 
-def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int) -> None:
-    """One rank: join the gloo group, run each (name, thunk) of cases(rank) (a failure is kept as
+def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int, backend: str = "gloo") -> None:
+    """One rank: join the process group (gloo, or NCCL for the CUDA tests), run each (name, thunk) of cases(rank) (a failure is kept as
     its traceback, and the ranks meet after each), save {name: result} to out_dir/rank{R}.pt."""
     import traceback
 
@@ -197,7 +197,7 @@ def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int) -> None:
     torch.set_num_threads(1)
     results: dict = {}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         for name, thunk in cases(rank):
             try:
                 results[name] = thunk()
@@ -210,7 +210,7 @@ def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def spawn_gloo(cases, world: int, out_dir: str, timeout: float) -> list[dict]:
+def spawn_gloo(cases, world: int, out_dir: str, timeout: float, backend: str = "gloo") -> list[dict]:
     """Run the (name, thunk) pairs of cases(rank) in `world` spawned processes that form a gloo
     group on 127.0.0.1 (real torch.distributed, no Ray); returns each rank's {name: result}.
     `cases` must be a module-level function (it is pickled into the processes)."""
@@ -223,7 +223,7 @@ def spawn_gloo(cases, world: int, out_dir: str, timeout: float) -> list[dict]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ctx = mp.spawn(_gloo_worker, args=(free_port(), out_dir, cases, world), nprocs=world, join=False)
+        ctx = mp.spawn(_gloo_worker, args=(free_port(), out_dir, cases, world, backend), nprocs=world, join=False)
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:

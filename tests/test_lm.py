@@ -327,3 +327,19 @@ def test_padded_rows_are_trimmed_per_micro_batch_to_a_multiple_of_64():
     assert (out[TARGETS] != IGNORE).sum() == (batch[TARGETS] != IGNORE).sum()  # no loss token lost
     short = trim({k: v[1:] for k, v in batch.items()})
     assert short[TOKENS].shape == (1, 64)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_students_decoder_runs_in_the_jobs_precision_and_its_loss_sums_in_fp32(precision, dtype):
+    """train.precision bf16 must reach the decoder's matmuls (on an H200 the LM step ran at its
+    fp32 speed and memory while only the head was under autocast), and the loss stays fp32."""
+    from kd_ray.tasks.causal_lm import CausalLM
+
+    spec = _spec()
+    spec.train.precision = precision
+    task, model = CausalLM(spec), _student(None)
+    seen = []
+    model.lm.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = _joined(_batches()[:2])
+    terms = task.micro_step(model, batch, task.count(batch), torch.device("cpu"), None, sync=True)
+    assert seen == [dtype] and terms.kd_sum.dtype == torch.float32 and torch.isfinite(terms.loss)

@@ -68,7 +68,8 @@ class StudentLM(nn.Module):
     def forward(self, tokens, positions, targets, teacher: TopK | None, *, precision: str, temperature: float, alpha: float,
                 divergence: str, beta: float, denominator, chunk_tokens: int) -> TokenTerms:
         decoder, head = decoder_and_head(self.lm)
-        hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        with autocast(precision, tokens.device):  # the decoder in the job's precision; the loss turns it off (fp32)
+            hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
         keep = targets >= 0
         if teacher is not None:
             teacher = TopK(teacher.values[keep], teacher.indices[keep], teacher.tail_lse[keep], teacher.temperatures)
