@@ -146,12 +146,67 @@ def sparse_kd_per_sample(student_logits: torch.Tensor, teacher: TopK, temperatur
 def bucket_log_probs(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probabilities at temperature T over the same k+1 buckets: the
     teacher's top-k classes, then everything else. fp32, shape (N, k+1) each."""
-    log_p, log_q, _ = _buckets(student_logits, teacher, temperature)
+    log_p, log_q, _, _ = _buckets(student_logits, teacher, temperature)
     return log_p, log_q
 
 
-def _buckets(student_logits: torch.Tensor, teacher: TopK, temperature: float) -> tuple[torch.Tensor, ...]:
-    """bucket_log_probs, and the student's logsumexp at T (its softmax's normaliser)."""
+class _StudentBuckets(torch.autograd.Function):
+    """The student's side of the bucket loss in one pass over the vocabulary, with its gradient
+    written by hand: from logits z (N, V) and the teacher's top-k ids, at temperature T,
+
+        log_q (N, k+1)  log-probs of the top-k classes, then of everything else (the tail)
+        lse (N, 1)      logsumexp(z / T), the softmax's normaliser
+        s_y (N,)        z_y / T at the target (cross-entropy at T = 1 is lse - s_y)
+
+    Written as autograd ops this is about fifteen passes over N x V (the max, the shifted copy, the
+    exp, the masked copy for the tail, gathers and scatters, each with its own backward), which is
+    most of a small LM student's step. Here: the max, one exp into a buffer the backward reuses,
+    one sum; the tail's mass is that buffer summed with the top k zeroed in place (exact: no
+    1 - sum q_top, which cancels to noise when the tail is tiny). The backward is
+
+        d/dz_i = (e_i c + [i not in top-k] e_i g_tail / rest + [i = top_j] g_top_j + [i = y] g_y) / T
+
+    with e = exp(z/T - max), c = (g_lse - sum g_top - g_tail) / sum e, rest = the tail's sum of e,
+    written into the exp buffer in place. An empty tail (k = V) is clamped rather than log(0) =
+    -inf, and its gradient is zero instead of NaN."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, temperature: float):
+        s = logits / temperature if temperature != 1.0 else logits
+        m = s.amax(dim=-1, keepdim=True)
+        e = torch.sub(s, m).exp_()
+        top_e = e.gather(-1, idx)
+        e.scatter_(-1, idx, 0.0)
+        rest = e.sum(dim=-1, keepdim=True)
+        total = rest + top_e.sum(dim=-1, keepdim=True)
+        lse = m + total.log()
+        tiny = torch.finfo(s.dtype).tiny
+        log_q = torch.cat([s.gather(-1, idx), m + rest.clamp_min(tiny).log()], dim=-1) - lse
+        s_y = s.gather(-1, targets[:, None])[:, 0]
+        ctx.save_for_backward(e, top_e, rest, total, idx, targets)
+        ctx.temperature = temperature
+        return log_q, lse, s_y
+
+    @staticmethod
+    def backward(ctx, g_log_q, g_lse, g_y):
+        e, top_e, rest, total, idx, targets = ctx.saved_tensors
+        g_top, g_tail = g_log_q[:, :-1], g_log_q[:, -1:]
+        c = (g_lse - g_top.sum(dim=-1, keepdim=True) - g_tail) / total
+        tail = torch.where(rest > torch.finfo(rest.dtype).tiny, g_tail / rest, torch.zeros_like(rest))
+        # In place: the buffer serves one backward (the checkpointed chunk recomputes it; a second
+        # backward through the same graph fails on autograd's version check rather than misreading it).
+        grad = e.mul_(c + tail)
+        grad.scatter_(-1, idx, top_e * c + g_top)
+        grad.scatter_add_(-1, targets[:, None], g_y[:, None])
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad, None, None, None
+
+
+def _buckets(student_logits: torch.Tensor, teacher: TopK, temperature: float,
+             targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """bucket_log_probs, the student's logsumexp at T (its softmax's normaliser), and its logit
+    at T of each target (of class 0 without targets)."""
     column = tail_column(teacher.temperatures, temperature)
     idx = teacher.indices.long()
     # Teacher: k+1 log-probabilities that sum to one by construction, whatever the storage rounding.
@@ -159,19 +214,10 @@ def _buckets(student_logits: torch.Tensor, teacher: TopK, temperature: float) ->
     t_tail = teacher.tail_lse[:, column : column + 1].float()
     t_buckets = torch.cat([t_top, t_tail], dim=-1)
     log_p = t_buckets - torch.logsumexp(t_buckets, dim=-1, keepdim=True)
-    # Student: the same buckets, from one exponential of its logits (over a language model's
-    # vocabulary the exp is most of the loss's time): the tail's mass is the sum with the top k
-    # zeroed, exact. An empty tail (k = classes) is clamped rather than log(0) = -inf, so its
-    # gradient is zero instead of NaN.
     s = student_logits.float()
-    s = s / temperature if temperature != 1.0 else s  # a pass over the vocabulary saved at T = 1
-    m = s.detach().amax(dim=-1, keepdim=True)
-    e = (s - m).exp()
-    lse = m + e.sum(dim=-1, keepdim=True).log()
-    rest = e.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    s_tail = m + rest.clamp_min(torch.finfo(s.dtype).tiny).log()
-    log_q = torch.cat([s.gather(-1, idx), s_tail], dim=-1) - lse
-    return log_p, log_q, lse
+    targets = torch.zeros(len(s), dtype=torch.long, device=s.device) if targets is None else targets.long()
+    log_q, lse, s_y = _StudentBuckets.apply(s, idx, targets, float(temperature))
+    return log_p, log_q, lse, s_y
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -259,9 +305,9 @@ def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher
         if teacher is None:
             ce = F.cross_entropy(logits, targets.long(), reduction="sum")
             return torch.stack([ce, torch.zeros_like(ce), ce, correct])
-        log_p, log_q, lse = _buckets(logits, teacher, temperature)
+        log_p, log_q, lse, s_y = _buckets(logits, teacher, temperature, targets)
         if temperature == 1.0:  # the buckets' normaliser is the softmax's: no second pass over the vocabulary
-            ce = (lse[:, 0] - logits.gather(-1, targets.long()[:, None])[:, 0]).sum()
+            ce = (lse[:, 0] - s_y).sum()
         else:
             ce = F.cross_entropy(logits, targets.long(), reduction="sum")
         kd = bucket_divergence(log_p, log_q, divergence, beta).sum() * temperature**2
@@ -277,18 +323,21 @@ def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optio
     `hidden` holds the student's last hidden states at those tokens only (N, d), `head` maps
     them to logits over the real vocabulary, `targets` (N,) are the next tokens, `teacher` (N, k)
     the teacher's top-k and tails at `temperature`. The logits are made chunk by chunk and, while
-    training, recomputed in the backward pass (activation checkpointing), so the fp32 logits of
+    training with several chunks, recomputed in the backward pass (activation checkpointing), so the fp32 logits of
     at most `chunk_tokens` tokens exist at any time: with a 50k vocabulary the LM head's output is
     otherwise the largest tensor of a small student's step.
     """
     from torch.utils.checkpoint import checkpoint
 
     sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+    # One chunk's logits exist at the loss's peak either way; recomputing them pays only when
+    # several chunks would otherwise each keep theirs until the backward pass.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and len(targets) > chunk_tokens
     for a in range(0, len(targets), chunk_tokens):
         part = slice(a, a + chunk_tokens)
         top = None if teacher is None else TopK(teacher.values[part], teacher.indices[part], teacher.tail_lse[part], teacher.temperatures)
         args = (hidden[part], head, targets[part], top, temperature, alpha, divergence, beta)
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if recompute:
             sums = sums + checkpoint(_token_chunk_sums, *args, use_reentrant=False)
         else:
             sums = sums + _token_chunk_sums(*args)

@@ -193,3 +193,41 @@ def test_fp16_teacher_logits():
     expected_kd = hand_kl(STUDENT, t16.float().numpy().astype(np.float64), 4.0) * 16
     expected = (0.9 * expected_kd + 0.1 * hand_ce(STUDENT, LABELS)).sum() / 4.0
     assert terms.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _autograd_buckets(z, idx, targets, temperature):
+    """The student's buckets written as plain autograd ops: what the fused function must equal."""
+    s = z / temperature
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    rest = torch.logsumexp(s.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([s.gather(-1, idx), rest], dim=-1) - lse, lse, s.gather(-1, targets[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_the_fused_student_buckets_and_their_gradient_equal_autograds(temperature):
+    from kd_ray.losses import _StudentBuckets
+
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 7, 40, 5
+    z = (3 * torch.randn(n, v, generator=g, dtype=torch.float64)).requires_grad_(True)
+    idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[0] = idx[0, 2]  # a target inside the top k, and others outside it
+    ups = [torch.randn(n, k + 1, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64),
+           torch.randn(n, generator=g, dtype=torch.float64)]
+    got = _StudentBuckets.apply(z, idx, targets, temperature)
+    grad = torch.autograd.grad(got, z, ups)[0]
+    want = _autograd_buckets(z, idx, targets, temperature)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, z, ups)[0])  # float64, any upstream gradient
+
+
+def test_the_fused_student_buckets_with_an_empty_tail_have_finite_gradients():
+    from kd_ray.losses import _StudentBuckets
+
+    z = torch.randn(3, 6, requires_grad=True)
+    idx = torch.stack([torch.randperm(6) for _ in range(3)])  # k = V: nothing is left for the tail
+    log_q, lse, s_y = _StudentBuckets.apply(z, idx, torch.zeros(3, dtype=torch.long), 1.0)
+    (log_q[:, :-1].sum() + log_q[:, -1].clamp_min(-50).sum() + lse.sum() + s_y.sum()).backward()
+    assert torch.isfinite(z.grad).all()
