@@ -44,9 +44,22 @@ def convnet(in_channels: int = 3, num_classes: int = 10, width: int = 32, blocks
     return nn.Sequential(*layers)
 
 
+def mlp(in_features: int, num_classes: int = 10, width: int = 128, blocks: int = 2) -> nn.Module:
+    """`blocks` hidden Linear-ReLU layers of `width`, then the classifier; blocks=0 is one linear layer."""
+    layers: list[nn.Module] = []
+    features = in_features
+    for _ in range(blocks):
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
 def build(arch: str, num_classes: int, in_channels: int = 3, width: int = 32, blocks: int = 2) -> nn.Module:
     if arch == "convnet":
         return convnet(in_channels=in_channels, num_classes=num_classes, width=width, blocks=blocks)
+    if arch == "mlp":  # on flat samples of `in_channels` features
+        return mlp(in_features=in_channels, num_classes=num_classes, width=width, blocks=blocks)
     import torchvision.models
 
     return torchvision.models.get_model(arch, num_classes=num_classes)  # resnet50, resnet18, ...

@@ -23,9 +23,10 @@ from modes import log_tail
 from workloads import ROOT
 
 
-def write_job(cfg: dict, workdir: str, args, teacher: bool = True) -> tuple[str, int]:
+def write_job(cfg: dict, workdir: str, args, teacher: bool = True, source: str = "npz") -> tuple[str, int]:
     """The benchmark's job file (job.yaml; job_student.yaml without the teacher and the
-    distillation loss: the student alone through kd_ray) and its warm-up steps."""
+    distillation loss: the student alone through kd_ray; `_parquet` in the name with the parquet
+    copy of the data as its source) and its warm-up steps."""
     import yaml
 
     # Longer than modes 1-2: the first window holds the pipeline's start-up, and the teacher pool
@@ -39,7 +40,7 @@ def write_job(cfg: dict, workdir: str, args, teacher: bool = True) -> tuple[str,
                     "batch_size": args.kd_teacher_batch or cfg["batch_size"]}
     job = {
         "run": {"name": "throughput", "storage_path": "runs", "seed": cfg["seed"]},
-        "data": {"source": "train.npz", "eval_source": "eval.npz", "features": "x", "labels": "y",
+        "data": {"source": f"train.{source}", "eval_source": f"eval.{source}", "features": "x", "labels": "y",
                  "num_classes": cfg["classes"]},
         "teacher": {"model": "bench_models:teacher", "kwargs": cfg["teacher"], "weights": "teacher.safetensors",
                     "pool": teacher_pool, "precision": cfg["precision"], "compile": cfg["compile"],
@@ -52,7 +53,7 @@ def write_job(cfg: dict, workdir: str, args, teacher: bool = True) -> tuple[str,
     }
     if not teacher:
         del job["teacher"], job["distill"]
-    path = os.path.join(workdir, "job.yaml" if teacher else "job_student.yaml")
+    path = os.path.join(workdir, ("job" if teacher else "job_student") + ("_parquet" if source == "parquet" else "") + ".yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
     return path, kd_warmup
@@ -123,12 +124,15 @@ def capture_cache(cfg: dict, workdir: str, args) -> dict:
 
 
 def run_kd_ray(cfg: dict, workdir: str, args, mode: str = "kd_ray") -> dict:
-    """Mode kd_ray (online), cached or kd_student (the student alone through kd_ray: no teacher)."""
-    job_path, kd_warmup = write_job(cfg, workdir, args, teacher=mode != "kd_student")
+    """Mode kd_ray (online), cached or kd_student (the student alone through kd_ray: no teacher);
+    kd_ray_parquet and kd_student_parquet read the parquet copy of the data."""
+    base = mode.removesuffix("_parquet")
+    job_path, kd_warmup = write_job(cfg, workdir, args, teacher=base != "kd_student",
+                                    source="parquet" if mode.endswith("_parquet") else "npz")
     forward_probe = _reset_probes(cfg, workdir)
     env, notes, own_ray_tmp = _kd_env()
     cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + (["teacher.mode=cached"] if mode == "cached" else [])
-    if mode != "kd_ray":  # no teacher actor on this machine: the student may have the cores mode 1 has
+    if base != "kd_ray":  # no teacher actor on this machine: the student may have the cores mode 1 has
         cmd.append(f"train.cpus_per_worker={args.kd_cpus_per_worker_alone:g}")
     cmd.append("--fresh")
     started = time.time()
@@ -163,7 +167,7 @@ def _reset_probes(cfg: dict, workdir: str) -> bool:
         os.remove(stale)
     # Forward timing hooks: CPU and eager only (CUDA forwards return before the work is done,
     # and a hook that writes a file would break a compiled graph).
-    forward_probe = cfg["device"] == "cpu" and not cfg["compile"]
+    forward_probe = cfg["device"] == "cpu" and not cfg["compile"] and cfg.get("forward_probe", True)
     if forward_probe:
         open(os.path.join(workdir, "FORWARD_PROBE"), "w").close()
     return forward_probe

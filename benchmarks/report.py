@@ -7,10 +7,11 @@ import sys
 
 from workloads import MODES
 
-KD_MODES = ("kd_student", "kd_ray", "cached")
+KD_MODES = ("kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "cached")
 TABLE_LABELS = {"student": "1 student only (torch)", "reference": "2 reference KD (torch)",
                 "kd_step": "  kd_ray step fns, no Ray", "kd_student": "  kd_ray, student alone",
-                "kd_ray": "3 kd_ray online",
+                "kd_student_parquet": "  kd_ray, student alone, parquet",
+                "kd_ray": "3 kd_ray online", "kd_ray_parquet": "3 kd_ray online, parquet",
                 "cached": "4 kd_ray cached"}
 
 
@@ -41,23 +42,23 @@ def print_header(args, cfg: dict, host: dict, workdir: str) -> None:
 def print_table(results: dict, cfg: dict) -> None:
     student = results.get("student", {}).get("samples_per_second")
     reference = results.get("reference", {}).get("samples_per_second")
-    rows = [_table_row(key, results[key], student, reference) for key in MODES if key in results]
-    head = ("mode", "samples/s", "windows", "vs student", "vs reference", "peak RSS MB (per process)", "how")
-    full = [r for r in rows if not (r[2] == "" and r[3] == "")]  # skipped rows span the line
+    rows = [_table_row(key, results[key], student, reference, cfg["batch_size"]) for key in MODES if key in results]
+    head = ("mode", "samples/s", "ms/step", "windows", "vs student", "vs reference", "peak RSS MB (per process)", "how")
+    full = [r for r in rows if not (r[3] == "" and r[4] == "")]  # skipped rows span the line
     widths = [max(len(str(r[i])) for r in full + [head]) for i in range(len(head))]
     print()
     print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        if r[2] == "" and r[3] == "":
+        if r[3] == "" and r[4] == "":
             print(f"{str(r[0]).ljust(widths[0])}  {r[1]}")
         else:
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def _table_row(key: str, r: dict, student, reference) -> tuple:
+def _table_row(key: str, r: dict, student, reference, batch: int) -> tuple:
     if "skipped" in r:
-        return (TABLE_LABELS[key], r["skipped"], "", "", "", "", "")
+        return (TABLE_LABELS[key], r["skipped"], "", "", "", "", "", "")
     sps = r.get("samples_per_second")
     win = r.get("windows_samples_per_second") or []
     spread = f"{min(win):,.0f}-{max(win):,.0f}" if win else "-"
@@ -68,7 +69,7 @@ def _table_row(key: str, r: dict, student, reference) -> tuple:
         if "peak_cuda_allocated_mb" in r:
             peak += f" (cuda {r['peak_cuda_allocated_mb']:,.0f})"
         how = "median of windows" if sps else r.get("error", "")
-    return (TABLE_LABELS[key], num(sps), spread, ratio(sps / student) if sps and student else "-",
+    return (TABLE_LABELS[key], num(sps), f"{1e3 * batch / sps:.3f}" if sps else "-", spread, ratio(sps / student) if sps and student else "-",
             ratio(sps / reference) if sps and reference else "-", peak, how)
 
 
@@ -101,7 +102,8 @@ def print_details(results: dict, cfg: dict) -> None:
               f"({cost['teacher_flops_per_sample'] / 1e6:,.1f} vs {cost['student_flops_per_sample'] / 1e6:,.1f} MFLOP/sample), "
               f"{cost['timed_forward_ratio']:.1f}x timed eager forward "
               f"({cost['teacher_forward_ms']:.1f} vs {cost['student_forward_ms']:.1f} ms per batch of {cfg['batch_size']})")
-    for key, label in (("kd_student", "student alone"), ("kd_ray", "online"), ("cached", "cached")):
+    for key, label in (("kd_student", "student alone"), ("kd_student_parquet", "student alone, parquet"), ("kd_ray", "online"),
+                       ("kd_ray_parquet", "online, parquet"), ("cached", "cached")):
         kd = results.get(key)
         if not kd or "skipped" in kd:
             continue

@@ -59,9 +59,9 @@ from workloads import MODES, PRESETS, parse_model, prepare  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--modes", default="student,reference,kd_ray,cached",
-                   help="comma list of " + ", ".join(MODES) + " (default: the four numbered modes; kd_step and kd_student "
-                        "split kd_ray's time further)")
+    p.add_argument("--modes",
+                   help="comma list of " + ", ".join(MODES) + " (default: the preset's; for cpu and gpu the four numbered "
+                        "modes; kd_step and kd_student split kd_ray's time further; a _parquet mode reads a parquet copy of the data)")
     p.add_argument("--teacher", help="bench_models arch, e.g. 'convnet:width=48,blocks=3' or 'resnet50'")
     p.add_argument("--student", help="e.g. 'convnet:width=16,blocks=2' or 'resnet18'")
     p.add_argument("--image", help="sample shape C,H,W, e.g. 3,32,32")
@@ -113,10 +113,11 @@ def workload_config(args) -> tuple[dict, int]:
         "preset": args.preset, "device": preset["device"], "image": image, "classes": classes,
         "rows": pick("rows"), "batch_size": pick("batch_size"), "warmup": pick("warmup"),
         "window_steps": pick("window_steps"), "windows": pick("windows"), "precision": pick("precision"),
-        "channels_last": pick("channels_last"), "compile": pick("compile"), "threads": args.threads or cpus,
+        "channels_last": pick("channels_last"), "compile": pick("compile"), "threads": args.threads or preset.get("threads") or cpus,
         "teacher": parse_model(args.teacher or preset["teacher"], image, classes),
         "student": parse_model(args.student or preset["student"], image, classes),
         "temperature": args.temperature, "alpha": args.alpha, "seed": args.seed, "cost_reps": 10,
+        "forward_probe": preset.get("forward_probe", True),
     }
     for name in ("kd_cpus_per_worker", "kd_cpus_per_actor", "kd_timeout", "kd_warmup_steps"):
         setattr(args, name, pick(name))
@@ -151,7 +152,7 @@ def run_mode(mode: str, cfg: dict, workdir: str, args) -> dict:
         r = {"mode": "cached", "error": "the capture failed"} if capture.get("error") else run_kd_ray(cfg, workdir, args, "cached")
         r["capture"] = capture
         return r
-    if mode in ("kd_ray", "kd_student"):
+    if mode.removesuffix("_parquet") in ("kd_ray", "kd_student"):
         return run_kd_ray(cfg, workdir, args, mode)
     return run_child(mode, {**cfg, "measure_cost": mode == "reference"}, workdir)
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_begin = time.time()
     cfg, cpus = workload_config(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or PRESETS[args.preset].get("modes", "student,reference,kd_ray,cached")).split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes: {', '.join(sorted(unknown))}")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                teacher_weights=os.path.join(workdir, "teacher.safetensors"))
     host = host_info(cpus, gpus)
     print_header(args, cfg, host, workdir)
-    prepare(cfg, workdir)
+    prepare(cfg, workdir, parquet=any(m.endswith("_parquet") for m in modes))
 
     results = run_modes(modes, cfg, workdir, args)
     print_table(results, cfg)

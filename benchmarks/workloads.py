@@ -16,7 +16,8 @@ from contextlib import nullcontext
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-MODES = ("student", "reference", "kd_step", "kd_student", "kd_ray", "cached")  # in the order they run
+# In the order they run. A `_parquet` mode reads the same rows from a parquet copy of the .npz.
+MODES = ("student", "reference", "kd_step", "kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "cached")
 
 
 PRESETS = {
@@ -27,6 +28,18 @@ PRESETS = {
         batch_size=64, warmup=16, window_steps=16, windows=5,
         precision="fp32", channels_last=False, compile=False,
         kd_cpus_per_worker=1, kd_cpus_per_actor=1, kd_timeout=600, kd_warmup_steps=64,
+    ),
+    # A small student, whose step takes about a millisecond: kd_ray's fixed costs per step show.
+    # An MLP of 22k parameters on 32 features, a teacher 3.5x its FLOPs, batch 100, 2,000 kd_ray
+    # steps; one thread everywhere (a step this small runs no faster on two). No forward hooks:
+    # at a millisecond a step, writing a line per forward would be part of what is measured.
+    "small": dict(
+        device="cpu", image=[32], classes=10, rows=20000,
+        teacher="mlp:width=256,blocks=2", student="mlp:width=128,blocks=2",
+        batch_size=100, warmup=200, window_steps=200, windows=5,
+        precision="fp32", channels_last=False, compile=False, threads=1, forward_probe=False,
+        modes="student,reference,kd_student,kd_student_parquet,kd_ray,cached",
+        kd_cpus_per_worker=1, kd_cpus_per_actor=1, kd_timeout=600, kd_warmup_steps=1000,
     ),
     # One or more CUDA GPUs: seed 000's anchor workload.
     "gpu": dict(
@@ -39,6 +52,12 @@ PRESETS = {
 }
 
 
+# The overhead floor: the small preset with a linear layer on 4 features, a step of almost nothing,
+# so what a step costs is the loop's and the stream's fixed cost.
+PRESETS["floor"] = {**PRESETS["small"], "image": [4], "teacher": "mlp:width=16,blocks=1", "student": "mlp:blocks=0",
+                    "modes": "student,kd_student,kd_student_parquet"}
+
+
 def parse_model(text: str, image: list[int], classes: int) -> dict:
     """'convnet:width=48,blocks=3' or 'resnet50' -> kwargs of bench_models.teacher/student."""
     arch, _, rest = text.partition(":")
@@ -46,14 +65,16 @@ def parse_model(text: str, image: list[int], classes: int) -> dict:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         kwargs[key.strip()] = int(value)
-    if arch != "convnet":
+    if arch == "mlp":
+        kwargs["in_channels"] = image[0]  # flat samples: their feature count
+    elif arch != "convnet":
         kwargs.pop("in_channels")  # torchvision models take 3-channel images
     return kwargs
 
 
-def prepare(cfg: dict, workdir: str) -> None:
-    """Synthetic data (train and a small eval split) as .npz, the teacher's weights as
-    safetensors, and the model file next to the job."""
+def prepare(cfg: dict, workdir: str, parquet: bool = False) -> None:
+    """Synthetic data (train and a small eval split) as .npz (and, for the `_parquet` modes, the
+    same rows as parquet), the teacher's weights as safetensors, and the model file next to the job."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -63,6 +84,8 @@ def prepare(cfg: dict, workdir: str) -> None:
         x = rng.standard_normal((rows, *cfg["image"]), dtype=np.float32)
         y = rng.integers(0, cfg["classes"], rows).astype(np.int64)
         np.savez(os.path.join(workdir, f"{name}.npz"), x=x, y=y)
+        if parquet:
+            write_parquet(os.path.join(workdir, f"{name}.parquet"), x, y)
     shutil.copy(os.path.join(HERE, "bench_models.py"), workdir)
     sys.path.insert(0, HERE)
     import bench_models
@@ -70,6 +93,16 @@ def prepare(cfg: dict, workdir: str) -> None:
     torch.manual_seed(cfg["seed"] + 1)
     teacher = bench_models.teacher(**cfg["teacher"])
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, os.path.join(workdir, "teacher.safetensors"))
+
+
+def write_parquet(path: str, x, y, row_group_rows: int = 1000) -> None:
+    """Each sample's features as one fixed-size list (flattened), its label as an integer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = x.reshape(len(x), -1)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    pq.write_table(pa.table({"x": column, "y": pa.array(y)}), path, row_group_size=row_group_rows)
 
 
 def amp(precision: str, device):

@@ -6,9 +6,16 @@ else (the train loop, the LR schedule, the summary) calls these functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from kd_ray.errors import UserError
+
+# Rows per block of the Ray Data training stream, at most: about a chunk of the source, the size
+# of the blocks the stream's read tasks (and a teacher pool's batches) already carry.
+BLOCK_ROWS = 1024
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -64,6 +71,28 @@ class BatchPlan:
         """Samples per worker per optimizer step: dividing each micro-batch's summed loss by this,
         then averaging over workers (DDP/FSDP all-reduce), normalises by the global batch."""
         return self.micro_batch * self.accumulation
+
+
+def micro_batches_per_block(global_batch: int, micro_batch: int, low: int, high: int, rows: int = BLOCK_ROWS) -> int:
+    """Micro-batches per block of the Ray Data training stream, whose split deals blocks out
+    round-robin (each block costs Ray Data about the same, whatever it holds; the worker cuts it).
+    Rank r's micro-batch j is then in block (j // k) x W + r, and an optimizer step (A micro-batches
+    per rank) trains exactly its global batch's positions when k divides A at every world size W
+    the group may take, or when the group is one worker, which gets every block."""
+    most = max(1, rows // micro_batch)
+    if high == 1:
+        return most
+    common = math.gcd(*(global_batch // (micro_batch * w) for w in range(low, high + 1)))
+    return max(d for d in range(1, min(common, most) + 1) if common % d == 0)
+
+
+def block_positions(start: int, rank: int, world: int, micro_batch: int, per_block: int, first: int, count: int) -> np.ndarray:
+    """The stream positions of this rank's micro-batches first .. first + count - 1, in order,
+    for a stream from `start` dealt round-robin in blocks of `per_block` micro-batches: its
+    micro-batch j is number j % k of block (j // k) x world + rank."""
+    j = np.arange(first, first + count, dtype=np.int64)
+    firsts = start + ((j // per_block * world + rank) * per_block + j % per_block) * micro_batch
+    return (firsts[:, None] + np.arange(micro_batch, dtype=np.int64)).reshape(-1)
 
 
 def check_world_sizes(global_batch: int, micro_batch: int, low: int, high: int) -> None:

@@ -45,6 +45,12 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         if teacher_pool is None:
             teacher_pool = spec.runs_teacher_pool
         teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
+        # Ray starts its workers at nice 15, under its daemons: right for background work on a
+        # shared cluster, but here the train workers and teacher actors are the job, and at 15
+        # they lose their cores to any other process on the machine (on a busy 2-core host a
+        # small student trained at a fraction of the speed of a plain script, which runs at 0).
+        # Set before Ray starts: its raylet reads it. A value the user set is kept.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             address="local",  # a new instance, never a `ray start` cluster left on this machine
             num_cpus=local_cpu_budget(os.cpu_count() or 1, train_cpus, teacher_cpus),

@@ -142,7 +142,8 @@ def _trainer(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, fp
     if local is None:
         # One global batch past the last step: the split's end-of-stream balancing only ever
         # touches rows no step uses.
-        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, micro_batch=plan.micro_batch,
+        per_block = batching.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
+        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, block_rows=plan.micro_batch * per_block,
                                                  control=control, board=board, cache=cached)
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True  # the train stream holds the run in order; keep that order through the split

@@ -265,21 +265,27 @@ def distill_loss(
     With no teacher (supervised training) the KD term is absent and alpha is ignored. The teacher
     is dense logits (live pool, or a dense cache) or a `TopK` from a compressed cache.
     Autocast is switched off so softmax, log and the reductions run in fp32 even when the
-    forward pass ran in bf16/fp16.
+    forward pass ran in bf16/fp16 (and left alone when it is off: entering the context costs more
+    than a small student's loss).
     """
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        s = student_logits.float()
-        ce = F.cross_entropy(s, labels, reduction="none")
-        if teacher_logits is None:
-            kd = torch.zeros_like(ce)
-            per_sample = ce
-        else:
-            kd_per_sample = sparse_kd_per_sample if isinstance(teacher_logits, TopK) else hinton_kd_per_sample
-            kd = kd_per_sample(s, teacher_logits, temperature)
-            per_sample = mix(kd, ce, alpha)
-        loss = per_sample.sum() / denominator
-        correct = (s.argmax(dim=-1) == labels).sum()
-    return LossTerms(loss, kd.detach().sum(), ce.detach().sum(), correct.detach())
+    device_type = student_logits.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _distill_loss(student_logits.float(), teacher_logits, labels, temperature, alpha, denominator)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _distill_loss(student_logits.float(), teacher_logits, labels, temperature, alpha, denominator)
+
+
+def _distill_loss(s: torch.Tensor, teacher_logits, labels: torch.Tensor, temperature: float, alpha: float,
+                  denominator: float) -> LossTerms:
+    ce = F.cross_entropy(s, labels, reduction="none")
+    correct = (s.argmax(dim=-1) == labels).sum().detach()
+    if teacher_logits is None:  # the loss is the cross-entropy: one sum serves both
+        ce_sum = ce.sum()
+        return LossTerms(ce_sum / denominator, ce_sum.new_zeros(()), ce_sum.detach(), correct)
+    kd_per_sample = sparse_kd_per_sample if isinstance(teacher_logits, TopK) else hinton_kd_per_sample
+    kd = kd_per_sample(s, teacher_logits, temperature)
+    loss = mix(kd, ce, alpha).sum() / denominator
+    return LossTerms(loss, kd.detach().sum(), ce.detach().sum(), correct)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,3 +308,62 @@ def test_augment_noise_is_fresh_per_call():
     b = augment(_batch(x), noise_std=0.1, shift=0, hflip=False)[X]
     assert not np.array_equal(a, b)
     assert 0.05 < a.std() < 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks of the Ray Data stream: whole micro-batches, dealt round-robin
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro, low, high",
+    [(100, 100, 1, 1), (64, 8, 1, 1), (96, 4, 1, 4), (64, 8, 2, 2), (48, 4, 1, 3), (32, 16, 1, 2), (3072, 16, 2, 4)],
+)
+def test_blocks_keep_every_step_on_its_global_batch(global_batch, micro, low, high):
+    """Whatever the world size, the split's round-robin deal of blocks of k micro-batches gives
+    optimizer step s exactly positions [s x G, (s + 1) x G), from any step-aligned start."""
+    k = batching.micro_batches_per_block(global_batch, micro, low, high)
+    assert 1 <= k and k * micro <= max(batching.BLOCK_ROWS, micro)
+    for world in range(low, high + 1):
+        acc = global_batch // (micro * world)
+        start = 3 * global_batch
+        steps = 4
+        per_rank = steps * acc
+        got = {r: batching.block_positions(start, r, world, micro, k, 0, per_rank) for r in range(world)}
+        # what the split deals: block b (k x micro rows from start) to rank b % world
+        rows = np.arange(start, start + steps * global_batch)
+        blocks = [rows[i:i + k * micro] for i in range(0, len(rows), k * micro)]
+        for r in range(world):
+            dealt = np.concatenate(blocks[r::world])[:per_rank * micro]
+            np.testing.assert_array_equal(got[r], dealt)
+        for s in range(steps):
+            step_rows = np.concatenate([got[r][s * acc * micro:(s + 1) * acc * micro] for r in range(world)])
+            np.testing.assert_array_equal(np.sort(step_rows), start + np.arange(s * global_batch, (s + 1) * global_batch))
+        # a later block's positions, asked for on their own, are the same
+        np.testing.assert_array_equal(batching.block_positions(start, 0, world, micro, k, 1, 2), got[0][micro:3 * micro])
+
+
+def test_one_worker_takes_large_blocks_and_elastic_groups_smaller_ones():
+    assert batching.micro_batches_per_block(100, 100, 1, 1) == 10  # 1,000 rows: any k with one worker
+    assert batching.micro_batches_per_block(64, 8, 2, 2) == 4  # accumulation 4
+    assert batching.micro_batches_per_block(48, 4, 1, 3) == 2  # accumulation 12, 6, 4: k divides all
+    assert batching.micro_batches_per_block(32, 16, 1, 2) == 1  # accumulation 1 at 2 workers
+
+
+def test_order_check_counts_rows_out_of_place():
+    import torch
+
+    from kd_ray.train.batches import OrderCheck
+
+    k, m, world = 2, 4, 2
+    check = OrderCheck(8, 1, world, m, k, torch.device("cpu"))
+    first = torch.from_numpy(batching.block_positions(8, 1, world, m, k, 0, k))
+    assert check.see(first) == k
+    check.verify()
+    wrong = torch.from_numpy(batching.block_positions(8, 0, world, m, k, 2, k))  # rank 0's next block
+    check.see(wrong)
+    with pytest.raises(RuntimeError, match="out of the planned order"):
+        check.verify()
+    short = OrderCheck(0, 0, 1, m, 1, torch.device("cpu"))
+    short.see(torch.arange(m + 1))  # part of a micro-batch more: the stream is broken
+    with pytest.raises(RuntimeError):
+        short.verify()

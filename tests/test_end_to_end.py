@@ -134,7 +134,7 @@ def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_pa
     job["teacher"]["pool"] = {"min_actors": 1, "max_actors": 2, "batch_size": 50}
     spec = validate(job, job_dir=str(tmp_path))
     data = pipeline.Sources(spec)
-    rows = pipeline.build_train(spec, data, end=data.train_rows, micro_batch=16, control=RunControl.remote()).take_all()
+    rows = pipeline.build_train(spec, data, end=data.train_rows, block_rows=16, control=RunControl.remote()).take_all()
     ids = np.array([r[ID] for r in rows])
     assert len(set(ids.tolist())) == len(ids)  # every sample once, with a stable id
 
@@ -261,7 +261,7 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     def read(cursor=0):
         control = RunControl.remote()
         ray.get(control.set_cursor.remote(cursor))
-        ds = pipeline.build_train(spec, data, end=3 * n, micro_batch=16, control=control)
+        ds = pipeline.build_train(spec, data, end=3 * n, block_rows=16, control=control)
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert all(len(b[ID]) == 16 for b in blocks[:-1])
@@ -284,7 +284,9 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     if local is not None:
         world = 2
         for rank in range(world):
-            got = list(pipeline.rank_micro_batches(local, cursor, rank, world, 16))
+            blocks = list(pipeline.rank_blocks(local, cursor, rank, world, 16))
+            assert all(len(b[POS]) % 16 == 0 for b in blocks)
+            got = [{k: v[i:i + 16] for k, v in b.items()} for b in blocks for i in range(0, len(b[POS]), 16)]
             assert len(got) == (3 * n - cursor) // 16 // world + (rank < (3 * n - cursor) // 16 % world)
             for j, b in enumerate(got):
                 at = (j * world + rank) * 16 + np.arange(16)

@@ -2,7 +2,7 @@
 
     train: chunks of every epoch, in the order of kd_ray.data.order, from the cursor on
            -> read + preprocess + augment (one task per chunk) -> teacher pool
-           -> blocks of exactly one micro-batch
+           -> blocks of whole micro-batches (kd_ray.batching.micro_batches_per_block)
            (teacher.mode: cached: the read task joins the cached outputs of the same rows, kd_ray.cache,
            and there is no pool)
     eval:  the eval split in source order -> read + preprocess
@@ -10,9 +10,9 @@
 The train dataset is ONE ordered stream of the whole run, so the teacher pool starts once per
 run (Ray Data re-executes a dataset, actor pools included, each time it is iterated). With
 preserve_order, Ray's split hands each block to the consumer that has received the fewest rows,
-so blocks of one micro-batch go round-robin: worker r of W gets blocks r, r + W, ... and
-optimizer step s trains exactly positions [s x G, (s + 1) x G). The loop checks this on every
-micro-batch (the POS column).
+so blocks of equal size go round-robin: worker r of W gets blocks r, r + W, ..., cuts them into
+micro-batches itself, and optimizer step s trains exactly positions [s x G, (s + 1) x G). The
+loop checks every row's position (the POS column) a block at a time (kd_ray.train.batches).
 
 Where the stream starts is read at execution time from the run's control (`cursor`, kd_ray.run.control): Ray Train
 restarts the dataset from the top after any failure or resize, and the chunks before the
@@ -198,10 +198,10 @@ def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray
     return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, cache=cache)
 
 
-def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, control, board=None,
+def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int, control, board=None,
                 cache=None) -> "ray.data.Dataset":
     """The training stream: positions from the control's cursor to `end`, in blocks of exactly
-    `micro_batch` rows (the unit the split deals out round-robin). The teacher's outputs come
+    `block_rows` rows, whole micro-batches (the unit the split deals out round-robin). The teacher's outputs come
     from the pool (which reports to `board`), or from `cache` (the train reader of a
     kd_ray.cache.TeacherCache)."""
     shuffle = spec.data.shuffle
@@ -209,7 +209,7 @@ def build_train(spec: "JobSpec", data: Sources, end: int, micro_batch: int, cont
                     control, end, cache)
     if spec.teacher is not None and cache is None:
         train = with_teacher(train, spec, board, end)
-    return train.repartition(target_num_rows_per_block=micro_batch, strict=True)
+    return train.repartition(target_num_rows_per_block=block_rows, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +253,11 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
                        spec.run.seed, spec.data.shuffle, _transform(spec, True), end)
 
 
-def rank_micro_batches(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int) -> Iterator[dict]:
-    """This rank's micro-batches from position `start` on: its j-th holds positions
-    start + (j x world + rank) x micro_batch + [0, micro_batch), as the Ray Data split deals them
-    (kd_ray.train.loop checks every one). Each chunk is read once, for this rank's rows only."""
+def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int) -> Iterator[dict]:
+    """This rank's rows from position `start` on, in blocks of whole micro-batches (about a chunk
+    each): its micro-batch j holds positions start + (j x world + rank) x micro_batch +
+    [0, micro_batch), as a Ray Data split of one micro-batch per block would deal them
+    (kd_ray.train.batches checks every row). Each chunk is read once, for this rank's rows only."""
     reader, layout = _fetch(stream.reader), _fetch(stream.layout)
     cache = _fetch(stream.cache) if stream.cache is not None else None
 
@@ -275,8 +276,7 @@ def rank_micro_batches(stream: LocalStream, start: int, rank: int, world: int, m
             continue
         joined = {k: np.concatenate([p[k] for p in held]) for k in held[0]}
         whole = rows - rows % micro_batch
-        for i in range(0, whole, micro_batch):
-            yield {k: v[i:i + micro_batch] for k, v in joined.items()}
+        yield {k: v[:whole] for k, v in joined.items()} if whole < rows else joined
         held = [{k: v[whole:] for k, v in joined.items()}] if whole < rows else []
 
 

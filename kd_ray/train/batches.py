@@ -2,8 +2,12 @@
 the ones the plan says.
 
 The stream reaches a rank one of two ways (kd_ray.data.pipeline): its shard of the Ray Data
-stream, or a LocalStream the worker reads itself. `rank_batches` hides which: the Trainer gets
-an iterator of tensor dicts on its device and closes it when it is done.
+stream, or a LocalStream the worker reads itself. Either way it arrives in blocks of whole
+micro-batches (a Ray Data block, or the rank's rows of a chunk read locally), made ahead by a
+prefetch thread; `rank_batches` checks each block's positions at once and cuts it into
+micro-batches here, as views: per micro-batch, the step pays for a few slices and no copy, queue
+hand-off or tensor arithmetic. The Trainer gets an iterator of tensor dicts on its device and
+closes it when it is done.
 """
 
 from __future__ import annotations
@@ -13,50 +17,67 @@ from typing import Iterator
 import ray.train
 import torch
 
+from kd_ray.batching import block_positions
 from kd_ray.data import POS, pipeline
 from kd_ray.train.parallel import all_reduce_sum
 
 
-class RankBatches:
-    """Iterate this rank's micro-batches; `close()` stops a local reader's prefetch thread."""
+class OrderCheck:
+    """Every row of this rank's stream must be at the position the plan says (kd_ray.batching.
+    block_positions): its micro-batch j holds positions start + ((j // k) x world + rank) x k x m
+    + (j % k) x m + [0, m), for k micro-batches per block of the stream (1 when the split deals
+    single micro-batches). Checked a block at a time, counted on the device (no sync per block);
+    `verify` all-reduces the count over the group."""
 
-    def __init__(self, batches: Iterator[dict], close=None):
-        self.batches, self._close = batches, close
+    def __init__(self, start: int, rank: int, world: int, micro_batch: int, per_block: int, device: torch.device):
+        self.start, self.rank, self.world, self.micro_batch, self.per_block = start, rank, world, micro_batch, per_block
+        self.device, self.seen = device, 0  # micro-batches checked so far
+        self.out_of_order = torch.zeros((), dtype=torch.int64, device=device)
+
+    def see(self, positions: torch.Tensor) -> int:
+        """A block of this rank's rows (whole micro-batches); returns how many micro-batches it holds."""
+        count = len(positions) // self.micro_batch
+        expected = block_positions(self.start, self.rank, self.world, self.micro_batch, self.per_block, self.seen, count)
+        if len(positions) != len(expected):
+            self.out_of_order += len(positions)  # a block of part of a micro-batch: the stream is broken
+        else:
+            self.out_of_order += (positions != torch.from_numpy(expected).to(self.device)).sum()
+        self.seen += count
+        return count
+
+    def verify(self) -> None:
+        if int(all_reduce_sum(self.out_of_order.double().reshape(1)).item()):
+            raise RuntimeError("the data stream delivered rows out of the planned order; the data cursor cannot be trusted")
+
+
+class RankBatches:
+    """Iterate this rank's micro-batches, cut from checked blocks; `close()` stops the prefetch thread."""
+
+    def __init__(self, blocks: Iterator[dict], order: OrderCheck, micro_batch: int, close=None):
+        self.blocks, self.order, self.micro_batch, self._close = blocks, order, micro_batch, close
 
     def __iter__(self):
-        return iter(self.batches)
+        m = self.micro_batch
+        for block in self.blocks:
+            for i in range(self.order.see(block[POS])):
+                yield {k: v[i * m:(i + 1) * m] for k, v in block.items()}
 
     def close(self) -> None:
         if self._close is not None:
             self._close()
 
 
-def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: int, prefetch: int,
+def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: int, per_block: int, prefetch: int,
                  device: torch.device) -> RankBatches:
-    """From `start` on: a LocalStream's micro-batches (CPU runs only: no pinning or copy), made
-    `prefetch` ahead by a thread as Ray Data's iterator would, or this worker's Ray Data shard."""
+    """From `start` on: a LocalStream's blocks (CPU runs only: no pinning or copy; one micro-batch
+    per block in the split's sense, see pipeline.rank_blocks), made `prefetch` blocks ahead by a
+    thread, or this worker's Ray Data shard, whole blocks of `per_block` micro-batches."""
     if local_stream is not None:
-        rows = pipeline.rank_micro_batches(local_stream, start, rank, world, micro_batch)
+        order = OrderCheck(start, rank, world, micro_batch, 1, device)
+        rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch)
         made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows), prefetch)
-        return RankBatches(made, made.close)
+        return RankBatches(made, order, micro_batch, made.close)
     shard = ray.train.get_dataset_shard("train")
-    return RankBatches(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
-                                                prefetch_batches=prefetch, pin_memory=device.type == "cuda"))
-
-
-class OrderCheck:
-    """Micro-batch j of this rank must hold positions start + (j x world + rank) x m + [0, m).
-    Counted on the device (no sync per batch); `verify` all-reduces the count over the group."""
-
-    def __init__(self, start: int, rank: int, world: int, micro_batch: int, device: torch.device):
-        self.expected = torch.arange(micro_batch, device=device) + start + rank * micro_batch
-        self.stride = micro_batch * world
-        self.out_of_order = torch.zeros((), dtype=torch.int64, device=device)
-
-    def see(self, batch: dict) -> None:
-        self.out_of_order += (batch[POS] != self.expected).sum()
-        self.expected += self.stride
-
-    def verify(self) -> None:
-        if int(all_reduce_sum(self.out_of_order.double().reshape(1)).item()):
-            raise RuntimeError("the data stream delivered rows out of the planned order; the data cursor cannot be trusted")
+    order = OrderCheck(start, rank, world, micro_batch, per_block, device)
+    blocks = shard.iter_torch_batches(batch_size=None, device=device, prefetch_batches=prefetch, pin_memory=device.type == "cuda")
+    return RankBatches(blocks, order, micro_batch)

@@ -28,10 +28,10 @@ from kd_ray.callbacks import Callbacks, StartInfo
 from kd_ray.errors import reason
 from kd_ray.losses import mix
 from kd_ray.registry import make_importable
-from kd_ray.seeds import step_seed
+from kd_ray.seeds import seed_torch, step_seed
 from kd_ray.spec import JobSpec
 from kd_ray.train import checkpoint
-from kd_ray.train.batches import OrderCheck, rank_batches
+from kd_ray.train.batches import rank_batches
 from kd_ray.train.meter import Meter, Timer
 from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
@@ -74,6 +74,7 @@ class Trainer:
         self.step = self.samples = self.micro = 0
         self.last_eval: dict = {}
         self.preempt_saved = False
+        self.stop_query = None  # rank 0's question to the run's control, in flight between polls
 
     def say(self, kind: str, **fields) -> None:
         if self.rank == 0:
@@ -134,9 +135,10 @@ class Trainer:
         self.set_up()
         self.announce(self.restore())
         t = self.spec.train
+        per_block = batching.micro_batches_per_block(t.global_batch_size, t.micro_batch_size, *t.worker_range)
         batches = rank_batches(self.config.get("local_stream"), self.position, self.rank, self.world, self.plan.micro_batch,
-                               t.prefetch_batches, self.device)
-        self.order = OrderCheck(self.position, self.rank, self.world, self.plan.micro_batch, self.device)
+                               per_block, t.prefetch_batches, self.device)
+        self.order = batches.order
         self.logged_step = self.step
         self.profiler = StepProfiler(self.spec.profile, self.spec.run_dir, self.rank, self.device, self.step)
         try:
@@ -178,13 +180,12 @@ class Trainer:
 
     def micro_step(self, batch: dict, denominator) -> bool:
         """One micro-batch's forward and backward; True on the accumulation boundary."""
-        self.order.see(batch)
         accumulation = self.plan.accumulation
         if self.micro % accumulation == 0:
-            torch.manual_seed(step_seed(self.spec.run.seed, self.step, self.rank))  # RNG (dropout...) is a function of the step
+            seed_torch(step_seed(self.spec.run.seed, self.step, self.rank), self.device)  # RNG (dropout...) is a function of the step
         boundary = (self.micro + 1) % accumulation == 0
         terms = self.task.micro_step(self.model, batch, denominator, self.device, self.scaler, boundary)
-        self.meter.add(terms, self.task.count(batch))
+        self.meter.add(terms, self.plan.micro_batch if self.task.fixed_count else self.task.count(batch))
         self.callbacks.on_batch(batch)
         self.micro += 1
         return boundary
@@ -259,7 +260,7 @@ class Trainer:
         rank takes the same branch: the flags are rank 0's, shared by one all-reduce."""
         preempted = ray.train.get_preemption_info()  # a barrier across the group
         lead = self.rank == 0
-        flags = torch.tensor([float(lead and ray.get(self.control.stop_requested.remote())), float(lead and self.timer.due())],
+        flags = torch.tensor([float(lead and self.stop_requested()), float(lead and self.timer.due())],
                              dtype=torch.float64, device=self.device)
         stop, due = (v > 0 for v in all_reduce_sum(flags).tolist())
         if preempted is not None and not self.preempt_saved:
@@ -273,6 +274,19 @@ class Trainer:
             return True
         elif due:
             self.save(False, {}, why="timer")
+        return False
+
+    def stop_requested(self) -> bool:
+        """Rank 0: whether the run's control holds a stop request, without waiting on the actor:
+        the answer to the question asked at an earlier poll, and the question asked again. A stop
+        lands a poll later; a small student no longer waits on an actor call every few steps."""
+        if self.stop_query is not None:
+            ready, _ = ray.wait([self.stop_query], timeout=0)
+            if not ready:
+                return False
+            if ray.get(self.stop_query):
+                return True
+        self.stop_query = self.control.stop_requested.remote()
         return False
 
     def finish(self) -> None:
