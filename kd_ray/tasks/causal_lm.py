@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_ray import storage
 from kd_ray.data import TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
@@ -262,7 +263,7 @@ class CausalLM:
     # ---------------------------------------------------------------- export
 
     def exported(self, run_dir: str) -> str:
-        return os.path.join(run_dir, STUDENT_DIR)
+        return storage.join(run_dir, STUDENT_DIR)
 
     def check_exported(self, path: str, field: str) -> None:
         if not os.path.isfile(os.path.join(path, "config.json")):
