@@ -287,9 +287,7 @@ def check_weights_file(path: str, field: str, model, model_name: str, fix: str) 
     """A state-dict file that fits `model` (built on the meta device): names and shapes; a
     local file or one on object storage."""
     if storage.is_remote(path):
-        storage.check_reachable(path, field)
-        if not storage.exists(path):
-            raise UserError(field, f"{storage.shown(path)} does not exist; {fix}")
+        storage.need_object(path, field, fix)
     else:
         need_file(path, field, fix)
     if not storage.shown(path).endswith(weights.WEIGHT_SUFFIXES):

@@ -204,6 +204,13 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
         raise UserError(field, f"cannot use {where}: {_why(str(e))}") from None
 
 
+def need_object(uri: str, field: str, fix: str) -> None:
+    """A URI that must name something: its storage answers and it is there."""
+    check_reachable(uri, field)
+    if not exists(uri):
+        raise UserError(field, f"{shown(uri)} does not exist; {fix}")
+
+
 def _why(error: str) -> str:
     """What a user can do about an error of pyarrow's S3 or GCS client."""
     if "NETWORK_CONNECTION" in error or "curlCode" in error:

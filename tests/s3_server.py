@@ -83,7 +83,7 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: weed and nothing else
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=5)  # its data is a temporary directory: nothing to flush that matters
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

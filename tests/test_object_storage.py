@@ -49,8 +49,9 @@ def cli(args, cluster):
 @pytest.mark.slow
 def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, tmp_path):
     """run.storage_path on s3://: a worker dies after step 15 (the group resumes from the step-10
-    checkpoint read back from the bucket), then the driver is SIGKILLed and the newest checkpoint
-    damaged in the bucket; the same command warns, resumes from the older one and finishes with
+    checkpoint read back from the bucket), then the driver is SIGKILLed (a checkpoint its reaped
+    workers were uploading may be left without all its objects) and the newest whole checkpoint
+    damaged in the bucket; the same command warns, resumes from the one before and finishes with
     every epoch's samples trained once, its summary, student, checkpoints and metrics in the
     bucket; `kd-ray eval` scores the student there. Run again, the finished run is moved aside (a
     copied prefix) and a new one starts."""
@@ -71,12 +72,16 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, t
     out = proc.communicate()[0]
     assert "from step 10 (data position 640)" in out, out[-3000:]
     wait_until_no_actor("RayTrainWorker")
-    newest, older = checkpoint.candidates(run_dir)[:2]
-    older_step = checkpoint.read_resume(older)["step"]
+    # The workers, reaped mid-upload, may have left a newest checkpoint without all its objects:
+    # skipped as a damaged one is. The newest whole one is damaged here.
+    newest, half_uploaded = checkpoint.pick(run_dir)
     weights = storage.join(newest, checkpoint.STUDENT_WEIGHTS)
     damaged = bytearray(storage.read_bytes(weights))
     damaged[200:264] = b"\0" * 64
     storage.write_bytes(weights, bytes(damaged))
+    older, skipped = checkpoint.pick(run_dir)
+    older_step = checkpoint.read_resume(older)["step"]
+    assert [p for p, _ in skipped] == [p for p, _ in half_uploaded] + [newest], skipped
 
     proc = run_cli(["run", path], ray_cluster)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -90,8 +95,8 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, t
     assert [n for n in names if n.startswith("checkpoint_")], names
     assert not os.path.exists(tmp_path / "runs"), "nothing of the run is written locally"
     assert_exactly_once(surviving_steps(tmp_path / "trace"), 88, train_ids(tmp_path))
-    print(f"resumed from the bucket: worker death at 15 -> step 10; driver killed, newest checkpoint damaged -> step "
-          f"{older_step}; {summary['train_seconds']} s of training, {summary['restarts']} restart(s)")
+    print(f"resumed from the bucket: worker death at 15 -> step 10; driver killed ({len(half_uploaded)} checkpoint(s) "
+          f"half-uploaded), newest whole one damaged -> step {older_step}; {summary}")
 
     proc = run_cli(["eval", path], ray_cluster)  # the exported student, read back from the bucket
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -130,9 +130,7 @@ def check_samples(x: np.ndarray, y: np.ndarray, where: str, first_row: int, clas
 
 def _check_path(path: str, field: str) -> None:
     if is_remote(path):
-        storage.check_reachable(path, field)
-        if not storage.exists(path):
-            raise UserError(field, f"{storage.shown(path)} does not exist; fix the URI")
+        storage.need_object(path, field, "fix the URI")
         return
     if not os.path.exists(path):
         raise UserError(field, f"{path} does not exist; fix the path (relative paths start at the job file's directory)")

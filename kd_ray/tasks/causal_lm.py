@@ -266,14 +266,15 @@ class CausalLM:
         return storage.join(run_dir, STUDENT_DIR)
 
     def check_exported(self, path: str, field: str) -> None:
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        if not storage.exists(storage.join(path, "config.json")):
             raise UserError(field, f"{path} is not a Hugging Face model directory (no config.json); pass the student directory a run exported")
 
     def load_exported(self, path: str) -> nn.Module:
         """A Hugging Face directory, as `export` writes it."""
         from transformers import AutoModelForCausalLM
 
-        return StudentLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), self.vocab)
+        with storage.local_copy(path) as local:  # a directory, or a run's student/ in a bucket
+            return StudentLM(AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32), self.vocab)
 
     def export(self, directory: str, state_dict: dict) -> None:
         """A Hugging Face model directory (config, safetensors, tokenizer) at directory/student."""
