@@ -22,7 +22,7 @@ from kd_ray.losses import tail_column
 from kd_ray.shards import MANIFEST
 from kd_ray.registry import ModelNameError, check_kwargs, import_callable, resolve
 from kd_ray.run.tracking import check_logging
-from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, load_yaml, parse
+from kd_ray.spec import JobSpec, ModelSpec, apply_override, cache_temperatures, load_yaml, parse, paths
 
 
 def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -82,11 +82,14 @@ def _check(spec: JobSpec) -> None:
 
 def check_storage(spec: JobSpec) -> None:
     """run.storage_path: a local directory (or one to be made) that this user can write in, and
-    no file where the run's directory goes. Checked before anything is created: a run that cannot
-    write its summary fails while reporting its failure."""
+    no file where the run's directory goes; or a bucket that answers and takes a file. Checked
+    before anything is created: a run that cannot write its summary fails while reporting its
+    failure. Under `ray job submit`, no path may lie in Ray's copy of the working directory."""
+    check_job_working_dir(spec)
     root = spec.run.storage_path
     if storage.is_remote(root):
-        raise UserError("run.storage_path", "remote storage URIs are not supported yet; use a directory every node shares (an NFS or EFS mount)")
+        storage.check_reachable(root, "run.storage_path", write=True)
+        return
     existing = root
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
@@ -96,6 +99,19 @@ def check_storage(spec: JobSpec) -> None:
         raise UserError("run.storage_path", f"cannot write in {existing} (permission denied); choose a directory you can write in")
     if os.path.exists(spec.run_dir) and not os.path.isdir(spec.run_dir):
         raise UserError("run.name", f"{spec.run_dir} is a file, not a run directory; choose another run.name or move the file")
+
+
+def check_job_working_dir(spec: JobSpec) -> None:
+    """A submitted job runs in Ray's copy of --working-dir: what it writes there is deleted with
+    the cluster's session (and a resubmitted job gets a new copy), and git-ignored files (runs/,
+    weights) were never uploaded to it."""
+    if spec.run.allow_job_working_dir:
+        return
+    for field, path in paths(spec):
+        if storage.in_job_working_dir(path):
+            raise UserError(field, f"{path} is inside the copy of --working-dir that Ray made for this job, which is deleted "
+                            "with the cluster's session (and git-ignored files are not uploaded to it); give an absolute path "
+                            "every node shares, or an s3:// or gs:// URI (or set run.allow_job_working_dir: true)")
 
 
 def _check_classifier(spec: JobSpec) -> None:
@@ -245,7 +261,8 @@ def check_cache_temperatures(spec: JobSpec) -> None:
 
 def _check_cache_path(path: str) -> None:
     if storage.is_remote(path):
-        return  # opened, and checked, by pyarrow when the capture or the run reads it
+        storage.check_reachable(path, "teacher.cache.path")
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError("teacher.cache.path", f"{path} is a file; a cache is a directory (kd-ray cache writes it): choose another path")
     manifest = os.path.join(path, MANIFEST)
@@ -263,16 +280,17 @@ def refuse_augmentation(spec: JobSpec) -> None:
 def _check_weights(section: ModelSpec, name: str, model) -> None:
     """Compare the file's tensor shapes with the model's, built on the meta device (no memory)."""
     path = section.weights
-    if storage.is_remote(path):
-        raise UserError(f"{name}.weights", f"{shown(path)} is a URL; weights are read from a local file (or a shared mount): "
-                        "download the file and give its path")
     check_weights_file(path, f"{name}.weights", model, section.model, "train it first (see README) or fix the path")
 
 
 def check_weights_file(path: str, field: str, model, model_name: str, fix: str) -> None:
-    """A state-dict file that fits `model` (built on the meta device): names and shapes."""
-    need_file(path, field, fix)
-    if not path.endswith(weights.WEIGHT_SUFFIXES):
+    """A state-dict file that fits `model` (built on the meta device): names and shapes; a
+    local file or one on object storage."""
+    if storage.is_remote(path):
+        storage.need_object(path, field, fix)
+    else:
+        need_file(path, field, fix)
+    if not storage.shown(path).endswith(weights.WEIGHT_SUFFIXES):
         raise UserError(field, f"{path}: use a .safetensors or .pt state dict")
     try:
         found = weights.file_shapes(path)
@@ -281,4 +299,4 @@ def check_weights_file(path: str, field: str, model, model_name: str, fix: str) 
         raise UserError(field, f"cannot read {path} as weights: {type(e).__name__}: {clip(str(e), SHOWN_CHARS)}") from None
     problem = weights.mismatch(expected, found)
     if problem:
-        raise UserError(field, f"{os.path.basename(path)} does not fit {model_name}: {problem}")
+        raise UserError(field, f"{storage.basename(path)} does not fit {model_name}: {problem}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from kd_ray import storage
 from kd_ray.errors import UserError
 from kd_ray.models import lm as lms
 from kd_ray.spec import JobSpec
@@ -121,5 +122,7 @@ def _check_model(spec: JobSpec, name: str, section, tokenizer, vocab: int) -> No
     if own is not None and lms.tokenizer_digest(own) != lms.tokenizer_digest(tokenizer):
         raise UserError("data.tokenizer", f"{spec.data.tokenizer} is not the tokenizer {section.model} was trained with "
                         "(their vocabularies or merges differ); use data.tokenizer: teacher")
-    if section.weights and not os.path.isfile(section.weights):
+    if section.weights and storage.is_remote(section.weights):
+        storage.need_object(section.weights, f"{name}.weights", "fix the URI")
+    elif section.weights and not os.path.isfile(section.weights):
         raise UserError(f"{name}.weights", f"{section.weights} does not exist; fix the path")

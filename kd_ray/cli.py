@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from kd_ray import storage
 from kd_ray.errors import Failed, UserError
 
 
@@ -101,8 +101,8 @@ def _report(run_dirs: list[str], out: str | None) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("report", report.NO_MATPLOTLIB.removeprefix("no picture of the run: ")) from None
-    for d in run_dirs:
-        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+    for d in run_dirs:  # a directory, or a run's URI on object storage
+        if not storage.exists(storage.join(d, "metrics.jsonl")):
             raise UserError("report", f"{d} has no metrics.jsonl: give the directory of a kd_ray run (run.storage_path/run.name)")
     print(report.draw(run_dirs, out))
     return 0

@@ -39,7 +39,7 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         return
     quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=verbose)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+        ray.init(runtime_env=_worker_env(), **quiet)
     else:
         train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
         if teacher_pool is None:
@@ -64,6 +64,19 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         from kd_ray.run.ray_output import hold_back
 
         hold_back(session_logs() or tempfile.gettempdir())
+
+
+def _worker_env() -> dict | None:
+    """A driver started from a shell against a running cluster hands its storage credentials
+    (kd_ray.storage.CREDENTIAL_ENV) to the job's workers, which reach the same bucket: nodes
+    started earlier have their own environment. A submitted job's driver already runs in the
+    cluster's environment (and in a runtime env of its own, which it keeps)."""
+    from kd_ray.storage import credentials_env
+
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return None
+    env = credentials_env()
+    return {"env_vars": env} if env else None
 
 
 def quiet_data() -> None:

@@ -8,6 +8,7 @@ import os
 import ray
 import torch
 
+from kd_ray import storage
 from kd_ray.cluster import ensure_ray, quiet_data
 from kd_ray.data import pipeline
 from kd_ray.errors import UserError
@@ -33,12 +34,12 @@ def _score(spec: JobSpec, path: str, dataset) -> dict:
 def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
     task = task_for(spec)
     path = weights_path or task.exported(spec.run_dir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise UserError("--weights", f"{path} does not exist; run the job first (kd-ray run) or pass --weights PATH")
     task.check_exported(path, "--weights")
     ensure_ray(spec)
     quiet_data()
-    metrics = ray.get(_score.remote(spec, os.path.abspath(path), pipeline.build_eval(spec)))
+    metrics = ray.get(_score.remote(spec, path if storage.is_remote(path) else os.path.abspath(path), pipeline.build_eval(spec)))
     if "error" in metrics:
         raise UserError("--weights", metrics["error"])
     return metrics

@@ -8,11 +8,10 @@ Ray (kd_ray.cluster), builds the datasets (kd_ray.data.pipeline), submits the tr
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
-from kd_ray import batching
+from kd_ray import batching, storage
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
 from kd_ray.data import X, pipeline
 from kd_ray.errors import Failed, UserError, reason, user_error_in
@@ -106,9 +105,9 @@ def _refuse_empty_splits(spec: JobSpec, data: pipeline.Sources) -> None:
 
 def _announce(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, note: str | None, resumed: dict | None,
               echo: Echo) -> None:
-    echo(f"kd-ray: run {spec.run.name} -> {spec.run_dir}" + (f" ({note})" if note and note != RESUMING else ""))
+    echo(f"kd-ray: run {spec.run.name} -> {storage.shown(spec.run_dir)}" + (f" ({note})" if note and note != RESUMING else ""))
     if resumed:
-        echo(f"resuming run {spec.run.name} from step {resumed['step']} (checkpoint {os.path.basename(resumed['path'])})")
+        echo(f"resuming run {spec.run.name} from step {resumed['step']} (checkpoint {storage.basename(resumed['path'])})")
     low, high = spec.train.worker_range
     G, m = plan.global_batch, plan.micro_batch
     workers = f"{low} workers" if low == high else f"{low} to {high} workers (elastic)"
@@ -148,13 +147,15 @@ def _trainer(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, fp
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True  # the train stream holds the run in order; keep that order through the split
     resources = {**spec.train.resources_per_worker, "CPU": spec.train.cpus_per_worker}
+    fs, root = storage.filesystem(spec.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "board": board, "control": control, "train_rows": data.train_rows,
                            "fingerprint": fp, "local_stream": local},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=spec.train.resize_check_seconds),
-        run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
+        # A URI's filesystem is opened here (its query, the endpoint, is no part of Ray's paths).
+        run_config=RunConfig(name=spec.run.name, storage_path=root, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures)),
         datasets=datasets,

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
+from kd_ray import storage
 from kd_ray.storage import is_remote
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -49,6 +50,8 @@ class RunSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**63, description="seeds torch and numpy, which take 64-bit integers")
     max_failures: int = Field(3, ge=-1, description="worker/node failures to recover from (-1: no limit)")
     deterministic: bool = Field(False, description="deterministic kernels: a resumed run ends equal to an uninterrupted one")
+    allow_job_working_dir: bool = Field(False, description="let paths resolve inside the copy of --working-dir that Ray makes "
+                                        "for a submitted job (it is deleted with the cluster's session)")
 
     @field_validator("name")
     @classmethod
@@ -295,7 +298,7 @@ class JobSpec(_Section):
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.run.storage_path, self.run.name)
+        return storage.join(self.run.storage_path, self.run.name)
 
     @property
     def runs_teacher_pool(self) -> bool:
@@ -464,6 +467,22 @@ def _resolve_paths(spec: JobSpec) -> None:
     mlflow = spec.logging.mlflow
     if mlflow is not None and mlflow.tracking_uri and ":" not in mlflow.tracking_uri:  # a directory: a file store
         mlflow.tracking_uri = _abs(mlflow.tracking_uri, jd)
+
+
+def paths(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, path) of every file or directory a job reads or writes, as resolved."""
+    out = [("run.storage_path", spec.run.storage_path)]
+    if not spec.data.source.startswith("builtin:"):
+        out.append(("data.source", spec.data.source))
+    if spec.data.eval_source:
+        out.append(("data.eval_source", spec.data.eval_source))
+    if spec.data.labels.endswith(".npy"):
+        out.append(("data.labels", spec.data.labels))
+    out += [(f"{name}.weights", section.weights) for name, section in (("teacher", spec.teacher), ("student", spec.student))
+            if section is not None and section.weights]
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        out.append(("teacher.cache.path", spec.teacher.cache.path))
+    return out
 
 
 def cache_temperatures(spec: JobSpec) -> list[float]:

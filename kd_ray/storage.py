@@ -1,18 +1,66 @@
 """Where files live: a local path, or a URI of any filesystem pyarrow opens (file://, s3://, gs://).
 
-The one place that decides whether a path is remote, and that opens a filesystem for it.
+The one place that decides whether a path is remote, that opens a filesystem for it, and that
+knows what object storage cannot do as a disk does (no rename of a directory, no append).
+
+A URI takes what pyarrow takes: `s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http` for
+an S3-compatible server, credentials from the environment (AWS_ACCESS_KEY_ID ...), an instance
+profile or a GCS service account. The query stays at the end of every path made from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from typing import Iterator
 
 from kd_ray.errors import UserError
+
+# Where Ray unpacks a job's --working-dir on the node that runs it: under the session directory,
+# which goes with the cluster (and git-ignored files were never uploaded to it).
+RAY_WORKING_DIR_COPY = ("runtime_resources", "working_dir_files")
+# Credentials and endpoints a driver holds that a cluster's workers need for the same bucket; a
+# cluster's nodes usually have their own (an instance profile), and then nothing is forwarded.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def is_remote(path: str) -> bool:
     """A URI (`s3://bucket/key`, `file:///dir`), as opposed to a path on this machine."""
     return "://" in path
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(path, "?query" or "") of a URI; a local path has no query."""
+    if is_remote(path) and "?" in path:
+        base, query = path.split("?", 1)
+        return base, "?" + query
+    return path, ""
+
+
+def join(path: str, *parts: str) -> str:
+    """path/part/...: a URI keeps its query (the endpoint) at the end."""
+    if not is_remote(path):
+        return os.path.join(path, *parts)
+    base, query = _split(path)
+    return "/".join([base.rstrip("/"), *parts]) + query
+
+
+def with_suffix(path: str, suffix: str) -> str:
+    """path + suffix (a sibling of the file or directory): a URI keeps its query at the end."""
+    base, query = _split(path)
+    return base.rstrip("/") + suffix + query
+
+
+def basename(path: str) -> str:
+    return os.path.basename(_split(path)[0].rstrip("/"))
+
+
+def shown(path: str) -> str:
+    """A path as a message names it: a URI without its query."""
+    return _split(path)[0]
 
 
 def need_file(path: str, field: str, fix: str) -> None:
@@ -34,6 +82,67 @@ def filesystem(path: str):
     return fs, root.rstrip("/")
 
 
+def listdir(path: str, dirs_only: bool = False) -> list[str]:
+    """The names directly under a directory or prefix (`dirs_only`: of its directories); [] where
+    there is none."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return [os.path.basename(i.path) for i in found if not dirs_only or i.type == pafs.FileType.Directory]
+
+
+def is_dir(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    return fs.get_file_info(root).type == pafs.FileType.Directory
+
+
+def exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    return fs.get_file_info(root).type != pafs.FileType.NotFound
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes; FileNotFoundError where there is none."""
+    fs, root = filesystem(path)
+    with fs.open_input_stream(root) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file that no reader sees half-written: locally a temporary file renamed over
+    it, on object storage one upload (an object appears whole or not at all)."""
+    if is_remote(path):
+        fs, root = filesystem(path)
+        with fs.open_output_stream(root) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def move(src: str, dest: str) -> None:
+    """Move a directory. Object storage has no rename: every object is copied to the new prefix
+    first and the old ones deleted after, so an interruption leaves the original whole (and at
+    worst a partial copy beside it), never a run lost."""
+    if not is_remote(src):
+        shutil.move(src, dest)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(src)
+    _, target = filesystem(dest)
+    pafs.copy_files(root, target, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(root)
+
+
 def copy_out(local_dir: str, dest: str) -> None:
     """Copy a local directory's files to `dest`, a local path or a URI."""
     import pyarrow.fs as pafs
@@ -41,3 +150,87 @@ def copy_out(local_dir: str, dest: str) -> None:
     fs, path = filesystem(dest)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def put(local_file: str, dest: str) -> None:
+    """Copy one local file to `dest`, a local path or a URI."""
+    if not is_remote(dest):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        shutil.copyfile(local_file, dest)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(dest)
+    pafs.copy_files(local_file, path, destination_filesystem=fs)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding what `path` holds (a file or a directory): the path itself, or a
+    temporary download of it, removed on exit."""
+    if not is_remote(path):
+        yield path
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    with tempfile.TemporaryDirectory(prefix="kd_ray_") as d:
+        local = os.path.join(d, basename(path))
+        if fs.get_file_info(root).type == pafs.FileType.Directory:
+            os.makedirs(local)
+        pafs.copy_files(root, local, source_filesystem=fs)
+        yield local
+
+
+def check_reachable(path: str, field: str, write: bool = False) -> None:
+    """A URI whose filesystem answers, whose bucket exists and (`write`) takes a file, or a
+    UserError naming `field`: the mistakes of a bucket are found before anything starts."""
+    import pyarrow.fs as pafs
+
+    where = shown(path)
+    try:
+        fs, root = filesystem(path)
+        bucket = root.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise UserError(field, f"bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URI")
+        if write:
+            probe = f"{root}/.kd_ray_write_check"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"")
+            fs.delete_file(probe)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(field, f"cannot use {where}: {_why(str(e))}") from None
+
+
+def need_object(uri: str, field: str, fix: str) -> None:
+    """A URI that must name something: its storage answers and it is there."""
+    check_reachable(uri, field)
+    if not exists(uri):
+        raise UserError(field, f"{shown(uri)} does not exist; {fix}")
+
+
+def _why(error: str) -> str:
+    """What a user can do about an error of pyarrow's S3 or GCS client."""
+    if "NETWORK_CONNECTION" in error or "curlCode" in error:
+        return ("the storage endpoint does not answer; check endpoint_override=HOST:PORT (and scheme=http for a server "
+                "without TLS) in the URI, or AWS_ENDPOINT_URL")
+    if any(k in error for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")):
+        return ("access denied: check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's instance "
+                "profile) and that they may read and write this bucket")
+    return " ".join(error.split())[:300]
+
+
+def in_job_working_dir(path: str) -> bool:
+    """A local path inside the copy of `--working-dir` that Ray made for a submitted job."""
+    if is_remote(path):
+        return False
+    parts = os.path.realpath(path).split(os.sep)
+    n = len(RAY_WORKING_DIR_COPY)
+    return any(tuple(parts[i:i + n]) == RAY_WORKING_DIR_COPY for i in range(len(parts)))
+
+
+def credentials_env() -> dict[str, str]:
+    """The credential and endpoint variables of this process, to hand to a cluster's workers."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}

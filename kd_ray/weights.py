@@ -12,6 +12,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from kd_ray import storage
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -21,15 +23,19 @@ class WeightsError(ValueError):
 
 def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes, without loading the data where the format allows."""
-    if path.endswith(".safetensors"):
+    if storage.shown(path).endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
+        with storage.local_copy(path) as local, safe_open(local, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A local file, or one on object storage (downloaded to a temporary file first)."""
+    if storage.is_remote(path):
+        with storage.local_copy(path) as local:
+            return read_state_dict(local)  # named as the object is, suffix and all
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -79,7 +85,7 @@ def load_into(model: nn.Module, path: str) -> None:
     state = {clean_key(k): v for k, v in read_state_dict(path).items()}
     problem = mismatch(model_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
     if problem:
-        raise WeightsError(f"{os.path.basename(path)} does not fit the model: {problem}")
+        raise WeightsError(f"{storage.basename(path)} does not fit the model: {problem}")
     model.load_state_dict(state)
 
 
@@ -101,9 +107,11 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
 
 
 def sha256(path: str) -> str:
-    """A file's SHA-256, read in blocks: checkpoint files and a cached teacher's weights."""
+    """A file's SHA-256, read in blocks: checkpoint files and a cached teacher's weights (a local
+    file or an object)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, root = storage.filesystem(path)
+    with fs.open_input_stream(root) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()

@@ -452,6 +452,23 @@ def _digits_parquet(path, rows_per_group: int, change_one_pixel: bool = False) -
     return str(path)
 
 
+def capture_killed_after_3_shards(job: dict, tmp_path, cluster) -> str:
+    """Write `job` to tmp_path/job.yaml and run `kd-ray cache` on it, SIGKILLed by the tests'
+    KillDriver callback in the pool actor right after its 3rd shard; returns the job file's path."""
+    faults.install(tmp_path)
+    pid_file = tmp_path / "driver.pid"
+    job["callbacks"] = [{"callable": "faults:KillDriver",
+                         "kwargs": {"after": 3, "pid_file": str(pid_file), "mark": str(tmp_path / "killed")}}]
+    path = write_job(tmp_path / "job.yaml", job)
+    proc = subprocess.Popen([sys.executable, "-m", "kd_ray", "cache", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cluster.env(), cwd=ROOT)
+    (tmp_path / "driver.pid.tmp").write_text(str(proc.pid))
+    os.replace(tmp_path / "driver.pid.tmp", pid_file)  # whole, or not there at all, for the callback
+    _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == -9, stderr[-3000:]
+    return path
+
+
 def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, teacher_weights, tmp_path, capsys):
     """A parquet source of 9 row groups (9 shards). The capture process is SIGKILLed right after
     the 3rd shard is written (the tests' KillDriver callback in the pool actor), a half-written
@@ -465,17 +482,7 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
     job = kd_job(tmp_path, "killed", teacher_weights, {"path": str(tmp_path / "cache")})
     job["data"].update(source=source, features="pixels", labels="digit")
-    faults.install(tmp_path)
-    pid_file = tmp_path / "driver.pid"
-    job["callbacks"] = [{"callable": "faults:KillDriver",
-                         "kwargs": {"after": 3, "pid_file": str(pid_file), "mark": str(tmp_path / "killed")}}]
-    path = write_job(tmp_path / "job.yaml", job)
-    proc = subprocess.Popen([sys.executable, "-m", "kd_ray", "cache", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ray_cluster.env(), cwd=ROOT)
-    (tmp_path / "driver.pid.tmp").write_text(str(proc.pid))
-    os.replace(tmp_path / "driver.pid.tmp", pid_file)  # whole, or not there at all, for the callback
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == -9, stderr[-3000:]
+    path = capture_killed_after_3_shards(job, tmp_path, ray_cluster)
     cache_dir = tmp_path / "cache"
     assert json.load(open(cache_dir / cache.MANIFEST))["status"] == "incomplete"
     before = {n: os.stat(cache_dir / n) for n in os.listdir(cache_dir) if n.endswith(".parquet")}

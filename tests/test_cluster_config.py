@@ -39,7 +39,27 @@ def test_head_runs_no_work_and_workers_are_spot():
         assert types[name]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
         assert types[name]["min_workers"] <= types[name]["max_workers"]
     assert any("pip install -e /home/ubuntu/kd_ray" in c for c in raw["setup_commands"])
-    assert any("/mnt/shared" in c for c in raw["setup_commands"])
+    for node in types.values():  # the runs' bucket through an instance profile, no keys in files
+        assert "IamInstanceProfile" in node["node_config"]
+
+
+def test_nobody_else_can_submit():
+    """Ray's dashboard and job API (8265), GCS (6379) and client server (10001) have no
+    authentication: the dashboard stays on the head's loopback and no security-group rule opens
+    those ports to the world (reach them through `ray dashboard cluster.yaml`, an SSH tunnel)."""
+    raw = load()
+    starts = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host" in starts and "--dashboard-host=0.0.0.0" not in starts and "--dashboard-host 0.0.0.0" not in starts
+    assert "--dashboard-host=127.0.0.1" in starts  # Ray's default would be loopback too; say it where it is read
+    rules = raw["provider"].get("security_group", {}).get("IpPermissions", [])
+    for node in raw["available_node_types"].values():
+        assert not node["node_config"].get("SecurityGroupIds"), "a group of its own may open anything: keep the one above"
+    for rule in rules:
+        low, high = rule.get("FromPort", 0), rule.get("ToPort", 65535)
+        world = [r for r in rule.get("IpRanges", []) if r.get("CidrIp") == "0.0.0.0/0"] + \
+                [r for r in rule.get("Ipv6Ranges", []) if r.get("CidrIpv6") == "::/0"]
+        opened = [p for p in (8265, 6379, 10001) if low <= p <= high or rule.get("IpProtocol") == "-1"]
+        assert not (world and opened), f"{rule} opens {opened} to the world"
 
 
 def test_gpu_job_resources_exist_on_the_node_types():
@@ -54,7 +74,7 @@ def test_gpu_job_resources_exist_on_the_node_types():
     per_node = next(iter(spec.train.resources_per_worker.values()))
     capacity = student_node["max_workers"] * student_node["resources"]["student_node"] // per_node
     assert capacity >= spec.train.max_workers
-    assert spec.run.storage_path.startswith("/mnt/shared")
+    assert spec.run.storage_path.startswith("s3://")
 
 
 def test_missing_resources_name_the_fields_for_run_and_for_cache():

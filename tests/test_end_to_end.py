@@ -210,16 +210,31 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     assert read_summary(tmp_path / "runs" / "broken")["status"] == "failed"
 
 
+def readme_submit_command(job: str) -> list[str]:
+    """The README's `ray job submit ... -- kd-ray run JOB ...` line for a job, as printed."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        line = next(ln for ln in f if ln.startswith("ray job submit --working-dir . -- kd-ray run " + job))
+    return line.split(" -- ", 1)[1].split()
+
+
 def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
-    """The quickstart job, unchanged, under `ray job submit --working-dir .`."""
-    storage = tmp_path / "runs"
-    entry = ["kd-ray", "run", "jobs/quickstart.yaml", f"teacher.weights={teacher_weights}",
-             f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", f"run.storage_path={storage}", "train.epochs=1"]
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}), "--", *entry],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    """The quickstart under `ray job submit --working-dir .`: unchanged, its relative run
+    directory would lie in Ray's copy of the working directory, and it is refused in one line;
+    as the README prints it (a storage path outside the copy, with the session's teacher in place
+    of the README's first step), it runs and its results are outside the cluster's session."""
+    storage = tmp_path / "kd-ray-runs"
+    submit = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}), "--"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    refused = subprocess.run([*submit, "kd-ray", "run", "jobs/quickstart.yaml", "teacher=null"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=600, env=env)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and re.search(r"kd-ray: error: run.storage_path: \S+/runtime_resources/working_dir_files/"
+                                                 r"\S+ is inside the copy of --working-dir", out), out[-3000:]
+    entry = [arg.replace("$HOME/kd-ray-runs", str(storage)) for arg in readme_submit_command("jobs/quickstart.yaml")]
+    entry = [f"teacher.weights={teacher_weights}" if arg.startswith("teacher.weights=") else arg for arg in entry]
+    entry += [f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", "train.epochs=1"]
+    proc = subprocess.run([*submit, *entry], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-4000:]

@@ -151,7 +151,9 @@ BAD = [
     ("override-without-equals", None, ["train.epochs"], "override", ["not of the form section.key=value"]),
     ("override-into-scalar", None, ["train.epochs.x=1"], "train.epochs", ["is not a section"]),
     ("run-name-parent", None, ["run.name=.."], "run.name", ["directory of its own"]),
-    ("remote-storage", None, ["run.storage_path=s3://bucket/runs"], "run.storage_path", ["not supported yet", "EFS"]),
+    # nobody answers on port 1: the mistake a wrong endpoint makes, found before anything starts
+    ("remote-storage", None, ["run.storage_path=s3://bucket/runs?endpoint_override=127.0.0.1:1&scheme=http"], "run.storage_path",
+     ["cannot use s3://bucket/runs: the storage endpoint does not answer", "endpoint_override"]),
     ("labels-beyond-student-outputs", None, ["student.kwargs.num_classes=5"], "student.kwargs", ["labels go up to 9", "give it 10 classes"]),
     ("num-classes-vs-student", None, ["data.num_classes=10", "student.kwargs.num_classes=12"], "student.kwargs", ["12 outputs", "num_classes is 10"]),
     ("student-cannot-take-shape", None, ["data.shape=[64]", "student.model=convnet", "student.kwargs={}"], "student.model",

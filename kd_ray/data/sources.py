@@ -19,6 +19,7 @@ import numpy as np
 from kd_ray.data import ID, X, Y
 from kd_ray.data.ids import is_eval
 from kd_ray.errors import SHOWN_CHARS, UserError, clip
+from kd_ray import storage
 from kd_ray.storage import is_remote, need_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,7 +130,8 @@ def check_samples(x: np.ndarray, y: np.ndarray, where: str, first_row: int, clas
 
 def _check_path(path: str, field: str) -> None:
     if is_remote(path):
-        return  # remote filesystems are checked when Ray Data opens them
+        storage.need_object(path, field, "fix the URI")
+        return
     if not os.path.exists(path):
         raise UserError(field, f"{path} does not exist; fix the path (relative paths start at the job file's directory)")
 
@@ -294,7 +296,10 @@ class ParquetReader:
         import pyarrow.dataset as pads
 
         try:
-            ds = pads.dataset(source, format="parquet")
+            # Opened through kd_ray.storage: a URI's query (its endpoint) is not part of the files'
+            # paths, which name the samples (relative to the root) on every process alike.
+            fs, self.root = storage.filesystem(source)
+            ds = pads.dataset(self.root, filesystem=fs, format="parquet")
             fragments = sorted(ds.get_fragments(), key=lambda f: f.path)
             self.filesystem = ds.filesystem
             self.units: list[tuple[str, int, int, int]] = []  # (file, row group, rows, first row in file)
@@ -304,8 +309,7 @@ class ParquetReader:
                     self.units.append((frag.path, rg.id, rg.num_rows, first))
                     first += rg.num_rows
         except Exception as e:
-            raise UserError(field, f"cannot read {source} as parquet: {e}") from None
-        self.root = source.rstrip("/")
+            raise UserError(field, f"cannot read {storage.shown(source)} as parquet: {e}") from None
         self.features, self.labels, self.id_column, self.shape = data.features, data.labels, data.id_column, data.shape
         self.classes = data.num_classes
 

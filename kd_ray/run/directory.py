@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
-from kd_ray import batching, telemetry
+from kd_ray import batching, storage, telemetry
 from kd_ray.errors import UserError
 from kd_ray.run.metrics import METRICS
 from kd_ray.spec import JobSpec, changed_fields
@@ -36,45 +35,41 @@ def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
     every check that can fail before training has passed, so a mistake found late (after Ray has
     started) leaves the finished run where `kd-ray eval` looks for it."""
     run_dir = spec.run_dir
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    names = storage.listdir(run_dir)
+    if not names:
         return None
-    names = os.listdir(run_dir)
     has_checkpoint = any(n.startswith("checkpoint_") for n in names)
     if not {SUMMARY, METRICS, "checkpoint_manager_snapshot.json"} & set(names) and not has_checkpoint:
-        raise UserError("run.name", f"{run_dir} exists and is not a kd_ray run; choose another run.name or run.storage_path")
+        raise UserError("run.name", f"{storage.shown(run_dir)} exists and is not a kd_ray run; choose another run.name or run.storage_path")
     finished = read_summary(run_dir).get("status") == "finished"
     return MOVE_ASIDE if fresh or finished or not has_checkpoint else RESUMING
 
 
 def move_aside(run_dir: str) -> str:
-    """Moves a previous run to NAME.<timestamp>/, never deletes it; returns the note for the user."""
-    archived = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.move(run_dir, archived)
-    return f"previous run moved to {archived}"
+    """Moves a previous run to NAME.<timestamp>/, never deletes it; returns the note for the user.
+    On object storage that is a copy of every object and then a delete (kd_ray.storage.move)."""
+    archived = storage.with_suffix(run_dir, f".{time.strftime('%Y%m%d-%H%M%S')}")
+    storage.move(run_dir, archived)
+    return f"previous run moved to {storage.shown(archived)}"
 
 
 def read_summary(run_dir: str) -> dict:
     try:
-        with open(os.path.join(run_dir, SUMMARY)) as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(storage.join(run_dir, SUMMARY)))
     except (OSError, ValueError):
         return {}
 
 
 def write_summary(run_dir: str, summary: dict) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, SUMMARY + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, SUMMARY))
+    storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2).encode())
 
 
 def resume_point(spec: JobSpec, fp: dict, echo: Callable[[str], None]) -> dict | None:
     """The checkpoint a resumed run continues from; refuses a job file changed incompatibly."""
     chosen, skipped = checkpoint.pick(spec.run_dir)
     for path, why in skipped:
-        echo(f"warning: checkpoint {os.path.basename(path)} cannot be used ({why}); "
-             + (f"resuming from {os.path.basename(chosen)} instead" if chosen else "no earlier checkpoint is whole"))
+        echo(f"warning: checkpoint {storage.basename(path)} cannot be used ({why}); "
+             + (f"resuming from {storage.basename(chosen)} instead" if chosen else "no earlier checkpoint is whole"))
     if chosen is None:
         return None
     state = checkpoint.read_resume(chosen)
@@ -90,13 +85,12 @@ def export(result, run_dir: str) -> str | None:
     directory) to the top of the run directory."""
     if result is None or result.checkpoint is None:
         return None
-    os.makedirs(run_dir, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for name in (checkpoint.STUDENT_WEIGHTS, checkpoint.STUDENT_INFO):
-            shutil.copyfile(os.path.join(d, name), os.path.join(run_dir, name))
+            storage.put(os.path.join(d, name), storage.join(run_dir, name))
         if os.path.isdir(os.path.join(d, checkpoint.STUDENT_DIR)):
-            shutil.copytree(os.path.join(d, checkpoint.STUDENT_DIR), os.path.join(run_dir, checkpoint.STUDENT_DIR), dirs_exist_ok=True)
-    return os.path.join(run_dir, checkpoint.STUDENT_WEIGHTS)
+            storage.copy_out(os.path.join(d, checkpoint.STUDENT_DIR), storage.join(run_dir, checkpoint.STUDENT_DIR))
+    return storage.join(run_dir, checkpoint.STUDENT_WEIGHTS)
 
 
 def _by_kind(events: list[dict]) -> dict[str, list[dict]]:

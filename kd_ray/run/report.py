@@ -14,8 +14,10 @@ restarted: a resume (a new driver), a resize (another world size) or a restart a
 
 from __future__ import annotations
 
+import io
 import os
 
+from kd_ray import storage
 from kd_ray.run.metrics import read_metrics
 
 REPORT = "report.png"
@@ -72,7 +74,7 @@ def _pool(key: str):
 
 class Run:
     def __init__(self, run_dir: str):
-        self.dir, self.name = run_dir, os.path.basename(os.path.normpath(run_dir))
+        self.dir, self.name = run_dir, storage.basename(run_dir)
         self.records = read_metrics(run_dir)
         if not any(r["kind"] == "train" for r in self.records):
             raise FileNotFoundError(f"{run_dir} has no training records in metrics.jsonl yet")
@@ -181,12 +183,14 @@ def draw(run_dirs: list[str], out: str | None = None) -> str:
 
     runs = [Run(d) for d in run_dirs]
     if out is None:
-        out = os.path.join(run_dirs[0], REPORT) if len(runs) == 1 else \
+        out = storage.join(run_dirs[0], REPORT) if len(runs) == 1 else \
             os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])), "compare_" + "_vs_".join(r.name for r in runs) + ".png")
     fig, grid = plt.subplots(2, 3, figsize=(18, 9.5), layout="constrained")
     colors = ["tab:blue"] if len(runs) == 1 else [f"C{i}" for i in range(len(runs))]
     _panels(list(grid.flat), runs, colors)
     fig.suptitle("\n".join(_headline(r) for r in runs), fontsize="large")
-    fig.savefig(out, dpi=80)
+    picture = io.BytesIO()  # one write, to a directory or a bucket alike
+    fig.savefig(picture, format="png", dpi=80)
     plt.close(fig)
-    return out
+    storage.write_bytes(out, picture.getvalue())
+    return storage.shown(out)

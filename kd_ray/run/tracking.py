@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
+from kd_ray import storage
 from kd_ray.errors import UserError, reason
 from kd_ray.run.metrics import as_record, scalars
 from kd_ray.spec import JobSpec
@@ -48,7 +51,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 class TensorBoard:
     def __init__(self, run_dir: str):
-        self.logdir = os.path.join(run_dir, TENSORBOARD)
+        # Event files are appended to as the run goes, which object storage cannot do: on a
+        # bucket they are written locally and copied to RUN_DIR/tensorboard when the run ends.
+        self.dest = storage.join(run_dir, TENSORBOARD)
+        self.local = tempfile.mkdtemp(prefix="kd_ray_tb_") if storage.is_remote(run_dir) else None
+        self.logdir = self.local or self.dest
         self.writer, self.writers = None, 0
 
     def record(self, record: dict) -> None:
@@ -69,6 +76,9 @@ class TensorBoard:
     def close(self, summary: dict) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.local is not None:
+            storage.copy_out(self.local, self.dest)
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class MLflow:
@@ -84,10 +94,9 @@ class MLflow:
 
     def _run(self, spec: JobSpec) -> str:
         """The MLflow run of this kd_ray run: the one a resumed run began, or a new one."""
-        kept = os.path.join(spec.run_dir, MLFLOW_RUN)
-        if os.path.exists(kept):
-            with open(kept) as f:
-                run_id = json.load(f)["run_id"]
+        kept = storage.join(spec.run_dir, MLFLOW_RUN)
+        if storage.exists(kept):
+            run_id = json.loads(storage.read_bytes(kept))["run_id"]
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         name = spec.logging.mlflow.experiment
@@ -99,9 +108,8 @@ class MLflow:
         params = [Param(k, v[:6000]) for k, v in flatten(spec.model_dump(mode="json", exclude={"job_dir"})).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=params[i:i + 100])
-        os.makedirs(spec.run_dir, exist_ok=True)
-        with open(kept, "w") as f:
-            json.dump({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": spec.logging.mlflow.tracking_uri}, f)
+        storage.write_bytes(kept, json.dumps({"run_id": run_id, "experiment_id": experiment_id,
+                                              "tracking_uri": spec.logging.mlflow.tracking_uri}).encode())
         return run_id
 
     def record(self, record: dict) -> None:
@@ -115,10 +123,12 @@ class MLflow:
     def close(self, summary: dict) -> None:
         run_dir = summary["run_dir"]
         for name in ("summary.json", "report.png", "student.json", "student.safetensors"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                self.client.log_artifact(self.run_id, os.path.join(run_dir, name), artifact_path="student" if "student" in name else None)
-        if os.path.isdir(os.path.join(run_dir, "student")):  # a language model's Hugging Face directory
-            self.client.log_artifacts(self.run_id, os.path.join(run_dir, "student"), artifact_path="student/hf")
+            if storage.exists(storage.join(run_dir, name)):
+                with storage.local_copy(storage.join(run_dir, name)) as local:
+                    self.client.log_artifact(self.run_id, local, artifact_path="student" if "student" in name else None)
+        if storage.is_dir(storage.join(run_dir, "student")):  # a language model's Hugging Face directory
+            with storage.local_copy(storage.join(run_dir, "student")) as local:
+                self.client.log_artifacts(self.run_id, local, artifact_path="student/hf")
         status = {"finished": "FINISHED", "stopped": "KILLED"}.get(summary.get("status"), "FAILED")
         self.client.set_terminated(self.run_id, status=status)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_ray import storage
 from kd_ray.data import TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
 from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
@@ -262,17 +263,18 @@ class CausalLM:
     # ---------------------------------------------------------------- export
 
     def exported(self, run_dir: str) -> str:
-        return os.path.join(run_dir, STUDENT_DIR)
+        return storage.join(run_dir, STUDENT_DIR)
 
     def check_exported(self, path: str, field: str) -> None:
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        if not storage.exists(storage.join(path, "config.json")):
             raise UserError(field, f"{path} is not a Hugging Face model directory (no config.json); pass the student directory a run exported")
 
     def load_exported(self, path: str) -> nn.Module:
         """A Hugging Face directory, as `export` writes it."""
         from transformers import AutoModelForCausalLM
 
-        return StudentLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), self.vocab)
+        with storage.local_copy(path) as local:  # a directory, or a run's student/ in a bucket
+            return StudentLM(AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32), self.vocab)
 
     def export(self, directory: str, state_dict: dict) -> None:
         """A Hugging Face model directory (config, safetensors, tokenizer) at directory/student."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import torch
 
+from kd_ray import storage
 from kd_ray.data import TEACHER, X, Y
 from kd_ray.models import is_conv_net
 from kd_ray.registry import build_model
@@ -117,7 +117,7 @@ class Classify:
         """The checkpoint's student.safetensors + student.json are the export already."""
 
     def exported(self, run_dir: str) -> str:
-        return os.path.join(run_dir, STUDENT_WEIGHTS)
+        return storage.join(run_dir, STUDENT_WEIGHTS)
 
     def check_exported(self, path: str, field: str) -> None:
         """On the driver, before Ray: a weights file that fits the student (names and shapes, the

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd_ray import weights
+from kd_ray import storage, weights
 from kd_ray.train.parallel import unwrap
 
 STUDENT_WEIGHTS = "student.safetensors"
@@ -33,9 +33,9 @@ _HASHED = (STUDENT_WEIGHTS, STUDENT_INFO, TRAIN_STATE)
 
 
 def read_resume(directory: str) -> dict | None:
+    """A checkpoint's resume.json (local or on object storage), None where it is missing or torn."""
     try:
-        with open(os.path.join(directory, RESUME)) as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(storage.join(directory, RESUME)))
     except (OSError, ValueError):
         return None
 
@@ -59,17 +59,19 @@ def candidates(run_dir: str) -> list[str]:
     the name orders them by when they were written (after a fallback, the checkpoints written
     since come before the damaged one, whatever their steps)."""
     try:
-        names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n))]
+        names = [n for n in storage.listdir(run_dir, dirs_only=True) if n.startswith("checkpoint_")]
     except OSError:
         return []
-    return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)]
+    return [storage.join(run_dir, n) for n in sorted(names, reverse=True)]
 
 
 def pick(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest whole checkpoint of a run, and the newer ones skipped with the reason."""
+    """The newest whole checkpoint of a run, and the newer ones skipped with the reason (on
+    object storage, each is checked in a downloaded copy)."""
     skipped = []
     for path in candidates(run_dir):
-        why = problem(path)
+        with storage.local_copy(path) as local:
+            why = problem(local)
         if why is None:
             return path, skipped
         skipped.append((path, why))
@@ -110,8 +112,9 @@ def restore(directory: str, model: nn.Module, optimizer, scheduler, scaler) -> d
     """Load a checkpoint into every rank (rank 0 reads, FSDP2/DDP broadcast); returns counters."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd = weights.read_state_dict(os.path.join(directory, STUDENT_WEIGHTS))
-    state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=False)
+    with storage.local_copy(directory) as local:
+        model_sd = weights.read_state_dict(os.path.join(local, STUDENT_WEIGHTS))
+        state = torch.load(os.path.join(local, TRAIN_STATE), map_location="cpu", weights_only=False)
     set_state_dict(unwrap(model), optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"], options=_options())
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state["scaler"]:

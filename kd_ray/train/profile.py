@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kd_ray.storage import copy_out
+from kd_ray.storage import copy_out, join
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import ProfileSpec
@@ -61,4 +61,4 @@ class StepProfiler:
             if self.memory:
                 torch.cuda.memory._dump_snapshot(os.path.join(d, f"rank{self.rank}.memory.pickle"))
                 torch.cuda.memory._record_memory_history(enabled=None)
-            copy_out(d, os.path.join(self.run_dir, PROFILE_DIR))
+            copy_out(d, join(self.run_dir, PROFILE_DIR))
