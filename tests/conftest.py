@@ -50,7 +50,10 @@ class Cluster:
             # taken by any other cluster on the machine, and then no job can be submitted here.
             "--dashboard-agent-listen-port", str(free_port()),
         ]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
+        # A loaded 2-core machine can take minutes to bring the dashboard's modules up; Ray's
+        # default deadlines then fail the whole session's start.
+        slow = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "240", "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
+        subprocess.run(cmd, check=True, capture_output=True, env={**slow, **os.environ, "RAY_ADDRESS": ""})
 
     def stop(self) -> None:
         """Stop this cluster's processes only (`ray stop` would also stop any other cluster on the
