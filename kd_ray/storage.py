@@ -188,6 +188,10 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
     import pyarrow.fs as pafs
 
     where = shown(path)
+    scheme = path.split("://", 1)[0].lower()
+    if scheme in ("http", "https", "ftp"):
+        raise UserError(field, f"{where} is a URL, not storage kd_ray reads: download it and give its local path, "
+                               "or put it in a bucket (s3://, gs://)")
     try:
         fs, root = filesystem(path)
         bucket = root.split("/", 1)[0]

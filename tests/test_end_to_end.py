@@ -297,19 +297,25 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     local = pipeline.local_stream(spec, data, end=3 * n)
     assert (local is not None) == (fmt == "builtin")
     if local is not None:
+        from kd_ray.batching import block_positions
+
         world = 2
-        for rank in range(world):
-            blocks = list(pipeline.rank_blocks(local, cursor, rank, world, 16))
-            assert all(len(b[POS]) % 16 == 0 for b in blocks)
-            got = [{k: v[i:i + 16] for k, v in b.items()} for b in blocks for i in range(0, len(b[POS]), 16)]
-            assert len(got) == (3 * n - cursor) // 16 // world + (rank < (3 * n - cursor) // 16 % world)
-            for j, b in enumerate(got):
-                at = (j * world + rank) * 16 + np.arange(16)
-                np.testing.assert_array_equal(b[POS], cursor + at)
-                assert sorted(b) == sorted(again)
-                for k, v in b.items():
-                    assert v.dtype == again[k].dtype, k
-                    np.testing.assert_array_equal(v, again[k][at])
+        for per_block in (1, 3):  # dealt as the split deals blocks of that many micro-batches
+            seen = []
+            for rank in range(world):
+                blocks = list(pipeline.rank_blocks(local, cursor, rank, world, 16, per_block))
+                assert all(len(b[POS]) % 16 == 0 for b in blocks)
+                got = [{k: v[i:i + 16] for k, v in b.items()} for b in blocks for i in range(0, len(b[POS]), 16)]
+                for j, b in enumerate(got):
+                    at = block_positions(0, rank, world, 16, per_block, j, 1)
+                    np.testing.assert_array_equal(b[POS], cursor + at)
+                    assert sorted(b) == sorted(again)
+                    for k, v in b.items():
+                        assert v.dtype == again[k].dtype, k
+                        np.testing.assert_array_equal(v, again[k][at])
+                    seen.extend(at.tolist())
+            whole = (3 * n - cursor) // 16 * 16  # every row of a whole micro-batch, on one rank only
+            assert sorted(seen) == list(range(whole))
     # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
     # empty array of samples (it would fall back to pickled objects, with a warning).
     control = RunControl.remote()

@@ -253,16 +253,18 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
                        spec.run.seed, spec.data.shuffle, _transform(spec, True), end)
 
 
-def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int) -> Iterator[dict]:
+def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int, per_block: int = 1) -> Iterator[dict]:
     """This rank's rows from position `start` on, in blocks of whole micro-batches (about a chunk
-    each): its micro-batch j holds positions start + (j x world + rank) x micro_batch +
-    [0, micro_batch), as a Ray Data split of one micro-batch per block would deal them
-    (kd_ray.train.batches checks every row). Each chunk is read once, for this rank's rows only."""
+    each): the rows a Ray Data split of blocks of `per_block` micro-batches would deal it
+    (kd_ray.batching.block_positions; kd_ray.train.batches checks every row). The same rows on the
+    same rank as the Ray Data stream, so a run trains the same sums whichever way it is read. Each
+    chunk is read once, for this rank's rows only."""
     reader, layout = _fetch(stream.reader), _fetch(stream.layout)
     cache = _fetch(stream.cache) if stream.cache is not None else None
+    block = micro_batch * per_block
 
     def select(positions):
-        return (positions >= start) & (positions < stream.end) & ((positions - start) // micro_batch % world == rank)
+        return (positions >= start) & (positions < stream.end) & ((positions - start) // block % world == rank)
 
     first = start // max(layout.rows, 1) * layout.chunks_per_epoch(stream.shuffle)
     held: list[dict] = []

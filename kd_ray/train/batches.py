@@ -69,12 +69,12 @@ class RankBatches:
 
 def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: int, per_block: int, prefetch: int,
                  device: torch.device) -> RankBatches:
-    """From `start` on: a LocalStream's blocks (CPU runs only: no pinning or copy; one micro-batch
-    per block in the split's sense, see pipeline.rank_blocks), made `prefetch` blocks ahead by a
-    thread, or this worker's Ray Data shard, whole blocks of `per_block` micro-batches."""
+    """From `start` on, dealt in blocks of `per_block` micro-batches: a LocalStream's rows (CPU runs
+    only: no pinning or copy), made `prefetch` blocks ahead by a thread, or this worker's Ray Data
+    shard."""
     if local_stream is not None:
-        order = OrderCheck(start, rank, world, micro_batch, 1, device)
-        rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch)
+        order = OrderCheck(start, rank, world, micro_batch, per_block, device)
+        rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch, per_block)
         made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows), prefetch)
         return RankBatches(made, order, micro_batch, made.close)
     shard = ray.train.get_dataset_shard("train")
