@@ -141,15 +141,6 @@ def move(src: str, dest: str) -> None:
     _, target = filesystem(dest)
     pafs.copy_files(root, target, source_filesystem=fs, destination_filesystem=fs)
     fs.delete_dir(root)
-    # Some S3 servers (SeaweedFS's filer among them) still list a deleted prefix's objects for a
-    # moment; a run started there at once would find the moved run's checkpoints and resume from
-    # objects that are gone. The new run starts only once the old prefix lists empty.
-    import time
-
-    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
-    deadline = time.monotonic() + 60
-    while fs.get_file_info(selector) and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def copy_out(local_dir: str, dest: str) -> None:

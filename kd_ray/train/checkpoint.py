@@ -70,8 +70,13 @@ def pick(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
     object storage, each is checked in a downloaded copy)."""
     skipped = []
     for path in candidates(run_dir):
-        with storage.local_copy(path) as local:
-            why = problem(local)
+        try:
+            with storage.local_copy(path) as local:
+                why = problem(local)
+        except FileNotFoundError:
+            # Listed but holding nothing: an object store (SeaweedFS's filer) can keep a moved or
+            # deleted prefix's directory entries. Not a checkpoint, nor a damaged one.
+            continue
         if why is None:
             return path, skipped
         skipped.append((path, why))
