@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kd_ray.data.ids import mix64
-
-
-def _hash(value: int, seed: int) -> int:
-    return int(mix64(np.array([value], dtype=np.int64), seed)[0])
+from kd_ray.data.ids import mix64_one as _hash
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

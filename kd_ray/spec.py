@@ -236,7 +236,8 @@ class CheckpointSpec(_Section):
     every_steps: Optional[int] = Field(None, ge=1)
     every_minutes: Optional[float] = Field(None, gt=0)
     keep: int = Field(2, ge=1)
-    poll_every_steps: int = Field(10, ge=1, description="how often workers check for preemption, a stop request and the timer")
+    poll_every_steps: Optional[int] = Field(None, ge=1, description="how often workers check for preemption, a stop request and the "
+                                            "timer (default: every 10 steps, or about once a second when steps are faster)")
 
 
 class EvalSpec(_Section):

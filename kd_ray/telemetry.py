@@ -38,6 +38,20 @@ def pool_finished(now: dict[str, tuple[int, float]]) -> dict:
             "rows_per_second_working": rows * actors / busy if busy > 0 else 0.0}
 
 
+# Workers poll (a barrier across the group, and a call to the run's control) every POLL_STEPS
+# optimizer steps, or about every POLL_SECONDS when steps are faster than that: on a small
+# student, a poll every 10 steps was a tenth of the worker's time.
+POLL_STEPS, POLL_SECONDS = 10, 1.0
+
+
+def poll_every(window_seconds: float, window_steps: int) -> int:
+    """Optimizer steps between two polls, from the last log window's pace. Every rank must poll
+    on the same steps: they call this with the same all-reduced figures."""
+    if window_steps <= 0 or window_seconds <= 0:
+        return POLL_STEPS
+    return max(POLL_STEPS, int(POLL_SECONDS * window_steps / window_seconds))
+
+
 def seconds_per_step(windows: list[dict]) -> float | None:
     """The pace of the run's steps, evaluations and checkpoints included, from this attempt's log
     windows: the steady ones, or (before there is one) the first without its wait for the pipeline."""

@@ -129,3 +129,14 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
         time.sleep(0.05)
     assert not any(t.name == "kd_ray-prefetch" for t in threading.enumerate())
     assert len(produced) <= 5  # at most the queue's depth ahead, then nothing
+
+
+def test_one_value_hashes_as_the_array_hash():
+    """seeds draws one value at a time (every optimizer step) with mix64_one: the same numbers
+    as mix64, so no seed, order or view changed when it stopped building arrays."""
+    from kd_ray.data.ids import mix64, mix64_one
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.integers(-2**63, 2**63 - 1, 200, dtype=np.int64), [0, -1, 2**63 - 1, -2**63]])
+    for seed in (0, 1, 17, 2**40 + 3, -5, 2**64 - 1):
+        assert [mix64_one(int(v), seed) for v in values] == mix64(values, seed).tolist()

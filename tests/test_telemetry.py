@@ -71,3 +71,12 @@ def test_pool_figures_come_from_the_windows_it_worked_in():
     t = run_telemetry(events)
     assert t["teacher_pool"] == {"actors_max": 2, "actors_mean": 2.0, "rows_per_second": 500.0, "busy_fraction": 0.9}
     assert t["bottleneck"] == "student"  # it streamed everything out early; the student never waited after
+
+
+def test_poll_every_keeps_ten_steps_and_polls_fast_steps_about_once_a_second():
+    from kd_ray.telemetry import poll_every
+
+    assert poll_every(20.0, 100) == 10  # 0.2 s steps: every 10, as always
+    assert poll_every(2.0, 200) == 100  # 10 ms steps: every 100, a second
+    assert poll_every(0.2, 200) == 1000  # 1 ms steps
+    assert poll_every(0.0, 0) == poll_every(5.0, 0) == 10  # no window yet

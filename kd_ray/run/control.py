@@ -4,7 +4,7 @@ The cursor is where the training stream starts: rank 0 sets it after restoring a
 before anyone reads the stream, and the Ray Data stream's read tasks read it when they run
 (kd_ray.data.pipeline; workers that read the stream themselves start from their checkpoint's
 position). The stop flag is set by the driver on SIGTERM or Ctrl-C, and the workers poll it
-every `checkpoint.poll_every_steps` steps: they checkpoint and return.
+every `checkpoint.poll_every_steps` steps (by default about once a second): they checkpoint and return.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def stop_on_signals(control, spec: JobSpec, echo: Callable[[str], None]):
             raise KeyboardInterrupt
         asked.append(signum)
         control.request_stop.remote()
-        echo(f"stopping: the workers checkpoint within {spec.checkpoint.poll_every_steps} steps and return "
+        within = f"{spec.checkpoint.poll_every_steps} steps" if spec.checkpoint.poll_every_steps else "10 steps or about a second, whichever is longer"
+        echo(f"stopping: the workers checkpoint within {within} and return "
              "(send it again to abort without a checkpoint)")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

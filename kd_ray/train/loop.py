@@ -38,6 +38,7 @@ from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
 from kd_ray.train.precision import grad_scaler
 from kd_ray.train.profile import StepProfiler
 from kd_ray.tasks import task_for
+from kd_ray.telemetry import POLL_STEPS, poll_every
 from kd_ray.train.step import global_denominator, optimizer_step
 
 
@@ -75,6 +76,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.preempt_saved = False
         self.stop_query = None  # rank 0's question to the run's control, in flight between polls
+        self.poll_every = self.spec.checkpoint.poll_every_steps or POLL_STEPS
 
     def say(self, kind: str, **fields) -> None:
         if self.rank == 0:
@@ -213,7 +215,7 @@ class Trainer:
             return False
         if self.spec.checkpoint.every_steps and step % self.spec.checkpoint.every_steps == 0:
             self.save(False, {})
-        return step % self.spec.checkpoint.poll_every_steps == 0 and self.poll()
+        return step % self.poll_every == 0 and self.poll()
 
     # ---------------------------------------------------------------------------- log, evaluate
 
@@ -228,6 +230,8 @@ class Trainer:
                  grad_norm=float(grad_norm), samples_per_second=count / elapsed, unit=self.task.unit,
                  data_wait_seconds=wait, window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
                  startup=self.logged_step == self.resumed_step)  # this window includes the stream's start
+        if self.spec.checkpoint.poll_every_steps is None:
+            self.poll_every = poll_every(elapsed, self.step - self.logged_step)
         self.logged_step = self.step
 
     def evaluate(self) -> None:

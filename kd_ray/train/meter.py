@@ -74,12 +74,13 @@ class Meter:
 
     def collect(self, world: int) -> tuple:
         """All-reduce the window over ranks and reset it: (kd, ce, correct, count, mean data wait,
-        seconds)."""
+        mean seconds). Every rank gets the same figures (the poll interval is drawn from them)."""
         self._fold()
         self.sums[3] += self.count
-        packed = torch.cat([self.sums, torch.tensor([self.wait], dtype=torch.float64, device=self.device)])
-        kd, ce, correct, count, wait = all_reduce_sum(packed).tolist()
-        out = (kd, ce, correct, count, wait / world, time.perf_counter() - self.start)
+        clocks = [self.wait, time.perf_counter() - self.start]
+        packed = torch.cat([self.sums, torch.tensor(clocks, dtype=torch.float64, device=self.device)])
+        kd, ce, correct, count, wait, elapsed = all_reduce_sum(packed).tolist()
+        out = (kd, ce, correct, count, wait / world, elapsed / world)
         self.sums.zero_()
         self.count, self.wait, self.start = 0, 0.0, time.perf_counter()
         return out
