@@ -24,7 +24,7 @@ def child_main(mode: str, cfg: dict, out_path: str) -> None:
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     batches = load_batches(cfg, device)
-    student, teacher = build_models(cfg, device, with_teacher=mode in ("reference", "kd_step"))
+    student, teacher = build_models(cfg, device, with_teacher=mode in ("reference", "precomputed", "kd_step"))
     result: dict = {"mode": mode, "torch_threads": torch.get_num_threads(), "device": str(device),
                     "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"]}
     if mode == "reference" and cfg.get("measure_cost"):
@@ -33,6 +33,10 @@ def child_main(mode: str, cfg: dict, out_path: str) -> None:
     if cfg["compile"]:
         student = torch.compile(student)
         teacher = torch.compile(teacher) if teacher is not None else None
+    if mode == "precomputed":  # the teacher's logits computed before the clock starts, as a cache holds them
+        with torch.no_grad(), amp(cfg["precision"], device):
+            batches = [(x, y, teacher(x).float()) for x, y in batches]
+        teacher = None
     make_step = _kd_ray_step if mode == "kd_step" else _reference_step
     step = make_step(student, teacher, cfg, device)
     student.train()
@@ -69,7 +73,8 @@ def _kd_ray_step(student, teacher, cfg: dict, device):
 
 
 def _reference_step(student, teacher, cfg: dict, device):
-    """Seed 000's reference step (accumulation 1); without a teacher, mode 1's plain step."""
+    """Seed 000's reference step (accumulation 1); without a teacher, mode 1's plain step, or the
+    same KD step from logits given with each batch (the precomputed mode)."""
     import torch
     import torch.nn.functional as F
 
@@ -78,7 +83,7 @@ def _reference_step(student, teacher, cfg: dict, device):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01, **fast)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def step(x, y):
+    def step(x, y, t_logits=None):
         # Teacher under inference_mode, student under autocast, Hinton KL(T) x T^2 mixed with
         # CE, (scaled) backward, clip, step.
         opt.zero_grad(set_to_none=True)
@@ -88,7 +93,7 @@ def _reference_step(student, teacher, cfg: dict, device):
         with amp(precision, device):
             s_logits = student(x)
             hard = F.cross_entropy(s_logits, y)
-            if teacher is not None:
+            if t_logits is not None:
                 soft = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),
                                 reduction="batchmean") * (T * T)
                 loss = alpha * soft + (1 - alpha) * hard

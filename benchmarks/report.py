@@ -9,6 +9,7 @@ from workloads import MODES
 
 KD_MODES = ("kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "cached")
 TABLE_LABELS = {"student": "1 student only (torch)", "reference": "2 reference KD (torch)",
+                "precomputed": "  plain KD, precomputed logits (torch)",
                 "kd_step": "  kd_ray step fns, no Ray", "kd_student": "  kd_ray, student alone",
                 "kd_student_parquet": "  kd_ray, student alone, parquet",
                 "kd_ray": "3 kd_ray online", "kd_ray_parquet": "3 kd_ray online, parquet",
@@ -54,6 +55,17 @@ def print_table(results: dict, cfg: dict) -> None:
             print(f"{str(r[0]).ljust(widths[0])}  {r[1]}")
         else:
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    cached = vs_precomputed(results)
+    if cached is not None:
+        print(f"\n4 kd_ray cached against the plain loop over the same logits, precomputed: {ratio(cached)}")
+
+
+def vs_precomputed(results: dict) -> float | None:
+    """The cached mode's rate over the plain loop that trains from teacher logits computed
+    beforehand: the same work, so the ratio is what kd_ray's run of a cache costs."""
+    sps = results.get("cached", {}).get("samples_per_second")
+    plain = results.get("precomputed", {}).get("samples_per_second")
+    return sps / plain if sps and plain else None
 
 
 def _table_row(key: str, r: dict, student, reference, batch: int) -> tuple:
@@ -184,10 +196,10 @@ def _print_closing(results: dict) -> None:
     if drift is not None:
         print(f"\ndrift: mode 1 run again at the end gave {drift:.2f}x its first rate"
               + (" (more than 10% apart: the host's speed changed during the run, so read the ratios with that margin)" if abs(drift - 1) > 0.1 else ""))
-    pss = [f"{k} {results[k]['pss_at_end_mb']:,.0f} MB" for k in ("student", "reference", "kd_step") if results.get(k, {}).get("pss_at_end_mb")]
+    pss = [f"{k} {results[k]['pss_at_end_mb']:,.0f} MB" for k in ("student", "reference", "precomputed", "kd_step") if results.get(k, {}).get("pss_at_end_mb")]
     if pss:
         print(f"\nPSS of the single-process modes at their end (compare with kd_ray's tree PSS): {', '.join(pss)}")
-    for key in ("student", "reference", "kd_step"):
+    for key in ("student", "reference", "precomputed", "kd_step"):
         r = results.get(key)
         if r and r.get("error"):
             print(f"\n{key}: ERROR {r['error']}\n{r.get('log_tail', '')}")
@@ -213,4 +225,6 @@ def results_blob(argv: list[str] | None, host: dict, cfg: dict, args, results: d
         sps = r.get("samples_per_second")
         r["vs_student"] = sps / student if sps and student else None
         r["vs_reference"] = sps / reference if sps and reference else None
+    if "cached" in results:
+        results["cached"]["vs_precomputed"] = vs_precomputed(results)
     return blob

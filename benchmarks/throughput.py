@@ -12,6 +12,8 @@ Modes (each in a fresh process, so peak RSS and thread settings belong to that m
                  teacher in a Ray Data actor pool, student in a Ray Train worker
   4 cached       kd_ray from a teacher-output cache: `python -m kd_ray cache JOB` once (its time
                  is reported apart), then the same job with teacher.mode=cached: no teacher runs
+  (precomputed)  the reference step from teacher logits computed before the clock starts: what
+                 training from a cache costs with no kd_ray code (mode 4's plain counterpart)
   (kd_step)      optional (`--modes ...,kd_step`): kd_ray's own micro_step/optimizer_step with the
                  teacher in the same process, without Ray: separates the step from the pipeline
   (kd_student)   optional: the student alone through kd_ray (a job with no teacher): what Ray Train and the
