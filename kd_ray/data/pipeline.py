@@ -228,10 +228,11 @@ class LocalStream:
     disaggregate, and the rows are already in the object store, shared by the workers of a node:
     each worker reads just its own rows of each chunk (augmenting the whole chunk, as its views
     are drawn per chunk), with the same functions and in the same order as the Ray Data stream.
-    Sources read from files (parquet) keep the Ray Data stream, which reads each row group once
-    for all workers; so do GPU runs, where Ray Data spreads large samples' reading over the
-    host's otherwise idle cores to keep a fast student fed (one reader thread per worker might
-    not: not measured, no GPU here)."""
+    Sources read from files (parquet) keep the Ray Data stream when the group may have several
+    workers: it reads each row group once for all of them. A single worker reads every row
+    anyway, so it reads the row groups itself (benchmarks/README.md, "Small students"). GPU runs
+    keep the stream too, where Ray Data spreads large samples' reading over the host's otherwise
+    idle cores to keep a fast student fed (one reader thread per worker might not: not measured)."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any
@@ -247,7 +248,9 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     import ray
 
     pool = spec.teacher is not None and cache is None
-    if pool or spec.data.stream == "ray_data" or not data.reader.random_access or spec.train.use_gpu:
+    if pool or spec.data.stream == "ray_data" or spec.train.use_gpu:
+        return None
+    if not data.reader.random_access and spec.train.max_workers > 1:  # files: Ray Data reads each row group once for all
         return None
     return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
                        spec.run.seed, spec.data.shuffle, _transform(spec, True), end)
