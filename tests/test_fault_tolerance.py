@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -276,21 +277,27 @@ def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teach
     job["train"].update(epochs=2, num_workers=1, prefetch_batches=1)
     job["callbacks"] = hooks(tmp_path)
     path = write_job(tmp_path / "teacher_killed.yaml", job)
-    proc = cli(["run", path], ray_cluster)
     trace = tmp_path / "trace" / "rank0.jsonl"
-    lines = []
-    while len(lines) < 5:  # into training: the driver's teacher-scoring pool is long gone
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        lines = trace.read_text().splitlines() if trace.exists() else []
-        time.sleep(0.2)
-    killed = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if "MapWorker" in (actor.class_name or ""):  # Ray Data's pool actor, running TeacherPredictor
-            os.kill(actor.pid, signal.SIGKILL)
-            killed.append(actor.class_name)
-    killed_at = len(trace.read_text().splitlines())
-    assert killed, "no teacher actor alive: " + ", ".join(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
-    out, _ = proc.communicate(timeout=600)
+    killed, killed_at, done = [], [], threading.Event()
+
+    def kill_the_pool_once_training() -> None:
+        while not done.is_set() and len(trace.read_text().splitlines() if trace.exists() else []) < 5:
+            time.sleep(0.2)  # into training: the driver's teacher-scoring pool is long gone
+        for actor in [] if done.is_set() else list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+            if "MapWorker" in (actor.class_name or ""):  # Ray Data's pool actor, running TeacherPredictor
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.class_name)
+        killed_at.append(len(trace.read_text().splitlines()) if trace.exists() else 0)
+
+    # The run in this process (its driver is not what dies), the kill from a thread beside it.
+    killer = threading.Thread(target=kill_the_pool_once_training, daemon=True)
+    killer.start()
+    proc = run_here(["run", path])
+    done.set()
+    killer.join()
+    out = proc.stdout + proc.stderr
+    assert killed, "no teacher actor was killed while the run trained: " + out[-4000:]
+    killed_at = killed_at[0]
     assert proc.returncode == 0, out[-4000:]
     summary = summary_of(tmp_path, "teacher_killed")
     assert summary["steps"] == 44, summary
