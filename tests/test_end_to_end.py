@@ -226,15 +226,22 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     submit = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
               "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}), "--"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    refused = subprocess.run([*submit, "kd-ray", "run", "jobs/quickstart.yaml", "teacher=null"], capture_output=True,
-                             text=True, cwd=ROOT, timeout=600, env=env)
-    out = refused.stdout + refused.stderr
+    # The refused submission goes alongside the one that runs: neither depends on the other.
+    with open(tmp_path / "refused.log", "w") as log:
+        refused = subprocess.Popen([*submit, "kd-ray", "run", "jobs/quickstart.yaml", "teacher=null"], stdout=log,
+                                   stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    try:
+        entry = [arg.replace("$HOME/kd-ray-runs", str(storage)) for arg in readme_submit_command("jobs/quickstart.yaml")]
+        entry = [f"teacher.weights={teacher_weights}" if arg.startswith("teacher.weights=") else arg for arg in entry]
+        entry += [f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", "train.epochs=1"]
+        proc = subprocess.run([*submit, *entry], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+        refused.wait(timeout=600)
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+    out = (tmp_path / "refused.log").read_text()
     assert refused.returncode != 0 and re.search(r"kd-ray: error: run.storage_path: \S+/runtime_resources/working_dir_files/"
                                                  r"\S+ is inside the copy of --working-dir", out), out[-3000:]
-    entry = [arg.replace("$HOME/kd-ray-runs", str(storage)) for arg in readme_submit_command("jobs/quickstart.yaml")]
-    entry = [f"teacher.weights={teacher_weights}" if arg.startswith("teacher.weights=") else arg for arg in entry]
-    entry += [f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", "train.epochs=1"]
-    proc = subprocess.run([*submit, *entry], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-4000:]
