@@ -104,6 +104,46 @@ def run_cli(args: list[str], cluster: Cluster | None = None, timeout: float = 60
     return subprocess.run([sys.executable, "-m", "kd_ray", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def in_background(args: list[str], cluster: Cluster, log) -> subprocess.Popen:
+    """`kd-ray ARGS` in a process of its own, its console to the file `log`, while the test goes on."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env=cluster.env(), cwd=ROOT, text=True, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def background(ray_cluster):
+    """background(args, log): `kd-ray ARGS` alongside the test (in_background); what still runs when
+    the test ends is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], log) -> subprocess.Popen:
+        procs.append(in_background(args, ray_cluster, log))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`kd-ray ARGS` in this process, joined to the session's cluster: the CLI's own code, exit
+    code and printed lines, without the new interpreter's import of torch and Ray and its
+    connection to the cluster (10-20 s on a busy 2-core machine). Tests that signal or kill the
+    driver, or that read what Ray itself prints on the console, keep run_cli."""
+    import contextlib
+    import io
+
+    from kd_ray.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return subprocess.CompletedProcess(["kd-ray", *args], code, out.getvalue(), err.getvalue())
+
+
 def write_job(path, job: dict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -186,7 +226,7 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     job["profile"] = {"start_step": 3, "steps": 2}
     job["logging"] = {"mlflow": {"tracking_uri": str(tmp / "mlruns"), "experiment": "kd_tests"}}  # TensorBoard: on by default
     path = write_job(tmp / "kd.yaml", job)
-    return {"job": job, "path": path, "proc": run_cli(["run", path], ray_cluster), "run_dir": tmp / "runs" / "kd_ddp"}
+    return {"job": job, "path": path, "proc": run_here(["run", path]), "run_dir": tmp / "runs" / "kd_ddp"}
 
 
 def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int, backend: str = "gloo") -> None:

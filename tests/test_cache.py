@@ -21,7 +21,7 @@ import torch
 
 import conftest
 import faults
-from conftest import ROOT, TEACHER_SPEC, run_cli, write_job
+from conftest import ROOT, TEACHER_SPEC, run_cli, run_here, write_job
 from kd_ray import cache, shards
 from kd_ray.cache_samples import SampleCodec, encode, shard_table
 from kd_ray.data import ID, TAIL_LSE, TEACHER, X
@@ -425,7 +425,7 @@ def test_failed_capture_is_one_line_and_leaves_an_incomplete_cache(ray_cluster, 
     (tmp_path / "failing_teacher.py").write_text(FAILING_TEACHER)
     job = kd_job(tmp_path, "failing", teacher_weights, {"path": str(tmp_path / "cache")})
     job["teacher"].update(model="failing_teacher:failing", kwargs={**TEACHER_SPEC["kwargs"], "base": TEACHER_SPEC["model"]})
-    proc = run_cli(["cache", write_job(tmp_path / "job.yaml", job)], ray_cluster, timeout=300)
+    proc = run_here(["cache", write_job(tmp_path / "job.yaml", job)])
     assert proc.returncode == 1, proc.stderr[-3000:]
     verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
     assert verdicts == ["kd-ray: cache failed: ValueError: the teacher failed on a real batch (test) (0 of 2 shards are whole "
@@ -469,7 +469,7 @@ def capture_killed_after_3_shards(job: dict, tmp_path, cluster) -> str:
     return path
 
 
-def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, teacher_weights, tmp_path, capsys):
+def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, teacher_weights, tmp_path, capsys, background):
     """A parquet source of 9 row groups (9 shards). The capture process is SIGKILLed right after
     the 3rd shard is written (the tests' KillDriver callback in the pool actor), a half-written
     temporary is left next to the shards;
@@ -482,6 +482,11 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
     job = kd_job(tmp_path, "killed", teacher_weights, {"path": str(tmp_path / "cache")})
     job["data"].update(source=source, features="pixels", labels="digit")
+    # The cache captured in one go, to compare with: alongside, from the start.
+    one_go = dict(job["teacher"]["cache"], path=str(tmp_path / "one_go"))
+    one_go_job = {**job, "teacher": {**job["teacher"], "cache": one_go}}
+    spec = validate(one_go_job, job_dir=str(tmp_path))
+    whole = background(["cache", write_job(tmp_path / "one_go.yaml", one_go_job)], tmp_path / "one_go.log")
     path = capture_killed_after_3_shards(job, tmp_path, ray_cluster)
     cache_dir = tmp_path / "cache"
     assert json.load(open(cache_dir / cache.MANIFEST))["status"] == "incomplete"
@@ -491,7 +496,7 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     main(["run", path])  # an incomplete cache is refused before training
     assert "is incomplete" in capsys.readouterr().err
 
-    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    proc = run_here(["cache", path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(before)} already whole; writing {9 - len(before)}" in proc.stdout, proc.stdout
     for name, st in before.items():  # kept, not rewritten
@@ -499,12 +504,10 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     assert not [n for n in os.listdir(cache_dir) if n.startswith(".tmp")]
 
-    proc = run_cli(["cache", path], ray_cluster, timeout=300)  # complete: checked, nothing written
+    proc = run_here(["cache", path])  # complete: checked, nothing written
     assert proc.returncode == 0 and "nothing to write" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
-    one_go = dict(job["teacher"]["cache"], path=str(tmp_path / "one_go"))
-    spec = validate({**job, "teacher": {**job["teacher"], "cache": one_go}}, job_dir=str(tmp_path))
-    _capture(spec)
+    assert whole.wait(timeout=600) == 0, (tmp_path / "one_go.log").read_text()[-3000:]
     assert shards_of(str(cache_dir)) == shards_of(one_go["path"]) and len(shards_of(one_go["path"])) == 9
     resumed, whole = (json.load(open(os.path.join(p, cache.MANIFEST))) for p in (cache_dir, one_go["path"]))
     assert resumed["shards"] == whole["shards"] and resumed["status"] == whole["status"] == "complete"
@@ -515,7 +518,7 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     size = os.path.getsize(source)
     _digits_parquet(source, rows_per_group=200, change_one_pixel=True)
     assert os.path.getsize(source) == size
-    proc = run_cli(["run", path, "train.epochs=1", "run.max_failures=0"], ray_cluster, timeout=300)
+    proc = run_here(["run", path, "train.epochs=1", "run.max_failures=0"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     why = f"RuntimeError: data.source: 1 of \\d+ rows read \\(the first with id {int(read_ids(source, spec.data)[5])}\\) differ"
     assert len(re.findall(rf"^warning: worker \d failed: {why}", proc.stdout, re.M)) == 1, proc.stdout[-3000:]  # once, for 2 ranks

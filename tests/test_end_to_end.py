@@ -12,7 +12,7 @@ import ray
 import pytest
 import torch
 
-from conftest import ROOT, TEACHER_SPEC, digits_job, kd_job, run_cli, write_job
+from conftest import ROOT, TEACHER_SPEC, digits_job, kd_job, run_here, write_job
 from kd_ray.registry import build_model
 from kd_ray.run.console import print_summary
 from kd_ray.weights import load_into
@@ -103,7 +103,7 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
     assert_loadable(summary, 0.7)
     assert_watchable(online_kd_run["run_dir"], online_kd_run["job"], summary)
 
-    proc = run_cli(["eval", online_kd_run["path"]], ray_cluster)
+    proc = run_here(["eval", online_kd_run["path"]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     # the eval command scores every eval sample; the run's split drops at most world_size - 1
@@ -174,7 +174,7 @@ def test_supervised_job_on_users_files(ray_cluster, tmp_path):
         assert len(ids_a) == rows and len(set(ids_a.tolist())) == rows, source
         np.testing.assert_array_equal(ids_a, ids_b)
 
-    proc = run_cli(["run", write_job(tmp_path / "files.yaml", job)], ray_cluster)
+    proc = run_here(["run", write_job(tmp_path / "files.yaml", job)])
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert f"data: {(~held).sum()} train / {held.sum()} eval samples" in proc.stdout, proc.stdout[-3000:]
     summary = read_summary(tmp_path / "runs" / "files")
@@ -198,7 +198,7 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     job["student"]["kwargs"]["num_classes"] = 5
     job["train"].update(num_workers=1, epochs=1)
     job["run"]["max_failures"] = 1  # two attempts
-    proc = run_cli(["run", write_job(tmp_path / "broken.yaml", job)], ray_cluster)
+    proc = run_here(["run", write_job(tmp_path / "broken.yaml", job)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     said = r"UserError: data\.labels: row \d+ of \S+\.parquet has label [5-9]; labels must be class ids 0\.\.4"
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
@@ -226,15 +226,22 @@ def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     submit = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
               "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}), "--"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    refused = subprocess.run([*submit, "kd-ray", "run", "jobs/quickstart.yaml", "teacher=null"], capture_output=True,
-                             text=True, cwd=ROOT, timeout=600, env=env)
-    out = refused.stdout + refused.stderr
+    # The refused submission goes alongside the one that runs: neither depends on the other.
+    with open(tmp_path / "refused.log", "w") as log:
+        refused = subprocess.Popen([*submit, "kd-ray", "run", "jobs/quickstart.yaml", "teacher=null"], stdout=log,
+                                   stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    try:
+        entry = [arg.replace("$HOME/kd-ray-runs", str(storage)) for arg in readme_submit_command("jobs/quickstart.yaml")]
+        entry = [f"teacher.weights={teacher_weights}" if arg.startswith("teacher.weights=") else arg for arg in entry]
+        entry += [f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", "train.epochs=1"]
+        proc = subprocess.run([*submit, *entry], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+        refused.wait(timeout=600)
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+    out = (tmp_path / "refused.log").read_text()
     assert refused.returncode != 0 and re.search(r"kd-ray: error: run.storage_path: \S+/runtime_resources/working_dir_files/"
                                                  r"\S+ is inside the copy of --working-dir", out), out[-3000:]
-    entry = [arg.replace("$HOME/kd-ray-runs", str(storage)) for arg in readme_submit_command("jobs/quickstart.yaml")]
-    entry = [f"teacher.weights={teacher_weights}" if arg.startswith("teacher.weights=") else arg for arg in entry]
-    entry += [f"teacher.kwargs.width={TEACHER_SPEC['kwargs']['width']}", "train.epochs=1"]
-    proc = subprocess.run([*submit, *entry], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-4000:]

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -24,7 +25,7 @@ import pytest
 import ray
 
 import faults
-from conftest import ROOT, TEACHER_SPEC, digits_job, write_job
+from conftest import ROOT, TEACHER_SPEC, digits_job, run_here, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +60,9 @@ def cli(args, cluster, env_extra=None, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
-def run_to_end(args, cluster, env_extra=None, timeout=600) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "kd_ray", *args], env={**cluster.env(), **(env_extra or {})}, cwd=ROOT,
-                          text=True, capture_output=True, timeout=timeout)
+def run_to_end(args) -> tuple[int, str]:
+    """A run no test signals: the CLI in this process (the workers still die for real)."""
+    proc = run_here(args)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -137,11 +138,14 @@ def weights_of(tmp_path, name):
     return load_file(str(tmp_path / "runs" / name / "student.safetensors"))
 
 
-def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path):
+def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path, background):
     """Two real worker deaths (between checkpoints): the run finishes with the planned steps,
     every epoch's samples trained exactly once, and weights equal to an uninterrupted run."""
     path = job_file(tmp_path, "faulty", hooks(tmp_path, die_at=(15, 33)))
-    code, out = run_to_end(["run", path], ray_cluster)
+    # The uninterrupted run of the same job (its own run directory, no callbacks) goes alongside:
+    # both are deterministic, and much of each is waiting for workers to start.
+    clean = background(["run", path, "run.name=clean", "callbacks=[]"], tmp_path / "clean.log")
+    code, out = run_to_end(["run", path])
     assert code == 0, out[-4000:]
     summary = summary_of(tmp_path, "faulty")
     assert summary["restarts"] == 2 and summary["steps"] == 44, (summary, out[-6000:])
@@ -150,10 +154,7 @@ def test_worker_dies_twice_same_steps_samples_and_weights(ray_cluster, tmp_path)
     assert_exactly_once(surviving_steps(tmp_path / "trace"), 44, train_ids(tmp_path))
     assert_logged_once(tmp_path / "runs" / "faulty", 44, 2, [0, 10, 30], lambda s: 10)
 
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    code, out = run_to_end(["run", path, "run.name=clean", "callbacks=[]"], ray_cluster)
-    assert code == 0, out[-4000:]
+    assert clean.wait(timeout=600) == 0, (tmp_path / "clean.log").read_text()[-4000:]
     a, b = weights_of(tmp_path, "faulty"), weights_of(tmp_path, "clean")
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
@@ -221,12 +222,12 @@ def test_stopped_then_killed_then_damaged_run_finishes_its_plan(ray_cluster, tmp
         f.seek(200)
         f.write(b"\0" * 64)
 
-    code, out = run_to_end(["run", path, "train.global_batch_size=32", "train.micro_batch_size=8"], ray_cluster)
+    code, out = run_to_end(["run", path, "train.global_batch_size=32", "train.micro_batch_size=8"])
     assert code == 2, out[-3000:]
     line = [ln for ln in out.splitlines() if ln.startswith("kd-ray: error")]
     assert len(line) == 1 and "train.global_batch_size: 64 -> 32" in line[0] and "--fresh" in line[0], out[-3000:]
 
-    code, out = run_to_end(["run", path, "train.log_every=5"], ray_cluster)  # a compatible change
+    code, out = run_to_end(["run", path, "train.log_every=5"])  # a compatible change
     assert code == 0, out[-4000:]
     assert f"checkpoint {os.path.basename(newest)} cannot be used" in out and os.path.basename(older) in out, out[-4000:]
     assert f"resuming run preemptible from step {older_step}" in out, out[-4000:]
@@ -276,21 +277,27 @@ def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teach
     job["train"].update(epochs=2, num_workers=1, prefetch_batches=1)
     job["callbacks"] = hooks(tmp_path)
     path = write_job(tmp_path / "teacher_killed.yaml", job)
-    proc = cli(["run", path], ray_cluster)
     trace = tmp_path / "trace" / "rank0.jsonl"
-    lines = []
-    while len(lines) < 5:  # into training: the driver's teacher-scoring pool is long gone
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        lines = trace.read_text().splitlines() if trace.exists() else []
-        time.sleep(0.2)
-    killed = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if "MapWorker" in (actor.class_name or ""):  # Ray Data's pool actor, running TeacherPredictor
-            os.kill(actor.pid, signal.SIGKILL)
-            killed.append(actor.class_name)
-    killed_at = len(trace.read_text().splitlines())
-    assert killed, "no teacher actor alive: " + ", ".join(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
-    out, _ = proc.communicate(timeout=600)
+    killed, killed_at, done = [], [], threading.Event()
+
+    def kill_the_pool_once_training() -> None:
+        while not done.is_set() and len(trace.read_text().splitlines() if trace.exists() else []) < 5:
+            time.sleep(0.2)  # into training: the driver's teacher-scoring pool is long gone
+        for actor in [] if done.is_set() else list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+            if "MapWorker" in (actor.class_name or ""):  # Ray Data's pool actor, running TeacherPredictor
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.class_name)
+        killed_at.append(len(trace.read_text().splitlines()) if trace.exists() else 0)
+
+    # The run in this process (its driver is not what dies), the kill from a thread beside it.
+    killer = threading.Thread(target=kill_the_pool_once_training, daemon=True)
+    killer.start()
+    proc = run_here(["run", path])
+    done.set()
+    killer.join()
+    out = proc.stdout + proc.stderr
+    assert killed, "no teacher actor was killed while the run trained: " + out[-4000:]
+    killed_at = killed_at[0]
     assert proc.returncode == 0, out[-4000:]
     summary = summary_of(tmp_path, "teacher_killed")
     assert summary["steps"] == 44, summary

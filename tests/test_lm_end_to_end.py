@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import faults
-from conftest import run_cli, write_job
+from conftest import in_background, run_here, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,17 @@ def online_kd(ray_cluster, lm_teacher, tmp_path_factory) -> dict:
     kd = lm_job(tmp_path, "kd", lm_teacher["teacher"], tokenizer, lm_teacher["data"])
     kd["callbacks"] = [{"callable": "faults:Trace", "kwargs": {"directory": str(trace)}},
                        {"callable": "faults:DieAt", "kwargs": {"steps": [25], "marks": str(marks)}}]
-    proc = run_cli(["run", write_job(tmp_path / "kd.yaml", kd)], ray_cluster)
-    return {"proc": proc, "job": kd, "dir": tmp_path, "trace": trace, "marks": marks, "tokenizer": tokenizer}
+    # The baseline, the same student trained without a teacher on the same budget, goes alongside:
+    # both runs are deterministic, and much of each is waiting for workers and the pool to start.
+    scratch = lm_job(tmp_path, "scratch", None, tokenizer, lm_teacher["data"])
+    baseline = in_background(["run", write_job(tmp_path / "scratch.yaml", scratch)], ray_cluster, tmp_path / "scratch.log")
+    try:
+        proc = run_here(["run", write_job(tmp_path / "kd.yaml", kd)])
+        baseline.wait(timeout=600)
+    finally:
+        baseline.kill()
+    return {"proc": proc, "job": kd, "dir": tmp_path, "trace": trace, "marks": marks, "tokenizer": tokenizer,
+            "scratch": baseline.returncode}
 
 
 def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster, lm_teacher, online_kd):
@@ -117,7 +126,7 @@ def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster
 
     from test_fault_tolerance import surviving_steps
 
-    proc, tmp_path, tokenizer = online_kd["proc"], online_kd["dir"], online_kd["tokenizer"]
+    proc, tmp_path = online_kd["proc"], online_kd["dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "runs" / "kd" / "summary.json"))
     assert summary["restarts"] == 1 and os.listdir(online_kd["marks"]) == ["died_at_25"], summary
@@ -130,9 +139,7 @@ def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster
     for s, pairs in steps.items():
         assert [p for p, _ in pairs] == list(range((s - 1) * 32, s * 32)), f"step {s}"
 
-    scratch = lm_job(tmp_path, "scratch", None, tokenizer, lm_teacher["data"])
-    proc = run_cli(["run", write_job(tmp_path / "scratch.yaml", scratch)], ray_cluster)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert online_kd["scratch"] == 0, (tmp_path / "scratch.log").read_text()[-3000:]
     baseline = json.load(open(tmp_path / "runs" / "scratch" / "summary.json"))
     teacher_ppl, kd_ppl, scratch_ppl = summary["teacher"]["perplexity"], summary["student"]["perplexity"], baseline["student"]["perplexity"]
     print(f"\nheld-out perplexity: teacher {teacher_ppl:.2f}, KD student {kd_ppl:.2f}, scratch student {scratch_ppl:.2f}")
@@ -143,13 +150,13 @@ def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster
     tok = AutoTokenizer.from_pretrained(student_dir)
     out = model.generate(tok("And God said", return_tensors="pt").input_ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == len(tok("And God said").input_ids) + 8
-    proc = run_cli(["eval", str(tmp_path / "kd.yaml")], ray_cluster)
+    proc = run_here(["eval", str(tmp_path / "kd.yaml")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert abs(metrics["perplexity"] - kd_ppl) / kd_ppl < 0.02, (metrics, kd_ppl)
 
 
-def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_cluster, lm_teacher, online_kd, tmp_path):
+def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_cluster, lm_teacher, online_kd, tmp_path, background):
     """`kd-ray cache` of the online run's job: SIGKILLed after its 2nd shard, the rerun writes only
     the missing shards and the cache is byte for byte one captured in one go; a corrupt shard is
     named before training and rewritten by the next capture. Trained from it (no teacher pool;
@@ -161,9 +168,8 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
 
     from conftest import ROOT
     from kd_ray import cache
-    from kd_ray.checks import validate
     from kd_ray.weights import read_state_dict
-    from test_cache import shards_of
+    from test_cache import _teacher_pool_actors, shards_of
     from test_fault_tolerance import surviving_steps
 
     assert online_kd["proc"].returncode == 0, online_kd["proc"].stderr[-3000:]
@@ -174,6 +180,9 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     pid_file, cache_dir = tmp_path / "driver.pid", tmp_path / "cache"
     job["callbacks"] = [{"callable": "faults:KillDriver", "kwargs": {"after": 2, "pid_file": str(pid_file), "mark": str(tmp_path / "killed")}}]
     path = write_job(tmp_path / "cached.yaml", job)
+    # The cache captured in one go, to compare with: alongside, from the start (no callbacks).
+    one_go = write_job(tmp_path / "one_go.yaml", {**job, "callbacks": [], "teacher": {**job["teacher"], "cache": {"path": str(tmp_path / "one_go")}}})
+    whole = background(["cache", one_go], tmp_path / "one_go.log")
     proc = subprocess.Popen([sys.executable, "-m", "kd_ray", "cache", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ray_cluster.env(), cwd=ROOT)
     (tmp_path / "driver.pid.tmp").write_text(str(proc.pid))
@@ -184,7 +193,7 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     before = {n: os.stat(cache_dir / n) for n in os.listdir(cache_dir) if n.endswith(".parquet")}
     assert len(before) == 2
 
-    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    proc = run_here(["cache", path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.load(open(cache_dir / cache.MANIFEST))
     shards = len(manifest["shards"])
@@ -194,9 +203,7 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     for name, st in before.items():  # kept, not rewritten
         now = os.stat(cache_dir / name)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
-    one_go = validate({**job, "callbacks": [], "teacher": {**job["teacher"], "cache": {"path": str(tmp_path / "one_go")}}},
-                      job_dir=str(tmp_path))
-    cache.capture(one_go, echo=print)
+    assert whole.wait(timeout=600) == 0, (tmp_path / "one_go.log").read_text()[-3000:]
     assert shards_of(str(cache_dir)) == shards_of(str(tmp_path / "one_go"))
     assert manifest["shards"] == json.load(open(tmp_path / "one_go" / cache.MANIFEST))["shards"]
 
@@ -205,10 +212,10 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     data = bytearray((cache_dir / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (cache_dir / victim).write_bytes(bytes(data))
-    proc = run_cli(["run", path], ray_cluster)
+    proc = run_here(["run", path])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray")]  # Ray logs its connection there too
     assert proc.returncode == 2 and len(errors) == 1 and victim in errors[0] and "corrupt" in errors[0], proc.stderr[-3000:]
-    proc = run_cli(["cache", path], ray_cluster, timeout=300)
+    proc = run_here(["cache", path])
     assert proc.returncode == 0 and "1 damaged or stray removed; writing 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert shards_of(str(cache_dir)) == shards_of(str(tmp_path / "one_go"))
 
@@ -217,9 +224,11 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     marks.mkdir()
     job["callbacks"] = [{"callable": "faults:Trace", "kwargs": {"directory": str(trace)}},
                         {"callable": "faults:DieAt", "kwargs": {"steps": [35], "marks": str(marks)}}]
-    proc = run_cli(["run", write_job(tmp_path / "cached.yaml", job)], ray_cluster)
+    pools = _teacher_pool_actors()
+    proc = run_here(["run", write_job(tmp_path / "cached.yaml", job)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "teacher: cached outputs (top-32 float16 per token)" in proc.stdout and "TeacherPredictor" not in proc.stdout
+    assert _teacher_pool_actors() == pools  # no teacher pool was started
     cached = json.load(open(tmp_path / "runs" / "cached" / "summary.json"))
     assert cached["restarts"] == 1 and "from step 30" in proc.stdout, proc.stdout[-3000:]
     steps = surviving_steps(trace)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, digits_job, run_cli, write_job
+from conftest import ROOT, digits_job, run_here, write_job
 from s3_server import S3Server
 from test_fault_tolerance import hooks, surviving_steps, train_ids, assert_exactly_once, wait_for_checkpoints, wait_until_no_actor
 
@@ -35,6 +35,24 @@ def s3(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def s3_driver(ray_cluster, s3):
+    """This process joined to the cluster again, as the CLI joins it when the S3 keys are in its
+    environment: the same kd_ray.cluster._worker_env hands them to the job's workers (the
+    cluster's own processes were started without them), so run_here can run jobs on the bucket.
+    The runs that a test kills, and the first run of each test, still go through a CLI process of
+    their own and its ensure_ray."""
+    import ray
+
+    from kd_ray.cluster import _worker_env
+
+    ray.shutdown()
+    ray.init(address=ray_cluster.address, log_to_driver=False, runtime_env=_worker_env())
+    yield
+    ray.shutdown()
+    ray.init(address=ray_cluster.address, log_to_driver=False)
+
+
 def bucket_json(uri: str) -> dict:
     from kd_ray import storage
 
@@ -47,7 +65,7 @@ def cli(args, cluster):
 
 
 @pytest.mark.slow
-def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, tmp_path):
+def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, s3_driver, tmp_path):
     """run.storage_path on s3://: a worker dies after step 15 (the group resumes from the step-10
     checkpoint read back from the bucket), then the driver is SIGKILLed (a checkpoint its reaped
     workers were uploading may be left without all its objects) and the newest whole checkpoint
@@ -83,7 +101,7 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, t
     older_step = checkpoint.read_resume(older)["step"]
     assert [p for p, _ in skipped] == [p for p, _ in half_uploaded] + [newest], skipped
 
-    proc = run_cli(["run", path], ray_cluster)
+    proc = run_here(["run", path])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"checkpoint {storage.basename(newest)} cannot be used" in proc.stdout, proc.stdout[-3000:]
     assert f"resuming run in_bucket from step {older_step}" in proc.stdout, proc.stdout[-3000:]
@@ -98,12 +116,12 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, t
     print(f"resumed from the bucket: worker death at 15 -> step 10; driver killed ({len(half_uploaded)} checkpoint(s) "
           f"half-uploaded), newest whole one damaged -> step {older_step}; {summary}")
 
-    proc = run_cli(["eval", path], ray_cluster)  # the exported student, read back from the bucket
+    proc = run_here(["eval", path])  # the exported student, read back from the bucket
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert abs(metrics["accuracy"] - summary["student"]["accuracy"]) < 0.02 and metrics["weights"].startswith("s3://")
 
-    proc = run_cli(["run", path, "train.max_steps=2", "callbacks=[]"], ray_cluster)
+    proc = run_here(["run", path, "train.max_steps=2", "callbacks=[]"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     moved = [n for n in storage.listdir(s3.uri("runs")) if n.startswith("in_bucket.")]
     assert len(moved) == 1 and f"previous run moved to s3://kd-ray/runs/{moved[0]}" in proc.stdout, proc.stdout[-2000:]
@@ -151,7 +169,7 @@ def test_storage_mistakes_are_one_line_before_anything_starts(case, s3, tmp_path
 
 
 @pytest.mark.slow
-def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, teacher_weights, tmp_path):
+def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, s3_driver, teacher_weights, tmp_path):
     """Parquet data (9 row groups), the teacher's weights and its cache all in the bucket: the
     capture is SIGKILLed after its 3rd shard, the rerun writes only the 6 missing ones, and a run
     trains from the cache read back from the bucket."""
@@ -169,12 +187,12 @@ def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, teacher
     assert bucket_json(storage.join(cache_dir, cache.MANIFEST))["status"] == "incomplete"
     assert len([n for n in storage.listdir(cache_dir) if n.endswith(".parquet")]) == 3
 
-    proc = run_cli(["cache", path], ray_cluster, timeout=400)
+    proc = run_here(["cache", path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 already whole; writing 6" in proc.stdout, proc.stdout
     assert bucket_json(storage.join(cache_dir, cache.MANIFEST))["status"] == "complete"
 
-    proc = run_cli(["run", path, "callbacks=[]"], ray_cluster, timeout=400)
+    proc = run_here(["run", path, "callbacks=[]"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cached outputs" in proc.stdout and "9 shards checked" in proc.stdout, proc.stdout[-3000:]
     summary = json.loads((tmp_path / "runs" / "from_bucket" / "summary.json").read_text())
