@@ -17,6 +17,7 @@ from typing import Callable
 import ray
 
 from kd_ray.spec import JobSpec
+from kd_ray.telemetry import POLL_SECONDS, POLL_STEPS
 
 
 @ray.remote(num_cpus=0)
@@ -51,7 +52,8 @@ def stop_on_signals(control, spec: JobSpec, echo: Callable[[str], None]):
             raise KeyboardInterrupt
         asked.append(signum)
         control.request_stop.remote()
-        within = f"{spec.checkpoint.poll_every_steps} steps" if spec.checkpoint.poll_every_steps else "10 steps or about a second, whichever is longer"
+        every = spec.checkpoint.poll_every_steps
+        within = f"{every} steps" if every else f"{POLL_STEPS} steps or about {POLL_SECONDS:g} s, whichever is longer"
         echo(f"stopping: the workers checkpoint within {within} and return "
              "(send it again to abort without a checkpoint)")
 
