@@ -104,11 +104,17 @@ def run_cli(args: list[str], cluster: Cluster | None = None, timeout: float = 60
     return subprocess.run([sys.executable, "-m", "kd_ray", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def cli(args: list[str], cluster: Cluster, env_extra: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """`kd-ray ARGS` in a process of its own, joined to the session's cluster, its console (stdout
+    and stderr together) to `stdout`: a process the test can signal, kill or read line by line."""
+    return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env={**cluster.env(), **(env_extra or {})}, cwd=ROOT,
+                            text=True, stdout=stdout, stderr=subprocess.STDOUT)
+
+
 def in_background(args: list[str], cluster: Cluster, log) -> subprocess.Popen:
     """`kd-ray ARGS` in a process of its own, its console to the file `log`, while the test goes on."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env=cluster.env(), cwd=ROOT, text=True, stdout=f,
-                                stderr=subprocess.STDOUT)
+        return cli(args, cluster, stdout=f)
 
 
 @pytest.fixture

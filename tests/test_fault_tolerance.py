@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ import pytest
 import ray
 
 import faults
-from conftest import ROOT, TEACHER_SPEC, digits_job, run_here, write_job
+from conftest import TEACHER_SPEC, cli, digits_job, run_here, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +51,6 @@ def hooks(tmp_path, die_at: tuple[int, ...] = ()) -> list[dict]:
     if die_at:
         out.append({"callable": "faults:DieAt", "kwargs": {"steps": list(die_at), "marks": str(marks)}})
     return out
-
-
-def cli(args, cluster, env_extra=None, **popen):
-    env = {**cluster.env(), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
 def run_to_end(args) -> tuple[int, str]:

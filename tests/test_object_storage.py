@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, digits_job, run_here, write_job
+from conftest import cli, digits_job, run_here, write_job
 from s3_server import S3Server
 from test_fault_tolerance import hooks, surviving_steps, train_ids, assert_exactly_once, wait_for_checkpoints, wait_until_no_actor
 
@@ -57,11 +55,6 @@ def bucket_json(uri: str) -> dict:
     from kd_ray import storage
 
     return json.loads(storage.read_bytes(uri))
-
-
-def cli(args, cluster):
-    return subprocess.Popen([sys.executable, "-m", "kd_ray", *args], env=cluster.env(), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
