@@ -29,7 +29,7 @@ def _role(pid: int, root: int, cmd: str) -> str:
         return ROLE_ORDER[0]
     if "RayTrainWorker" in cmd:
         return ROLE_ORDER[1]
-    if "TeacherPredictor" in cmd:
+    if "TeacherPredictor" in cmd or "ReadingTeacher" in cmd:  # a GPU pool, a CPU pool (kd_ray.teacher)
         return ROLE_ORDER[2]
     if "TrainController" in cmd:
         return ROLE_ORDER[3]
@@ -137,7 +137,7 @@ class TreeMonitor(threading.Thread):
     def cpu_by_role(self, t0: float, t1: float) -> dict[str, float]:
         """Cores each role used on average between wall times t0 and t1 (CPU seconds / seconds).
         Ray's other worker processes are named by what they ran (ray::SplitCoordinator, the read
-        tasks' ray::MapBatches(_emit), ...): each interval between two polls counts for the name
+        tasks' ray::MapBatches(read_chunks), ...): each interval between two polls counts for the name
         at its end, so the names are approximate for processes that switch tasks quickly."""
         out: dict[str, float] = {}
         for pid, samples in self.cpu.items():

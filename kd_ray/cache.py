@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.data.pipeline import Sources
     from kd_ray.spec import JobSpec
 
-FORMAT_VERSION = 2  # of the layout above; a cache of another version is refused, not misread
+FORMAT_VERSION = 3  # of the layout above; a cache of another version is refused, not misread (3: vectorised input digests)
 
 Key = tuple[str, int]  # (the job-file field of the source: "source" or "eval_source", unit)
 

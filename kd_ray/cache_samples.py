@@ -140,13 +140,11 @@ class SampleCapture:
 
         # fp32 out of the predictor: the cache's own dtype is encode's to apply, once
         self.predictor = TeacherPredictor(spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"logits_dtype": "float32"})}))
-        self.batch_size = spec.teacher.pool.batch_size
         self.transform, self.outputs = spec.data.preprocess.model_dump(), outputs
 
     def __call__(self, raw: dict) -> "pa.Table":
         digests = input_digests(raw[X])
         samples = preprocess(raw, **self.transform)
-        rows = len(samples[ID])
-        logits = [self.predictor({X: samples[X][a:a + self.batch_size]})[TEACHER] for a in range(0, rows, self.batch_size)]
-        logits = torch.from_numpy(np.concatenate(logits)) if logits else torch.zeros((0, self.outputs["classes"]))
+        # The predictor runs the model on consecutive slices of teacher.pool.batch_size
+        logits = torch.from_numpy(self.predictor({X: samples[X]})[TEACHER]) if len(samples[ID]) else torch.zeros((0, self.outputs["classes"]))
         return shard_table(samples[ID], digests, encode(logits, self.outputs))

@@ -142,7 +142,9 @@ def _trainer(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, fp
         # One global batch past the last step: the split's end-of-stream balancing only ever
         # touches rows no step uses.
         per_block = batching.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
-        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G, block_rows=plan.micro_batch * per_block,
+        lone = spec.train.max_workers == 1  # nothing to deal round-robin: the worker cuts its micro-batches itself
+        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G,
+                                                 block_rows=None if lone else plan.micro_batch * per_block,
                                                  control=control, board=board, cache=cached)
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True  # the train stream holds the run in order; keep that order through the split

@@ -60,7 +60,7 @@ class TeacherPredictor:
         use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
         self.model = load_teacher(spec, self.device)
-        self.task, self.precision = task_for(spec), spec.teacher.precision
+        self.task, self.precision, self.batch_size = task_for(spec), spec.teacher.precision, spec.teacher.pool.batch_size
         # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
         self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
@@ -68,9 +68,18 @@ class TeacherPredictor:
 
     def __call__(self, batch: dict) -> dict:
         start = self.clock()
+        rows = len(next(iter(batch.values())))
+        # The pool is handed whole blocks (pool_options) and the model sees consecutive slices of
+        # teacher.pool.batch_size: Ray Data's per-batch work (the numpy <-> Arrow conversions of
+        # each batch, a thread hand-off, the output buffer) cost a CPU pool actor several times its
+        # model's time with 100-row batches (benchmarks/README.md, "Small students").
+        parts = [self.task.teacher_columns(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
+                                           self.device, self.precision)
+                 for a in range(0, max(rows, 1), self.batch_size)]
+        columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         # A new dict: the input batch (read-only zero-copy arrays) is left untouched.
-        out = {**batch, **self.task.teacher_columns(self.model, batch, self.device, self.precision)}
-        self.rows += len(next(iter(batch.values())))
+        out = {**batch, **columns}
+        self.rows += rows
         self.busy += self.clock() - start
         done = self.last_position is not None and POS in batch and int(np.max(batch[POS])) >= self.last_position
         if self.board is not None and (done or self.clock() - self.reported >= self.REPORT_EVERY_S):
@@ -86,7 +95,7 @@ def pool_options(teacher: "TeacherSpec") -> dict:
     pool = teacher.pool
     options = dict(
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        batch_size=pool.batch_size,
+        batch_size=None,  # whole blocks: TeacherPredictor cuts them into the model's batches itself
         num_cpus=pool.cpus_per_actor,
         batch_format="numpy",
     )
@@ -95,3 +104,19 @@ def pool_options(teacher: "TeacherSpec") -> dict:
     if pool.resources:
         options["resources"] = dict(pool.resources)
     return options
+
+
+
+class ReadingTeacher(TeacherPredictor):
+    """A CPU pool's actor that also reads its chunks (kd_ray.data.pipeline.build_train): chunk ids
+    in, their rows from the run's cursor on + the teacher's signal out, a chunk at a time."""
+
+    def __init__(self, spec: "JobSpec", board=None, end: int | None = None, chunks: dict | None = None):
+        super().__init__(spec, board, end)
+        self.chunks = chunks  # kd_ray.data.pipeline.read_chunks' arguments
+
+    def __call__(self, batch: dict):
+        from kd_ray.data.pipeline import read_chunks
+
+        for rows in read_chunks(batch, **self.chunks):
+            yield super().__call__(rows)

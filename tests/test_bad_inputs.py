@@ -317,7 +317,7 @@ def test_a_data_mistake_raised_in_a_ray_task_ends_the_run_as_the_users(tmp_path)
             except UserError as e:
                 raise UserCodeException("UDF failed to process a data block.") from e
         except Exception as e:
-            return RayTaskError("MapBatches(_emit)", traceback.format_exc(), e).as_instanceof_cause()
+            return RayTaskError("MapBatches(read_chunks)", traceback.format_exc(), e).as_instanceof_cause()
 
     found = user_error_in(WorkerGroupError("Training failed", {1: raised_in_a_task(), 0: RuntimeError("other")}))
     assert (type(found), found.field, found.message) == (UserError, "data.labels", "row 2 of d.parquet has label -3")

@@ -367,3 +367,29 @@ def test_order_check_counts_rows_out_of_place():
     short.see(torch.arange(m + 1))  # part of a micro-batch more: the stream is broken
     with pytest.raises(RuntimeError):
         short.verify()
+
+
+@pytest.mark.parametrize("sizes", [[1024, 1024, 1024], [100, 300, 7, 93, 1, 99, 400], [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 3], [250]])
+@pytest.mark.parametrize("cat", ["numpy", "torch"])
+def test_whole_micro_batches_keep_every_row_in_order(sizes, cat):
+    import torch
+
+    from kd_ray.data import POS
+    from kd_ray.data.pipeline import whole_micro_batches
+
+    m, rows = 50, sum(sizes)
+    x = np.random.default_rng(3).random((rows, 4), dtype=np.float32)
+    cuts = np.cumsum([0, *sizes])
+    blocks = [{POS: np.arange(a, b), X: x[a:b]} for a, b in zip(cuts[:-1], cuts[1:])]
+    join = np.concatenate
+    if cat == "torch":
+        blocks = [{k: torch.from_numpy(v) for k, v in b.items()} for b in blocks]
+        join = torch.cat
+    out = list(whole_micro_batches(iter(blocks), m, join))
+    assert all(len(b[POS]) % m == 0 and len(b[POS]) for b in out)
+    whole = rows - rows % m  # a part of a micro-batch at the stream's end is left out
+    np.testing.assert_array_equal(np.concatenate([np.asarray(b[POS]) for b in out]), np.arange(whole))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(b[X]) for b in out]), x[:whole])
+    # At most one micro-batch per block is a copy: the rest are views of the blocks as they came
+    copies = sum(1 for b in out if not any(np.shares_memory(np.asarray(b[X]), np.asarray(s[X])) for s in blocks))
+    assert copies <= len(sizes)

@@ -88,6 +88,22 @@ def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
     assert not (shards.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
 
 
+def test_input_digests_see_every_word_of_long_and_odd_rows():
+    # Rows longer than one numpy call's block of words, and rows whose bytes are not whole words.
+    long = np.random.default_rng(2).integers(0, 50_000, (3, shards._DIGEST_WORDS * 2 + 5), dtype=np.int32)
+    d = shards.input_digests(long)
+    for col in (0, shards._DIGEST_WORDS * 2 - 1, long.shape[1] - 1):  # in the first block, across the cut, in the tail
+        changed = long.copy()
+        changed[1, col] += 1
+        assert (shards.input_digests(changed) != d).tolist() == [False, True, False]
+    swapped = long.copy()
+    swapped[0, [0, 2]] = swapped[0, [2, 0]]  # the same words in other places
+    assert swapped[0, 0] != long[0, 0] and shards.input_digests(swapped)[0] != d[0]
+    odd = np.arange(15, dtype=np.uint8).reshape(3, 5)  # 5 bytes a row: padded within the digest only
+    assert len(set(shards.input_digests(odd).tolist())) == 3
+    assert shards.input_digests(odd[:0]).shape == (0,)
+
+
 def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     """encode -> shard on disk -> CacheReader (rows picked across units, the job's tail column)
     -> tensors -> micro_step's teacher_output: the same TopK, and loss, as compressing live."""
@@ -226,7 +242,7 @@ def test_cached_run_equals_online_run(ray_cluster, online_kd_run, full_cache, tm
 def _teacher_pool_actors() -> int:
     from ray.util.state import list_actors
 
-    return sum("TeacherPredictor" in (a.class_name or "") for a in list_actors(limit=10_000))
+    return sum(any(c in (a.class_name or "") for c in ("TeacherPredictor", "ReadingTeacher")) for a in list_actors(limit=10_000))
 
 
 def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, teacher_weights, tmp_path):

@@ -330,5 +330,5 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     # empty array of samples (it would fall back to pickled objects, with a warning).
     control = RunControl.remote()
     ray.get(control.set_cursor.remote(cursor))
-    assert list(pipeline._emit({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
-                               pipeline._transform(spec, train=True), control, end=3 * n)) == []
+    assert list(pipeline.read_chunks({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
+                                     pipeline._transform(spec, train=True), control, end=3 * n)) == []

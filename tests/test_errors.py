@@ -21,7 +21,7 @@ def _raised_in_a_ray_task(fn, *, udf: bool):
                 raise
             raise UserCodeException("UDF failed to process a data block.") from e
     except Exception as e:
-        return RayTaskError("MapBatches(_emit)", traceback.format_exc(), e).as_instanceof_cause()
+        return RayTaskError("MapBatches(read_chunks)", traceback.format_exc(), e).as_instanceof_cause()
 
 
 def _stale_read():

@@ -277,7 +277,7 @@ def test_teacher_actor_killed_mid_epoch_delivers_every_sample(ray_cluster, teach
         while not done.is_set() and len(trace.read_text().splitlines() if trace.exists() else []) < 5:
             time.sleep(0.2)  # into training: the driver's teacher-scoring pool is long gone
         for actor in [] if done.is_set() else list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-            if "MapWorker" in (actor.class_name or ""):  # Ray Data's pool actor, running TeacherPredictor
+            if "MapWorker" in (actor.class_name or ""):  # a Ray Data pool actor (kd_ray.teacher)
                 os.kill(actor.pid, signal.SIGKILL)
                 killed.append(actor.class_name)
         killed_at.append(len(trace.read_text().splitlines()) if trace.exists() else 0)

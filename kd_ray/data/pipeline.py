@@ -130,8 +130,8 @@ def _read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index:
     return {**{k: v[keep] for k, v in {**out, **teacher}.items()}, POS: positions[keep]}
 
 
-def _emit(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, control, end: int | None,
-          cache=None) -> Iterator[dict]:
+def read_chunks(batch: dict, reader, layout, seed: int, shuffle: str, transform: dict, control, end: int | None,
+                cache=None) -> Iterator[dict]:
     """The rows of the chunks named in the batch, from the run's cursor (read from its
     kd_ray.run.control.RunControl) up to `end`. Chunks wholly outside [cursor, end) yield nothing: an empty block would need a
     schema of its own, and Ray cannot type an empty array of samples (it falls back to pickled
@@ -155,23 +155,26 @@ def _transform(spec: "JobSpec", train: bool) -> dict:
     return task_for(spec).transform(train)
 
 
-def _stream(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, chunks: int, train: bool,
-            control=None, end: int | None = None, cache=None) -> "ray.data.Dataset":
+def _chunk_kwargs(spec: "JobSpec", reader, layout: order.Layout, shuffle: str, train: bool, control=None,
+                  end: int | None = None, cache=None) -> dict:
+    """read_chunks' arguments but the chunk ids, its large ones put in the object store once."""
     import ray
+
+    return dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
+                transform=_transform(spec, train), control=control, end=end, cache=ray.put(cache) if cache is not None else None)
+
+
+def _stream(spec: "JobSpec", chunks: int, kwargs: dict) -> "ray.data.Dataset":
     import ray.data
 
     return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
-        _emit, batch_size=1, batch_format="numpy",
+        read_chunks, batch_size=1, batch_format="numpy",
         # Reading and preprocessing stay CPU tasks spread over the cluster, one per chunk. Args
         # given by a function also keep Ray from fusing these tasks into the teacher's actors
         # (it fuses ops whose static remote args match, as they do on CPU): fused, they ran
         # serially with the teacher in one task holding many chunks, and nothing reached the
         # trainers until that whole task had finished.
-        ray_remote_args_fn=_spread,
-        fn_kwargs=dict(reader=ray.put(reader), layout=ray.put(layout), seed=spec.run.seed, shuffle=shuffle,
-                       transform=_transform(spec, train), control=control, end=end,
-                       cache=ray.put(cache) if cache is not None else None),
-    )
+        ray_remote_args_fn=_spread, fn_kwargs=kwargs)
 
 
 def _spread() -> dict:
@@ -191,25 +194,48 @@ def with_teacher(ds: "ray.data.Dataset", spec: "JobSpec", board=None, end: int |
                           **pool_options(spec.teacher))
 
 
+def _reading_pool(spec: "JobSpec", chunks: int, kwargs: dict, board, end: int) -> "ray.data.Dataset":
+    """A CPU pool whose actors read their own chunks (kd_ray.teacher.ReadingTeacher), one chunk per call."""
+    import ray.data
+
+    from kd_ray.teacher import ReadingTeacher, pool_options
+
+    return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
+        ReadingTeacher, fn_constructor_kwargs=dict(spec=spec, board=board, end=end, chunks=kwargs),
+        **{**pool_options(spec.teacher), "batch_size": 1})
+
+
 def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray.data.Dataset":
     """The eval split, once through, in source order (with the cached teacher outputs of its
     rows, given the eval reader of a kd_ray.cache.TeacherCache)."""
     data = data or Sources(spec)
-    return _stream(spec, data.eval_reader, data.eval, "none", data.eval.chunks_per_epoch("none"), False, cache=cache)
+    return _stream(spec, data.eval.chunks_per_epoch("none"), _chunk_kwargs(spec, data.eval_reader, data.eval, "none", False, cache=cache))
 
 
-def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int, control, board=None,
+def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int | None, control, board=None,
                 cache=None) -> "ray.data.Dataset":
     """The training stream: positions from the control's cursor to `end`, in blocks of exactly
-    `block_rows` rows, whole micro-batches (the unit the split deals out round-robin). The teacher's outputs come
-    from the pool (which reports to `board`), or from `cache` (the train reader of a
-    kd_ray.cache.TeacherCache)."""
+    `block_rows` rows, whole micro-batches (the unit the split deals out round-robin); None for a
+    group of one worker, which cuts whatever blocks come into micro-batches itself
+    (whole_micro_batches). The teacher's outputs come from the pool (which reports to `board`),
+    or from `cache` (the train reader of a kd_ray.cache.TeacherCache).
+
+    A pool of CPU actors reads its chunks itself: with a teacher on the CPU there are no idle
+    cores for read tasks to use that the actors' own would not, and each operator of a Ray Data
+    stream costs its coordinator per block (small students: 1.3x the online rate on 2 cores,
+    benchmarks/README.md). A GPU pool keeps the read tasks, spread over the host's cores."""
     shuffle = spec.data.shuffle
-    train = _stream(spec, data.reader, data.train, shuffle, order.stream_chunks(data.train, shuffle, end), True,
-                    control, end, cache)
-    if spec.teacher is not None and cache is None:
-        train = with_teacher(train, spec, board, end)
-    return train.repartition(target_num_rows_per_block=block_rows, strict=True)
+    chunks = order.stream_chunks(data.train, shuffle, end)
+    kwargs = _chunk_kwargs(spec, data.reader, data.train, shuffle, True, control, end, cache)
+    pool = spec.teacher is not None and cache is None
+    if pool and not spec.teacher.pool.gpus_per_actor:
+        train = _reading_pool(spec, chunks, kwargs, board, end)
+    else:
+        train = _stream(spec, chunks, kwargs)
+        if pool:
+            train = with_teacher(train, spec, board, end)
+    # The repartition is an operator of its own, with a task per block: a lone worker is spared it
+    return train if block_rows is None else train.repartition(target_num_rows_per_block=block_rows, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,19 +296,33 @@ def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_ba
         return (positions >= start) & (positions < stream.end) & ((positions - start) // block % world == rank)
 
     first = start // max(layout.rows, 1) * layout.chunks_per_epoch(stream.shuffle)
-    held: list[dict] = []
-    for index in range(first, order.stream_chunks(layout, stream.shuffle, stream.end)):
-        part = _read_chunk(reader, layout, stream.seed, stream.shuffle, stream.transform, index, select, cache)
-        if part is None:
-            continue
-        held.append(part)
-        rows = sum(len(p[POS]) for p in held)
-        if rows < micro_batch:
-            continue
-        joined = {k: np.concatenate([p[k] for p in held]) for k in held[0]}
-        whole = rows - rows % micro_batch
-        yield {k: v[:whole] for k, v in joined.items()} if whole < rows else joined
-        held = [{k: v[whole:] for k, v in joined.items()}] if whole < rows else []
+    parts = (_read_chunk(reader, layout, stream.seed, stream.shuffle, stream.transform, index, select, cache)
+             for index in range(first, order.stream_chunks(layout, stream.shuffle, stream.end)))
+    yield from whole_micro_batches((p for p in parts if p is not None), micro_batch, np.concatenate)
+
+
+def whole_micro_batches(blocks: Iterator[dict], micro_batch: int, cat) -> Iterator[dict]:
+    """Blocks of rows in stream order (numpy arrays or tensors, joined by `cat`) -> blocks of whole
+    micro-batches in the same order: each block's whole micro-batches as a view of it, and a
+    micro-batch split across blocks joined (a copy of at most one micro-batch per block). Rows
+    past the last whole micro-batch are left out: the stream ends on a whole global batch, so
+    there are none before the plan's last step."""
+    held = None
+    for block in blocks:
+        rows = len(block[POS])
+        first = 0
+        if held is not None:
+            first = min(micro_batch - len(held[POS]), rows)
+            held = {k: cat([held[k], v[:first]]) for k, v in block.items()}
+            if len(held[POS]) < micro_batch:
+                continue
+            yield held
+            held = None
+        whole = first + (rows - first) // micro_batch * micro_batch
+        if whole > first:
+            yield {k: v[first:whole] for k, v in block.items()} if (first, whole) != (0, rows) else block
+        if whole < rows:
+            held = {k: v[whole:] for k, v in block.items()}
 
 
 class _Raised:

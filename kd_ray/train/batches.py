@@ -80,4 +80,4 @@ def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: i
     shard = ray.train.get_dataset_shard("train")
     order = OrderCheck(start, rank, world, micro_batch, per_block, device)
     blocks = shard.iter_torch_batches(batch_size=None, device=device, prefetch_batches=prefetch, pin_memory=device.type == "cuda")
-    return RankBatches(blocks, order, micro_batch)
+    return RankBatches(pipeline.whole_micro_batches(blocks, micro_batch, torch.cat), order, micro_batch)
