@@ -60,6 +60,33 @@ def print_table(results: dict, cfg: dict) -> None:
         print(f"\n4 kd_ray cached against the plain loop over the same logits, precomputed: {ratio(cached)}")
 
 
+# The ratios the issues set targets on: kd_ray's mode over its plain counterpart
+ROUND_PAIRS = (("kd_student", "student"), ("kd_student_parquet", "student"), ("kd_ray", "reference"),
+               ("kd_ray_parquet", "reference"), ("cached", "precomputed"), ("cached", "student"))
+
+
+def round_ratios(results: dict) -> dict:
+    """With --rounds: each pair's ratio within every round (the two modes ran minutes apart, not a
+    whole invocation), and their median."""
+    out = {}
+    for a, b in ROUND_PAIRS:
+        ra, rb = (results.get(m, {}).get("rounds_samples_per_second") for m in (a, b))
+        if ra and rb and len(ra) == len(rb):
+            each = [x / y if x and y else None for x, y in zip(ra, rb)]
+            known = sorted(v for v in each if v is not None)
+            out[f"{a} / {b}"] = {"rounds": each, "median": known[(len(known) - 1) // 2] if known else None}
+    return out
+
+
+def print_rounds(results: dict) -> None:
+    ratios = round_ratios(results)
+    if not ratios:
+        return
+    print("\nratios within each round (median, then every round):")
+    for pair, r in ratios.items():
+        print(f"  {pair:<32} {ratio(r['median'])}   " + ", ".join(ratio(v) for v in r["rounds"]))
+
+
 def vs_precomputed(results: dict) -> float | None:
     """The cached mode's rate over the plain loop that trains from teacher logits computed
     beforehand: the same work, so the ratio is what kd_ray's run of a cache costs."""
@@ -227,4 +254,5 @@ def results_blob(argv: list[str] | None, host: dict, cfg: dict, args, results: d
         r["vs_reference"] = sps / reference if sps and reference else None
     if "cached" in results:
         results["cached"]["vs_precomputed"] = vs_precomputed(results)
+    blob["round_ratios"] = round_ratios(results)
     return blob

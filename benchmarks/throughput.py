@@ -3,6 +3,7 @@
 
     python benchmarks/throughput.py                      # --preset cpu: a few minutes on 2 cores
     python benchmarks/throughput.py --preset gpu --ladder --json gpu.json
+    python benchmarks/throughput.py --preset small --rounds 3     # ratios within each round: steadier on a drifting host
 
 Modes (each in a fresh process, so peak RSS and thread settings belong to that mode alone):
   1 student      the student alone, no teacher: the speed limit of any distillation
@@ -54,7 +55,7 @@ if HERE not in sys.path:  # imported rather than run as a script: the modules be
 
 from kd_runs import capture_cache, run_kd_ray  # noqa: E402
 from modes import child_main, ladder, run_child  # noqa: E402
-from report import num, print_details, print_header, print_table, results_blob  # noqa: E402
+from report import num, print_details, print_header, print_rounds, print_table, results_blob  # noqa: E402
 from workloads import MODES, PRESETS, parse_model, prepare  # noqa: E402
 
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="warm-up steps before the timed windows")
     p.add_argument("--window-steps", type=int, help="steps per timed window (kd_ray: its log_every)")
     p.add_argument("--windows", type=int, help="timed windows; the median is reported")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every mode this many times, in turn (mode 1, 2, ..., then again): the table shows each mode's "
+                        "median round, and the ratios are also taken within each round, whose modes ran minutes apart")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -129,19 +133,29 @@ def workload_config(args) -> tuple[dict, int]:
 
 
 def run_modes(modes: list[str], cfg: dict, workdir: str, args) -> dict:
-    results: dict = {}
     order = [m for m in MODES if m in modes]
-    for mode in order:
-        load_before = os.getloadavg()[0]
-        print(f"[{mode}] running (load average {load_before:.2f}) ...", flush=True)
-        r = run_mode(mode, cfg, workdir, args)
-        r["load_average_before"] = load_before
-        results[mode] = r
-        print(f"[{mode}] {num(r.get('samples_per_second'))} samples/s in {r.get('wall_seconds', 0):.1f} s"
-              + (f"  ERROR {r['error']}" if r.get("error") else ""), flush=True)
+    rounds: dict = {m: [] for m in order}
+    for n in range(args.rounds):
+        for mode in order:
+            load_before = os.getloadavg()[0]
+            tag = f" (round {n + 1} of {args.rounds})" if args.rounds > 1 else ""
+            print(f"[{mode}] running{tag} (load average {load_before:.2f}) ...", flush=True)
+            r = run_mode(mode, cfg, workdir, args)
+            r["load_average_before"] = load_before
+            rounds[mode].append(r)
+            print(f"[{mode}] {num(r.get('samples_per_second'))} samples/s in {r.get('wall_seconds', 0):.1f} s"
+                  + (f"  ERROR {r['error']}" if r.get("error") else ""), flush=True)
+    results = {m: median_round(rs) for m, rs in rounds.items()}
     if "student" in results and results["student"].get("samples_per_second") and len(order) > 1:
         measure_drift(results["student"], cfg, workdir)
     return results
+
+
+def median_round(runs: list[dict]) -> dict:
+    """A mode's run of median rate (the lower of the middle two), with every round's rate."""
+    rated = sorted((r for r in runs if r.get("samples_per_second")), key=lambda r: r["samples_per_second"])
+    pick = rated[(len(rated) - 1) // 2] if rated else runs[-1]
+    return {**pick, "rounds_samples_per_second": [r.get("samples_per_second") for r in runs]} if len(runs) > 1 else pick
 
 
 def run_mode(mode: str, cfg: dict, workdir: str, args) -> dict:
@@ -215,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_modes(modes, cfg, workdir, args)
     print_table(results, cfg)
+    print_rounds(results)
     print_details(results, cfg)
     ladder_out = ladder(cfg, workdir) if args.ladder else None
 

@@ -111,12 +111,10 @@ class ReadingTeacher(TeacherPredictor):
     """A CPU pool's actor that also reads its chunks (kd_ray.data.pipeline.build_train): chunk ids
     in, their rows from the run's cursor on + the teacher's signal out, a chunk at a time."""
 
-    def __init__(self, spec: "JobSpec", board=None, end: int | None = None, chunks: dict | None = None):
+    def __init__(self, spec: "JobSpec", read, board=None, end: int | None = None):
         super().__init__(spec, board, end)
-        self.chunks = chunks  # kd_ray.data.pipeline.read_chunks' arguments
+        self.read = read  # chunk ids -> their rows (kd_ray.data.pipeline.read_chunks, its arguments given)
 
     def __call__(self, batch: dict):
-        from kd_ray.data.pipeline import read_chunks
-
-        for rows in read_chunks(batch, **self.chunks):
+        for rows in self.read(batch):
             yield super().__call__(rows)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,6 +101,32 @@ def test_tensorboard_events_purge_the_steps_trained_again(tmp_path):
     assert loss == [(10, 1.0), (20, pytest.approx(0.8)), (30, pytest.approx(0.7)), (40, pytest.approx(0.6))]
     assert [s.value for s in events.Scalars("eval/accuracy")] == [pytest.approx(0.9)]
     assert "teacher/accuracy" in events.Tags()["scalars"]
+
+
+def test_tensorboard_events_hold_the_records_a_killed_driver_never_received(tmp_path):
+    """The board wrote every record of LIFE to metrics.jsonl, but the first driver was killed
+    before it polled step 30's (its events stop at step 20); the driver that resumes writes them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kd_ray.run.tracking import Trackers
+
+    spec = tracked_spec(tmp_path)
+    board = MetricsLog(spec.run_dir)
+    for e in LIFE:
+        board.write(e)
+    killed = Trackers(spec, echo=pytest.fail)
+    for e in LIFE[:6]:  # up to the second attempt's step 20: never closed
+        killed.record(e)
+    time.sleep(1.1)  # an event file is named by the second it was opened in (and the pid: the same here)
+    resumed = Trackers(spec, echo=pytest.fail)
+    for e in LIFE[8:]:  # the new driver's own events: its start at 30, step 40
+        resumed.record(e)
+    resumed.close({"status": "finished", "run_dir": spec.run_dir})
+    events = EventAccumulator(os.path.join(spec.run_dir, "tensorboard")).Reload()
+    loss = [(s.step, s.value) for s in events.Scalars("train/loss")]
+    assert loss == [(10, 1.0), (20, pytest.approx(0.8)), (30, pytest.approx(0.7)), (40, pytest.approx(0.6))]
+    assert [(s.step, s.value) for s in events.Scalars("eval/accuracy")] == [(30, pytest.approx(0.9))]
+    assert [s.step for s in events.Scalars("teacher/accuracy")] == [0]
 
 
 def test_mlflow_file_store_holds_params_metrics_and_the_student(tmp_path):

@@ -201,7 +201,7 @@ def _reading_pool(spec: "JobSpec", chunks: int, kwargs: dict, board, end: int) -
     from kd_ray.teacher import ReadingTeacher, pool_options
 
     return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
-        ReadingTeacher, fn_constructor_kwargs=dict(spec=spec, board=board, end=end, chunks=kwargs),
+        ReadingTeacher, fn_constructor_kwargs=dict(spec=spec, read=functools.partial(read_chunks, **kwargs), board=board, end=end),
         **{**pool_options(spec.teacher), "batch_size": 1})
 
 

@@ -1,7 +1,9 @@
 """A run's figures, as the driver follows them, sent to TensorBoard and MLflow (the `logging:` section).
 
     TensorBoard   event files under RUN_DIR/tensorboard (tensorboardX, which Ray Train brings: on by
-                  default). A (re)start from step S purges the events past S, as metrics.jsonl drops them.
+                  default). Each (re)start writes the run's history again from metrics.jsonl, hiding
+                  every earlier event: the events hold what metrics.jsonl holds, even the records a
+                  killed driver never received.
     MLflow        one MLflow run per kd_ray run (its id kept in RUN_DIR/mlflow.json, so a resumed run
                   goes on in the same one): the job spec flattened as params, every record's figures
                   as metrics, and at the end the exported student, summary.json and report.png as
@@ -22,7 +24,7 @@ from typing import Any, Callable
 
 from kd_ray import storage
 from kd_ray.errors import UserError, reason
-from kd_ray.run.metrics import as_record, scalars
+from kd_ray.run.metrics import as_record, read_metrics, scalars
 from kd_ray.spec import JobSpec
 
 TENSORBOARD = "tensorboard"
@@ -49,11 +51,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, (list, dict)) else str(tree)}
 
 
+def _history(records: list[dict], start: dict) -> list[dict] | None:
+    """The records before a (re)start in metrics.jsonl, or None if the file does not hold that start."""
+    for i in range(len(records) - 1, -1, -1):
+        r = records[i]
+        if r.get("kind") == "start" and r.get("step") == start["step"] and r.get("time") == start.get("time"):
+            return records[:i]
+    return None
+
+
 class TensorBoard:
     def __init__(self, run_dir: str):
         # Event files are appended to as the run goes, which object storage cannot do: on a
         # bucket they are written locally and copied to RUN_DIR/tensorboard when the run ends.
-        self.dest = storage.join(run_dir, TENSORBOARD)
+        self.run_dir, self.dest = run_dir, storage.join(run_dir, TENSORBOARD)
         self.local = tempfile.mkdtemp(prefix="kd_ray_tb_") if storage.is_remote(run_dir) else None
         self.logdir = self.local or self.dest
         self.writer, self.writers = None, 0
@@ -64,14 +75,24 @@ class TensorBoard:
         if record["kind"] == "start" or self.writer is None:
             if self.writer is not None:
                 self.writer.close()
-            # Events past the step this attempt starts from belong to steps trained again: hidden. A
-            # file per attempt, named apart (a file is named by the second it was opened in).
+            # The progress board writes each record to metrics.jsonl before the trainer's next
+            # checkpoint (kd_ray.run.metrics); the driver polls it twice a second, and a driver
+            # killed in between never sent the last ones here. So a (re)start hides every earlier
+            # event (purge from step 0) and writes the records metrics.jsonl keeps before it again.
+            # Without that history in the file, only the events past this start's step are hidden.
+            history = _history(read_metrics(self.run_dir), record) if record["kind"] == "start" else None
+            purge = 0 if history is not None else record["step"] + 1 if record["kind"] == "start" else None
+            # A file per attempt, named apart (a file is named by the second it was opened in).
             self.writers += 1
-            self.writer = SummaryWriter(self.logdir, purge_step=record["step"] + 1 if record["kind"] == "start" else None,
-                                        filename_suffix=f".{os.getpid()}.{self.writers:04d}")
+            self.writer = SummaryWriter(self.logdir, purge_step=purge, filename_suffix=f".{os.getpid()}.{self.writers:04d}")
+            for past in history or []:
+                self._add(past)
+        self._add(record)
+        self.writer.flush()
+
+    def _add(self, record: dict) -> None:
         for name, value in scalars(record).items():
             self.writer.add_scalar(name, value, global_step=record["step"], walltime=record.get("time"))
-        self.writer.flush()
 
     def close(self, summary: dict) -> None:
         if self.writer is not None:
