@@ -29,7 +29,7 @@ def _role(pid: int, root: int, cmd: str) -> str:
         return ROLE_ORDER[0]
     if "RayTrainWorker" in cmd:
         return ROLE_ORDER[1]
-    if "TeacherPredictor" in cmd or "ReadingTeacher" in cmd:  # a GPU pool, a CPU pool (kd_ray.teacher)
+    if "TeacherPredictor" in cmd or "ReadingTeacher" in cmd:  # a pool actor: kd_ray.teacher's two classes
         return ROLE_ORDER[2]
     if "TrainController" in cmd:
         return ROLE_ORDER[3]

@@ -146,8 +146,11 @@ def run_modes(modes: list[str], cfg: dict, workdir: str, args) -> dict:
             print(f"[{mode}] {num(r.get('samples_per_second'))} samples/s in {r.get('wall_seconds', 0):.1f} s"
                   + (f"  ERROR {r['error']}" if r.get("error") else ""), flush=True)
     results = {m: median_round(rs) for m, rs in rounds.items()}
-    if "student" in results and results["student"].get("samples_per_second") and len(order) > 1:
-        measure_drift(results["student"], cfg, workdir)
+    if "cached" in results:  # the capture wrote the cache in the first round; later rounds found it whole
+        results["cached"]["capture"] = rounds["cached"][0].get("capture")
+    first = rounds["student"][0].get("samples_per_second") if "student" in rounds else None
+    if first and len(order) > 1:
+        measure_drift(results["student"], first, cfg, workdir)
     return results
 
 
@@ -173,13 +176,14 @@ def run_mode(mode: str, cfg: dict, workdir: str, args) -> dict:
     return run_child(mode, {**cfg, "measure_cost": mode == "reference"}, workdir)
 
 
-def measure_drift(student: dict, cfg: dict, workdir: str) -> None:
-    """Mode 1 again, at the end: modes run one after another, so a host that got faster or slower
-    between them would bend the ratios; this says by how much."""
+def measure_drift(student: dict, first: float, cfg: dict, workdir: str) -> None:
+    """Mode 1 again, at the end, against its first run (`first` samples/s): modes run one after
+    another, so a host that got faster or slower between them would bend the ratios; this says by
+    how much."""
     again = run_child("student", cfg, workdir, tag="_again")
     student["again_at_end"] = {k: again.get(k) for k in ("samples_per_second", "windows_samples_per_second", "error")}
     if again.get("samples_per_second"):
-        student["drift"] = again["samples_per_second"] / student["samples_per_second"]
+        student["drift"] = again["samples_per_second"] / first
         print(f"[student] again at the end: {num(again['samples_per_second'])} samples/s "
               f"({student['drift']:.2f}x the first run: the machine's drift over this invocation)", flush=True)
 
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: at least 1")
 
     import torch
 

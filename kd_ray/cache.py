@@ -165,7 +165,8 @@ def read_manifest(store: Store) -> dict | None:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("kd_ray_cache") != FORMAT_VERSION:
         raise UserError("teacher.cache.path", f"{store.path}/{MANIFEST} is not a kd_ray cache manifest of format {FORMAT_VERSION}; "
-                        "choose another teacher.cache.path, or delete that directory and capture again")
+                        "choose another teacher.cache.path, or delete that directory and capture again (a cache of an "
+                        "older format, from an older kd_ray, is captured again the same way)")
     return manifest
 
 

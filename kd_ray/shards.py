@@ -39,8 +39,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# Words of a row mixed per numpy call: bounds the temporaries at rows x 256 KiB for large inputs.
-_DIGEST_WORDS = 1 << 15
+# Bytes of words mixed per numpy call: the mixing's temporaries (a few arrays of that size) stay
+# near this, whatever the rows (a chunk of 224 x 224 x 3 float32 images is 600 MB).
+_DIGEST_BYTES = 32 << 20
 
 
 def input_digests(x: np.ndarray) -> np.ndarray:
@@ -59,9 +60,10 @@ def input_digests(x: np.ndarray) -> np.ndarray:
         raw = np.concatenate([raw, np.zeros((n, 8 - raw.shape[1] % 8), dtype=np.uint8)], axis=1)
     words = raw.view("<u8")
     sums = np.zeros(n, dtype=np.uint64)
+    step = max(1, _DIGEST_BYTES // (8 * max(n, 1)))  # words of each row per call
     with np.errstate(over="ignore"):
-        for a in range(0, words.shape[1], _DIGEST_WORDS):
-            block = words[:, a:a + _DIGEST_WORDS]
+        for a in range(0, words.shape[1], step):
+            block = words[:, a:a + step]
             places = mix64(np.arange(a, a + block.shape[1], dtype=np.uint64), head)
             sums += mix64(block ^ places, 0).sum(axis=1, dtype=np.uint64)
     return mix64(sums, head)

@@ -66,13 +66,15 @@ class TeacherPredictor:
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
         self.last_position = end - 1 if end else None  # the stream's last row: once sent, the pool is done
 
-    def __call__(self, batch: dict) -> dict:
-        start = self.clock()
+    def __call__(self, batch: dict, began: float | None = None) -> dict:
+        """`began`: when the work on this batch began, if before the call (a reading pool's read)."""
+        start = self.clock() if began is None else began
         rows = len(next(iter(batch.values())))
-        # The pool is handed whole blocks (pool_options) and the model sees consecutive slices of
+        # A CPU pool is handed whole blocks (pool_options) and the model sees consecutive slices of
         # teacher.pool.batch_size: Ray Data's per-batch work (the numpy <-> Arrow conversions of
         # each batch, a thread hand-off, the output buffer) cost a CPU pool actor several times its
-        # model's time with 100-row batches (benchmarks/README.md, "Small students").
+        # model's time with 100-row batches (benchmarks/README.md, "Small students"). An empty
+        # block still gets one (empty) call, for columns of the right types.
         parts = [self.task.teacher_columns(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
                                            self.device, self.precision)
                  for a in range(0, max(rows, 1), self.batch_size)]
@@ -95,7 +97,9 @@ def pool_options(teacher: "TeacherSpec") -> dict:
     pool = teacher.pool
     options = dict(
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        batch_size=None,  # whole blocks: TeacherPredictor cuts them into the model's batches itself
+        # CPU pools take whole blocks and cut them into the model's batches themselves
+        # (TeacherPredictor); Ray Data requires a batch size of pools that ask for GPUs.
+        batch_size=pool.batch_size if pool.gpus_per_actor else None,
         num_cpus=pool.cpus_per_actor,
         batch_format="numpy",
     )
@@ -106,15 +110,22 @@ def pool_options(teacher: "TeacherSpec") -> dict:
     return options
 
 
-
 class ReadingTeacher(TeacherPredictor):
     """A CPU pool's actor that also reads its chunks (kd_ray.data.pipeline.build_train): chunk ids
-    in, their rows from the run's cursor on + the teacher's signal out, a chunk at a time."""
+    in, their rows from the run's cursor on + the teacher's signal out, a chunk at a time. The
+    actor's busy time counts the reading too. Ray Data runs a generator's body on the actor's
+    task thread, one call at a time (max_concurrency 1, its default for pool actors): the running
+    totals need no lock."""
 
     def __init__(self, spec: "JobSpec", read, board=None, end: int | None = None):
         super().__init__(spec, board, end)
         self.read = read  # chunk ids -> their rows (kd_ray.data.pipeline.read_chunks, its arguments given)
 
     def __call__(self, batch: dict):
-        for rows in self.read(batch):
-            yield super().__call__(rows)
+        chunks = iter(self.read(batch))
+        while True:
+            began = self.clock()
+            rows = next(chunks, None)
+            if rows is None:
+                return
+            yield super().__call__(rows, began)

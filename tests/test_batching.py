@@ -386,10 +386,10 @@ def test_whole_micro_batches_keep_every_row_in_order(sizes, cat):
         blocks = [{k: torch.from_numpy(v) for k, v in b.items()} for b in blocks]
         join = torch.cat
     out = list(whole_micro_batches(iter(blocks), m, join))
-    assert all(len(b[POS]) % m == 0 and len(b[POS]) for b in out)
-    whole = rows - rows % m  # a part of a micro-batch at the stream's end is left out
-    np.testing.assert_array_equal(np.concatenate([np.asarray(b[POS]) for b in out]), np.arange(whole))
-    np.testing.assert_array_equal(np.concatenate([np.asarray(b[X]) for b in out]), x[:whole])
+    assert all(len(b[POS]) % m == 0 and len(b[POS]) for b in out[:-1]) and len(out[-1][POS])
+    assert len(out[-1][POS]) % m == rows % m  # a part of a micro-batch at the stream's end comes out last, alone
+    np.testing.assert_array_equal(np.concatenate([np.asarray(b[POS]) for b in out]), np.arange(rows))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(b[X]) for b in out]), x)
     # At most one micro-batch per block is a copy: the rest are views of the blocks as they came
     copies = sum(1 for b in out if not any(np.shares_memory(np.asarray(b[X]), np.asarray(s[X])) for s in blocks))
     assert copies <= len(sizes)

@@ -88,17 +88,21 @@ def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
     assert not (shards.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
 
 
-def test_input_digests_see_every_word_of_long_and_odd_rows():
-    # Rows longer than one numpy call's block of words, and rows whose bytes are not whole words.
-    long = np.random.default_rng(2).integers(0, 50_000, (3, shards._DIGEST_WORDS * 2 + 5), dtype=np.int32)
+def test_input_digests_see_every_word_of_long_and_odd_rows(monkeypatch):
+    # Rows longer than one numpy call's share of words, and rows whose bytes are not whole words.
+    monkeypatch.setattr(shards, "_DIGEST_BYTES", 3 * 8 * 1000)  # 1,000 words of each of the 3 rows per call
+    long = np.random.default_rng(2).integers(0, 50_000, (3, 2 * 2 * 1000 + 5), dtype=np.int32)
     d = shards.input_digests(long)
-    for col in (0, shards._DIGEST_WORDS * 2 - 1, long.shape[1] - 1):  # in the first block, across the cut, in the tail
+    monkeypatch.setattr(shards, "_DIGEST_BYTES", 32 << 20)  # one call: the same digests
+    np.testing.assert_array_equal(shards.input_digests(long), d)
+    monkeypatch.setattr(shards, "_DIGEST_BYTES", 3 * 8 * 1000)
+    for col in (0, 2 * 1000 - 1, 2 * 1000, long.shape[1] - 1):  # in the first call, either side of a cut, in the tail
         changed = long.copy()
         changed[1, col] += 1
         assert (shards.input_digests(changed) != d).tolist() == [False, True, False]
     swapped = long.copy()
-    swapped[0, [0, 2]] = swapped[0, [2, 0]]  # the same words in other places
-    assert swapped[0, 0] != long[0, 0] and shards.input_digests(swapped)[0] != d[0]
+    swapped[0, [0, 1, 2, 3]] = swapped[0, [2, 3, 0, 1]]  # the same two 8-byte words in each other's places
+    assert (swapped[0, :2] != long[0, :2]).any() and shards.input_digests(swapped)[0] != d[0]
     odd = np.arange(15, dtype=np.uint8).reshape(3, 5)  # 5 bytes a row: padded within the digest only
     assert len(set(shards.input_digests(odd).tolist())) == 3
     assert shards.input_digests(odd[:0]).shape == (0,)

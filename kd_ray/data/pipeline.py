@@ -2,7 +2,9 @@
 
     train: chunks of every epoch, in the order of kd_ray.data.order, from the cursor on
            -> read + preprocess + augment (one task per chunk) -> teacher pool
-           -> blocks of whole micro-batches (kd_ray.batching.micro_batches_per_block)
+           (a pool on CPUs reads its chunks itself: one actor call per chunk, see build_train)
+           -> blocks of whole micro-batches (kd_ray.batching.micro_batches_per_block), for a
+           group that may hold several workers; a lone worker cuts its own (whole_micro_batches)
            (teacher.mode: cached: the read task joins the cached outputs of the same rows, kd_ray.cache,
            and there is no pool)
     eval:  the eval split in source order -> read + preprocess
@@ -215,7 +217,7 @@ def build_eval(spec: "JobSpec", data: Sources | None = None, cache=None) -> "ray
 def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int | None, control, board=None,
                 cache=None) -> "ray.data.Dataset":
     """The training stream: positions from the control's cursor to `end`, in blocks of exactly
-    `block_rows` rows, whole micro-batches (the unit the split deals out round-robin); None for a
+    `block_rows` rows (the last may be short), whole micro-batches (the unit the split deals out round-robin); None for a
     group of one worker, which cuts whatever blocks come into micro-batches itself
     (whole_micro_batches). The teacher's outputs come from the pool (which reports to `board`),
     or from `cache` (the train reader of a kd_ray.cache.TeacherCache).
@@ -258,7 +260,13 @@ class LocalStream:
     workers: it reads each row group once for all of them. A single worker reads every row
     anyway, so it reads the row groups itself (benchmarks/README.md, "Small students"). GPU runs
     keep the stream too, where Ray Data spreads large samples' reading over the host's otherwise
-    idle cores to keep a fast student fed (one reader thread per worker might not: not measured)."""
+    idle cores to keep a fast student fed (one reader thread per worker might not: not measured).
+
+    Data in memory is read between steps, in the step's own thread; files are read ahead by a
+    thread (train.prefetch_batches blocks), where waiting on storage lets the step run. A reader
+    thread over data in memory fought the step for the GIL and cost it far more than the reading
+    itself: a small student's steps ran 1.4x faster without it, the CPU preset's cached run 1.2x
+    (benchmarks/README.md, "Small students")."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any
@@ -267,6 +275,7 @@ class LocalStream:
     shuffle: str
     transform: dict
     end: int
+    read_ahead: bool  # by a thread: a source read from files
 
 
 def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalStream | None:
@@ -279,12 +288,12 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     if not data.reader.random_access and spec.train.max_workers > 1:  # files: Ray Data reads each row group once for all
         return None
     return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
-                       spec.run.seed, spec.data.shuffle, _transform(spec, True), end)
+                       spec.run.seed, spec.data.shuffle, _transform(spec, True), end, read_ahead=not data.reader.random_access)
 
 
 def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int, per_block: int = 1) -> Iterator[dict]:
-    """This rank's rows from position `start` on, in blocks of whole micro-batches (about a chunk
-    each): the rows a Ray Data split of blocks of `per_block` micro-batches would deal it
+    """This rank's rows from position `start` on, in blocks of whole micro-batches (a chunk's,
+    and a micro-batch that spans two chunks): the rows a Ray Data split of blocks of `per_block` micro-batches would deal it
     (kd_ray.batching.block_positions; kd_ray.train.batches checks every row). The same rows on the
     same rank as the Ray Data stream, so a run trains the same sums whichever way it is read. Each
     chunk is read once, for this rank's rows only."""
@@ -305,8 +314,9 @@ def whole_micro_batches(blocks: Iterator[dict], micro_batch: int, cat) -> Iterat
     """Blocks of rows in stream order (numpy arrays or tensors, joined by `cat`) -> blocks of whole
     micro-batches in the same order: each block's whole micro-batches as a view of it, and a
     micro-batch split across blocks joined (a copy of at most one micro-batch per block). Rows
-    past the last whole micro-batch are left out: the stream ends on a whole global batch, so
-    there are none before the plan's last step."""
+    past the last whole micro-batch come out last, as a block of their own: a run never reaches
+    them (its stream ends on whole global batches, past the plan's last step), and if it did, the
+    order check would count them as out of order rather than let a short stream pass."""
     held = None
     for block in blocks:
         rows = len(block[POS])
@@ -323,6 +333,8 @@ def whole_micro_batches(blocks: Iterator[dict], micro_batch: int, cat) -> Iterat
             yield {k: v[first:whole] for k, v in block.items()} if (first, whole) != (0, rows) else block
         if whole < rows:
             held = {k: v[whole:] for k, v in block.items()}
+    if held is not None:
+        yield held
 
 
 class _Raised:

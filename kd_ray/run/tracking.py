@@ -80,7 +80,7 @@ class TensorBoard:
             # killed in between never sent the last ones here. So a (re)start hides every earlier
             # event (purge from step 0) and writes the records metrics.jsonl keeps before it again.
             # Without that history in the file, only the events past this start's step are hidden.
-            history = _history(read_metrics(self.run_dir), record) if record["kind"] == "start" else None
+            history = self._history(record) if record["kind"] == "start" else None
             purge = 0 if history is not None else record["step"] + 1 if record["kind"] == "start" else None
             # A file per attempt, named apart (a file is named by the second it was opened in).
             self.writers += 1
@@ -89,6 +89,12 @@ class TensorBoard:
                 self._add(past)
         self._add(record)
         self.writer.flush()
+
+    def _history(self, start: dict) -> list[dict] | None:
+        try:
+            return _history(read_metrics(self.run_dir), start)
+        except OSError:  # metrics.jsonl unreadable for now: the events past this start's step are hidden
+            return None
 
     def _add(self, record: dict) -> None:
         for name, value in scalars(record).items():

@@ -2,9 +2,10 @@
 the ones the plan says.
 
 The stream reaches a rank one of two ways (kd_ray.data.pipeline): its shard of the Ray Data
-stream, or a LocalStream the worker reads itself. Either way it arrives in blocks of whole
-micro-batches (a Ray Data block, or the rank's rows of a chunk read locally), made ahead by a
-prefetch thread; `rank_batches` checks each block's positions at once and cuts it into
+stream, or a LocalStream the worker reads itself. Either way it comes in blocks of whole
+micro-batches (a Ray Data block, or the rank's rows of a chunk read locally; a lone worker's
+Ray Data blocks, of any size, are cut into them by kd_ray.data.pipeline.whole_micro_batches),
+made ahead by a prefetch thread; `rank_batches` checks each block's positions at once and cuts it into
 micro-batches here, as views: per micro-batch, the step pays for a few slices and no copy, queue
 hand-off or tensor arithmetic. The Trainer gets an iterator of tensor dicts on its device and
 closes it when it is done.
@@ -70,12 +71,13 @@ class RankBatches:
 def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: int, per_block: int, prefetch: int,
                  device: torch.device) -> RankBatches:
     """From `start` on, dealt in blocks of `per_block` micro-batches: a LocalStream's rows (CPU runs
-    only: no pinning or copy), made `prefetch` blocks ahead by a thread, or this worker's Ray Data
-    shard."""
+    only: no pinning or copy; made `prefetch` blocks ahead by a thread when it reads files, see
+    LocalStream), or this worker's Ray Data shard."""
     if local_stream is not None:
         order = OrderCheck(start, rank, world, micro_batch, per_block, device)
         rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch, per_block)
-        made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows), prefetch)
+        made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows),
+                                   prefetch if local_stream.read_ahead else 0)
         return RankBatches(made, order, micro_batch, made.close)
     shard = ray.train.get_dataset_shard("train")
     order = OrderCheck(start, rank, world, micro_batch, per_block, device)

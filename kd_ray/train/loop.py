@@ -148,6 +148,8 @@ class Trainer:
         finally:
             self.profiler.close()
             batches.close()  # a local reader's thread stops here, not at the worker's exit
+        if not stopped and self.step < self.plan.total_steps:  # never a final checkpoint of a plan not trained
+            raise RuntimeError(f"the data stream ended at step {self.step}, before the plan's last step {self.plan.total_steps}")
         if not stopped:
             self.finish()
 
