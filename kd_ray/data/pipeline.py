@@ -224,8 +224,9 @@ def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int | None
 
     A pool of CPU actors reads its chunks itself: with a teacher on the CPU there are no idle
     cores for read tasks to use that the actors' own would not, and each operator of a Ray Data
-    stream costs its coordinator per block (small students: 1.3x the online rate on 2 cores,
-    benchmarks/README.md). A GPU pool keeps the read tasks, spread over the host's cores."""
+    stream costs its coordinator per block (a small student's online run on 2 cores: 13.6k-15.6k
+    samples/s against 11.4k-13.8k, benchmarks/README.md). A GPU pool keeps the read tasks, spread
+    over the host's cores."""
     shuffle = spec.data.shuffle
     chunks = order.stream_chunks(data.train, shuffle, end)
     kwargs = _chunk_kwargs(spec, data.reader, data.train, shuffle, True, control, end, cache)
@@ -265,8 +266,8 @@ class LocalStream:
     Data in memory is read between steps, in the step's own thread; files are read ahead by a
     thread (train.prefetch_batches blocks), where waiting on storage lets the step run. A reader
     thread over data in memory fought the step for the GIL and cost it far more than the reading
-    itself: a small student's steps ran 1.4x faster without it, the CPU preset's cached run 1.2x
-    (benchmarks/README.md, "Small students")."""
+    itself: a small student's steps ran 1.4x faster without it, and the CPU preset's cached run
+    was no slower (benchmarks/README.md, "Small students")."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any
