@@ -276,7 +276,10 @@ class LocalStream:
     shuffle: str
     transform: dict
     end: int
-    read_ahead: bool  # by a thread: a source read from files
+
+    def read_ahead(self) -> bool:
+        """By a thread: a source read from files (its reader has no random access)."""
+        return not _fetch(self.reader).random_access
 
 
 def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalStream | None:
@@ -289,7 +292,7 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     if not data.reader.random_access and spec.train.max_workers > 1:  # files: Ray Data reads each row group once for all
         return None
     return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
-                       spec.run.seed, spec.data.shuffle, _transform(spec, True), end, read_ahead=not data.reader.random_access)
+                       spec.run.seed, spec.data.shuffle, _transform(spec, True), end)
 
 
 def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int, per_block: int = 1) -> Iterator[dict]:

@@ -77,7 +77,7 @@ def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: i
         order = OrderCheck(start, rank, world, micro_batch, per_block, device)
         rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch, per_block)
         made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows),
-                                   prefetch if local_stream.read_ahead else 0)
+                                   prefetch if local_stream.read_ahead() else 0)
         return RankBatches(made, order, micro_batch, made.close)
     shard = ray.train.get_dataset_shard("train")
     order = OrderCheck(start, rank, world, micro_batch, per_block, device)
