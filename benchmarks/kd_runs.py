@@ -18,7 +18,15 @@ import threading
 import time
 from types import SimpleNamespace
 
-from measure import TRAIN_LINE, TreeMonitor, choose_kd_rate, cores_in_windows, kd_windows, pipeline_timeline, read_probe
+from measure import (
+    TRAIN_LINE,
+    TreeMonitor,
+    choose_kd_rate,
+    cores_in_windows,
+    kd_windows,
+    pipeline_timeline,
+    read_probe,
+)
 from modes import log_tail
 from workloads import ROOT
 

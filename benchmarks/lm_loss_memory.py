@@ -39,7 +39,14 @@ def _reset_peak() -> int:
 def child(mode: str, args) -> dict:
     import torch
 
-    from kd_ray.losses import TopK, bucket_divergence, bucket_log_probs, mix, token_loss, topk_compress
+    from kd_ray.losses import (
+        TopK,
+        bucket_divergence,
+        bucket_log_probs,
+        mix,
+        token_loss,
+        topk_compress,
+    )
 
     device = torch.device("cuda" if args.cuda else "cpu")
     g = torch.Generator().manual_seed(0)

@@ -43,8 +43,15 @@ def _batch(cfg: dict, device):
     log-probs, ids and tail for every loss token, made row by row (they are input, not measured)."""
     import torch
 
-    from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
-    from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+    from kd_ray.core.columns import (
+        DOCS,
+        TAIL_LSE,
+        TARGETS,
+        TOKEN_POS,
+        TOKENS,
+        TOPK_INDICES,
+        TOPK_VALUES,
+    )
     from kd_ray.losses import topk_compress
 
     g = torch.Generator().manual_seed(0)
@@ -74,11 +81,11 @@ def _steps(kind: str, precision: str, compiled: bool, cfg: dict, device):
     import torch
     import torch.nn.functional as F
 
+    from kd_ray.core.columns import TARGETS, TOKEN_POS, TOKENS
     from kd_ray.models.lm import llama
+    from kd_ray.models.precision import autocast, grad_scaler
     from kd_ray.tasks.causal_lm import CausalLM, StudentLM
-    from kd_ray.data.text import TARGETS, TOKEN_POS, TOKENS
     from kd_ray.train.optim import make_optimizer, make_scheduler
-    from kd_ray.train.precision import autocast, grad_scaler
     from kd_ray.train.step import optimizer_step
 
     torch.manual_seed(0)
@@ -92,7 +99,7 @@ def _steps(kind: str, precision: str, compiled: bool, cfg: dict, device):
     run = torch.compile(model) if compiled else model
     if kind == "kd_ray":
         def step(batch):
-            terms = task.micro_step(run, batch, task.count(batch), device, scaler, sync=True)
+            terms = task.micro_step(run, batch, task.count(batch), device, scaler)
             optimizer_step(run, optimizer, scheduler, scaler, grad_clip=1.0)
             return terms.loss.detach()
         return step, model
@@ -111,7 +118,7 @@ def _steps(kind: str, precision: str, compiled: bool, cfg: dict, device):
 def measure(kind: str, precision: str, compiled: bool, cfg: dict, batch, device) -> dict:
     import torch
 
-    from kd_ray.data.text import TARGETS
+    from kd_ray.core.columns import TARGETS
 
     cuda = device.type == "cuda"
     if cuda:

@@ -49,11 +49,13 @@ def child_main(mode: str, cfg: dict, out_path: str) -> None:
 def _kd_ray_step(student, teacher, cfg: dict, device):
     """kd_ray's own step functions, with the teacher in this process instead of a Ray pool."""
     import torch
+
     # Every kd_ray name the benchmark uses, in one place.
-    from kd_ray.data import TEACHER, X, Y
+    from kd_ray.core.columns import TEACHER, X, Y
+    from kd_ray.models.precision import grad_scaler
+    from kd_ray.tasks.classify import micro_step
     from kd_ray.train.optim import make_optimizer, make_scheduler
-    from kd_ray.train.precision import grad_scaler
-    from kd_ray.train.step import micro_step, optimizer_step
+    from kd_ray.train.step import optimizer_step
 
     T, alpha, precision = cfg["temperature"], cfg["alpha"], cfg["precision"]
     opt = make_optimizer(student.parameters(), {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01,
@@ -65,7 +67,7 @@ def _kd_ray_step(student, teacher, cfg: dict, device):
         with torch.inference_mode(), amp(precision, device):
             t_logits = teacher(x)
         terms = micro_step(student, {X: x, Y: y, TEACHER: t_logits}, temperature=T, alpha=alpha,
-                           denominator=len(y), precision=precision, device=device, scaler=scaler, sync=True)
+                           denominator=len(y), precision=precision, device=device, scaler=scaler)
         optimizer_step(student, opt, sched, scaler, grad_clip=1.0)
         return terms.loss
 

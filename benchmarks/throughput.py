@@ -55,7 +55,14 @@ if HERE not in sys.path:  # imported rather than run as a script: the modules be
 
 from kd_runs import capture_cache, run_kd_ray  # noqa: E402
 from modes import child_main, ladder, run_child  # noqa: E402
-from report import num, print_details, print_header, print_rounds, print_table, results_blob  # noqa: E402
+from report import (  # noqa: E402
+    num,
+    print_details,
+    print_header,
+    print_rounds,
+    print_table,
+    results_blob,
+)
 from workloads import MODES, PRESETS, parse_model, prepare  # noqa: E402
 
 

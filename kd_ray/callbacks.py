@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kd_ray.registry import import_callable
+from kd_ray.core.imports import import_callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec

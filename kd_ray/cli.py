@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from kd_ray import storage
-from kd_ray.errors import Failed, UserError
+from kd_ray.core import storage
+from kd_ray.core.errors import Failed, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +72,7 @@ def _dispatch(args) -> int:
         print(f"{args.job}: valid")
         return 0
     if args.command == "cache":
-        from kd_ray.cache import capture
+        from kd_ray.cache.teacher_outputs import capture
 
         capture(spec, verbose=args.verbose)
         return 0

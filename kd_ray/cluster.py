@@ -11,7 +11,9 @@ from typing import Callable
 
 import ray
 
-from kd_ray.errors import UserError
+from kd_ray.core.errors import UserError
+from kd_ray.core.storage import credentials_env
+from kd_ray.run.ray_output import hold_back
 from kd_ray.spec import JobSpec
 
 
@@ -61,18 +63,14 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
             **quiet,
         )
     if not verbose:
-        from kd_ray.run.ray_output import hold_back
-
         hold_back(session_logs() or tempfile.gettempdir())
 
 
 def _worker_env() -> dict | None:
     """A driver started from a shell against a running cluster hands its storage credentials
-    (kd_ray.storage.CREDENTIAL_ENV) to the job's workers, which reach the same bucket: nodes
+    (kd_ray.core.storage.CREDENTIAL_ENV) to the job's workers, which reach the same bucket: nodes
     started earlier have their own environment. A submitted job's driver already runs in the
     cluster's environment (and in a runtime env of its own, which it keeps)."""
-    from kd_ray.storage import credentials_env
-
     if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return None
     env = credentials_env()

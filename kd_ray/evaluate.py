@@ -8,19 +8,19 @@ import os
 import ray
 import torch
 
-from kd_ray import storage
 from kd_ray.cluster import ensure_ray, quiet_data
-from kd_ray.data import pipeline
-from kd_ray.errors import UserError
-from kd_ray.registry import make_importable
+from kd_ray.core import storage
+from kd_ray.core.errors import UserError
+from kd_ray.core.imports import make_importable
+from kd_ray.data.chunks import Sources
+from kd_ray.data.streams import build_eval
 from kd_ray.spec import JobSpec
-from kd_ray.tasks import task_for
+from kd_ray.tasks.build import task_for
 
 
 @ray.remote(num_cpus=1)
-def _score(spec: JobSpec, path: str, dataset) -> dict:
+def _score(spec: JobSpec, task, path: str, dataset) -> dict:
     make_importable(spec.job_dir)
-    task = task_for(spec)
     try:
         model = task.load_exported(path)
     except Exception as e:  # a file that does not fit the student is the user's to fix
@@ -39,7 +39,8 @@ def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
     task.check_exported(path, "--weights")
     ensure_ray(spec)
     quiet_data()
-    metrics = ray.get(_score.remote(spec, path if storage.is_remote(path) else os.path.abspath(path), pipeline.build_eval(spec)))
+    data = Sources(spec, task)
+    metrics = ray.get(_score.remote(spec, task, path if storage.is_remote(path) else os.path.abspath(path), build_eval(spec, data)))
     if "error" in metrics:
         raise UserError("--weights", metrics["error"])
     return metrics

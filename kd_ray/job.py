@@ -1,7 +1,7 @@
 """The recipe of a run: JobSpec -> datasets + TorchTrainer -> followed progress -> summary.
 
 The driver holds no model. It prepares the run directory (kd_ray.run.directory), starts or joins
-Ray (kd_ray.cluster), builds the datasets (kd_ray.data.pipeline), submits the trainer
+Ray (kd_ray.cluster), builds the datasets (kd_ray.data.streams), submits the trainer
 (kd_ray.train.loop), echoes a line per report while it runs (kd_ray.run.console), and writes
 `summary.json`.
 """
@@ -11,17 +11,33 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from kd_ray import batching, storage
+from kd_ray import batch_plan
+from kd_ray.cache.teacher_outputs import open_for_training
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
-from kd_ray.data import X, pipeline
-from kd_ray.errors import Failed, UserError, reason, user_error_in
-from kd_ray.run.console import ProgressBoard, fmt, follow
+from kd_ray.core import storage
+from kd_ray.core.columns import X
+from kd_ray.core.errors import Failed, UserError, reason, user_error_in
+from kd_ray.data.chunks import Sources
+from kd_ray.data.local import local_stream
+from kd_ray.data.streams import build_eval, build_train
+from kd_ray.run.console import ProgressBoard, follow
 from kd_ray.run.control import RunControl, stop_on_signals
-from kd_ray.run.directory import MOVE_ASIDE, RESUMING, move_aside, resume_point, run_dir_action, summarize, write_summary
+from kd_ray.run.directory import (
+    MOVE_ASIDE,
+    RESUMING,
+    move_aside,
+    resume_point,
+    run_dir_action,
+    summarize,
+    write_summary,
+)
 from kd_ray.run.report import draw_finished_run
 from kd_ray.run.tracking import Trackers
 from kd_ray.spec import JobSpec, fingerprint
-from kd_ray.tasks import task_for
+from kd_ray.tasks.build import task_for
+from kd_ray.teacher import TeacherPool
+from kd_ray.teacher_signal import as_tensor
+from kd_ray.train.loop import train_loop_per_worker
 
 Echo = Callable[[str], None]
 
@@ -35,11 +51,12 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     ensure_ray(spec, verbose)
     quiet_data()
     check_cluster(spec, echo)
-    data = _sources(spec)
-    teacher_cache = _open_cache(spec, data, echo) if spec.teacher and spec.teacher.cached else None
+    task = task_for(spec)  # built once, passed down to the sources, the teacher pool and the Trainer
+    data = _sources(spec, task)
+    teacher_cache = _open_cache(spec, task, data, echo) if spec.teacher and spec.teacher.cached else None
     _refuse_empty_splits(spec, data)
     # Steps depend on the data and the global batch only, never on the world size.
-    plan = batching.plan(data.train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.max_workers,
+    plan = batch_plan.plan(data.train_rows, spec.train.global_batch_size, spec.train.micro_batch_size, spec.train.max_workers,
                          spec.train.epochs, spec.train.max_steps)
     fp = fingerprint(spec, data.train_rows)
     resumed = resume_point(spec, fp, echo) if action == RESUMING else None
@@ -48,7 +65,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     _announce(spec, data, plan, note, resumed, echo)
     summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     try:  # the eval split's stream (or its cached outputs) may fail as the training stream may
-        teacher_scores = score_teacher(spec, data, echo, teacher_cache) if spec.teacher else None
+        teacher_scores = score_teacher(spec, task, data, echo, teacher_cache) if spec.teacher else None
     except UserError:
         raise
     except Exception as e:
@@ -57,7 +74,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     trackers = Trackers(spec, echo)
     if teacher_scores:
         board.push.remote({"kind": "teacher", "step": resumed["step"] if resumed else 0, **teacher_scores})
-    trainer = _trainer(spec, data, plan, fp, board, control, teacher_cache.train if teacher_cache else None)
+    trainer = _trainer(spec, task, data, plan, fp, board, control, teacher_cache.train if teacher_cache else None)
     started = time.time()
     try:
         with stop_on_signals(control, spec, echo):
@@ -65,7 +82,7 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     except Exception as e:
         trackers.close(summary)
         raise _failed(spec, summary, e, echo) from e
-    summary.update(summarize(spec, result, events, time.time() - started, plan, teacher_scores))
+    summary.update(summarize(spec, task, result, events, time.time() - started, plan, teacher_scores))
     write_summary(spec.run_dir, summary)
     if summary["status"] == "finished" and spec.logging.report:
         echo(draw_finished_run(spec.run_dir))
@@ -75,11 +92,11 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     return summary
 
 
-def _sources(spec: JobSpec) -> pipeline.Sources:
+def _sources(spec: JobSpec, task) -> Sources:
     """The job's data, opened on the driver (a language model's documents are tokenized in Ray
     Data tasks: a data mistake found there comes back wrapped by Ray)."""
     try:
-        return pipeline.Sources(spec)
+        return Sources(spec, task)
     except UserError:
         raise
     except Exception as e:
@@ -89,7 +106,7 @@ def _sources(spec: JobSpec) -> pipeline.Sources:
         raise found from None
 
 
-def _refuse_empty_splits(spec: JobSpec, data: pipeline.Sources) -> None:
+def _refuse_empty_splits(spec: JobSpec, data: Sources) -> None:
     """Both splits need rows: the student trains on one and every run is scored on the other
     (an empty eval split would report a perplexity of 1 and a teacher with no score)."""
     if not data.train_rows:  # no batch size can help otherwise
@@ -103,7 +120,7 @@ def _refuse_empty_splits(spec: JobSpec, data: pipeline.Sources) -> None:
                         "document's id); raise it, or give data.eval_source")
 
 
-def _announce(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, note: str | None, resumed: dict | None,
+def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, note: str | None, resumed: dict | None,
               echo: Echo) -> None:
     echo(f"kd-ray: run {spec.run.name} -> {storage.shown(spec.run_dir)}" + (f" ({note})" if note and note != RESUMING else ""))
     if resumed:
@@ -128,31 +145,35 @@ def _failed(spec: JobSpec, summary: dict, e: Exception, echo: Echo) -> Failed | 
     return Failed("run", summary["error"])
 
 
-def _trainer(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, fp: dict, board, control, cached):
+def _trainer(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp: dict, board, control, cached):
     """The TorchTrainer of the run: its workers, storage and failure policy, and its datasets."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
-    from kd_ray.train.loop import train_loop_per_worker
-
     G = plan.global_batch
-    local = pipeline.local_stream(spec, data, plan.total_steps * G, cached)
-    datasets = {"eval": pipeline.build_eval(spec, data)}
+    local = local_stream(spec, data, plan.total_steps * G, cached)
+    datasets = {"eval": build_eval(spec, data)}
     if local is None:
         # One global batch past the last step: the split's end-of-stream balancing only ever
         # touches rows no step uses.
-        per_block = batching.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
+        per_block = batch_plan.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
         lone = spec.train.max_workers == 1  # nothing to deal round-robin: the worker cuts its micro-batches itself
-        datasets["train"] = pipeline.build_train(spec, data, end=(plan.total_steps + 1) * G,
-                                                 block_rows=None if lone else plan.micro_batch * per_block,
-                                                 control=control, board=board, cache=cached)
+        pool = TeacherPool(spec, task) if spec.teacher is not None and cached is None else None
+        datasets["train"] = build_train(spec, data, end=(plan.total_steps + 1) * G, block_rows=None if lone else plan.micro_batch * per_block,
+                                        control=control, board=board, cache=cached, pool=pool)
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True  # the train stream holds the run in order; keep that order through the split
     resources = {**spec.train.resources_per_worker, "CPU": spec.train.cpus_per_worker}
     fs, root = storage.filesystem(spec.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "board": board, "control": control, "train_rows": data.train_rows,
+        train_loop_config={"spec": spec, "task": task, "board": board, "control": control, "train_rows": data.train_rows,
                            "fingerprint": fp, "local_stream": local},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=spec.train.resize_check_seconds),
@@ -165,34 +186,26 @@ def _trainer(spec: JobSpec, data: pipeline.Sources, plan: batching.BatchPlan, fp
     )
 
 
-def _open_cache(spec: JobSpec, data: pipeline.Sources, echo: Echo):
-    from kd_ray import cache
-
-    opened = cache.open_for_training(spec, data)
+def _open_cache(spec: JobSpec, task, data: Sources, echo: Echo):
+    opened = open_for_training(spec, task, data)
     echo(f"teacher: cached outputs ({opened.train.codec.describe_outputs()}) from {spec.teacher.cache.path}: {len(opened.manifest['shards'])} shards checked")
     return opened
 
 
-def score_teacher(spec: JobSpec, data: pipeline.Sources, echo: Echo, teacher_cache=None) -> dict:
+def score_teacher(spec: JobSpec, task, data: Sources, echo: Echo, teacher_cache=None) -> dict:
     """The teacher's scores on the eval split, once, before training: its pool runs and is
     gone before the student's workers and the training pool take their resources. From a
     cache, no pool: its outputs for the eval rows (a top-k gives the accuracy, not the loss)."""
-    import torch
+    import torch  # the driver imports torch only here, and only for a job with a teacher
 
-    from kd_ray.signals import as_tensor
-
-    task = task_for(spec)
     if teacher_cache is None:
-        scored = pipeline.with_teacher(pipeline.build_eval(spec, data), spec)
+        scored = TeacherPool(spec, task).after(build_eval(spec, data))
     else:
-        scored = pipeline.build_eval(spec, data, cache=teacher_cache.eval)
+        scored = build_eval(spec, data, cache=teacher_cache.eval)
     sums = None
     for batch in scored.iter_batches(batch_size=1024, batch_format="numpy"):
         part = task.teacher_eval_sums([{k: as_tensor(v) for k, v in batch.items() if k != X}], torch.device("cpu"))
         sums = part if sums is None else sums + part
     scores = task.teacher_figures(sums.tolist())
-    shown = [f"ppl {scores['perplexity']:.3f}"] if "perplexity" in scores else []
-    shown += [f"acc {scores['accuracy']:.4f}", f"loss {fmt(scores['loss'])}"]
-    shown += [f"top-{spec.distill.top_k} mass {scores['topk_mass']:.4f}"] if "topk_mass" in scores else []
-    echo(f"teacher on the eval split: {' '.join(shown)}")
+    echo(f"teacher on the eval split: {task.teacher_line(scores)}")
     return scores

@@ -2,7 +2,7 @@
 
 Losses return *sums over the micro-batch divided by a caller-given denominator* rather than
 means, so that a global batch split into K micro-batches on W workers yields exactly the same
-gradient as one big batch (see `kd_ray.batching.BatchPlan.loss_denominator`).
+gradient as one big batch (see `kd_ray.batch_plan.BatchPlan.loss_denominator`).
 
 The teacher's output reaches the loss either as dense logits or as a `TopK` (its k most probable
 classes plus the exact probability mass of the rest), which is what an offline cache stores:
@@ -324,7 +324,7 @@ def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optio
                alpha: float, denominator: float, divergence: str = "forward", beta: float = 0.5,
                chunk_tokens: int = 1024) -> TokenTerms:
     """alpha x KD + (1 - alpha) x CE over the tokens that carry loss, summed and divided by
-    `denominator` (the global batch's loss tokens over the world size: kd_ray.batching).
+    `denominator` (the global batch's loss tokens over the world size: kd_ray.batch_plan).
 
     `hidden` holds the student's last hidden states at those tokens only (N, d), `head` maps
     them to logits over the real vocabulary, `targets` (N,) are the next tokens, `teacher` (N, k)

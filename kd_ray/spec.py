@@ -14,11 +14,19 @@ import os
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
-from kd_ray import storage
-from kd_ray.storage import is_remote
+from kd_ray.core import storage
+from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, shown
+from kd_ray.core.storage import is_remote
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -114,7 +122,7 @@ class DataSpec(_Section):
                                                                  "(a sample of a large corpus, e.g. to capture a cache of)")
     stream: Literal["auto", "ray_data"] = Field(
         "auto", description="auto: with no teacher pool, data in memory and CPU workers, each train worker reads its own "
-                            "micro-batches (kd_ray.data.pipeline.LocalStream); ray_data: always through Ray Data's stream")
+                            "micro-batches (kd_ray.data.local.LocalStream); ray_data: always through Ray Data's stream")
 
 
 class ModelSpec(_Section):
@@ -136,6 +144,10 @@ class PoolSpec(_Section):
         if self.max_actors < self.min_actors:
             raise ValueError("max_actors must be >= min_actors")
         return self
+
+
+# A cache is a directory holding this manifest next to its shards (kd_ray.cache).
+CACHE_MANIFEST = "manifest.json"
 
 
 class CacheSpec(_Section):
@@ -290,7 +302,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _token_cache(self):
-        # A language model's cache is always a top-k per token (kd_ray.checks_lm refuses format:
+        # A language model's cache is always a top-k per token (kd_ray.tasks.causal_lm_checks refuses format:
         # full, whose rows of a 49k vocabulary would be ~100 KB a token), so the format may be left out.
         cache = self.teacher.cache if self.teacher is not None else None
         if self.task == "causal_lm" and cache is not None and "format" not in cache.model_fields_set:

@@ -19,22 +19,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.data import POS
+from kd_ray.core.columns import POS
+from kd_ray.core.imports import make_importable
 
 if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
     import torch
 
     from kd_ray.spec import JobSpec, TeacherSpec
 
 
-def load_teacher(spec: "JobSpec", device: "torch.device") -> "torch.nn.Module":
+def load_teacher(spec: "JobSpec", task, device: "torch.device") -> "torch.nn.Module":
     """Build, load, freeze and place the teacher; the same function serves the pool and the capture."""
     import torch
 
-    from kd_ray.models import is_conv_net
-    from kd_ray.tasks import task_for
+    from kd_ray.models import is_conv_net  # torch: see the module's docstring
 
-    model = task_for(spec).load_teacher(device)
+    model = task.load_teacher(device)
     model.eval().requires_grad_(False)
     if len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1:  # else placed across GPUs already
         model.to(device)
@@ -50,17 +51,17 @@ class TeacherPredictor:
 
     REPORT_EVERY_S = 2.0
 
-    def __init__(self, spec: "JobSpec", board=None, end: int | None = None):
+    def __init__(self, spec: "JobSpec", task, board=None, end: int | None = None):
+        """`task`: the job's task (kd_ray.tasks), or a torch-free handle that builds it
+        (Task.handle), which is what a pool's plan carries (see the module's docstring)."""
         import torch
 
-        from kd_ray.registry import make_importable
-        from kd_ray.tasks import task_for
-
         make_importable(spec.job_dir)
+        task = task() if callable(task) else task
         use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        self.model = load_teacher(spec, self.device)
-        self.task, self.precision, self.batch_size = task_for(spec), spec.teacher.precision, spec.teacher.pool.batch_size
+        self.model = load_teacher(spec, task, self.device)
+        self.task, self.precision, self.batch_size = task, spec.teacher.precision, spec.teacher.pool.batch_size
         # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
         self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
@@ -111,15 +112,15 @@ def pool_options(teacher: "TeacherSpec") -> dict:
 
 
 class ReadingTeacher(TeacherPredictor):
-    """A CPU pool's actor that also reads its chunks (kd_ray.data.pipeline.build_train): chunk ids
+    """A CPU pool's actor that also reads its chunks (kd_ray.data.streams.build_train): chunk ids
     in, their rows from the run's cursor on + the teacher's signal out, a chunk at a time. The
     actor's busy time counts the reading too. Ray Data runs a generator's body on the actor's
     task thread, one call at a time (max_concurrency 1, its default for pool actors): the running
     totals need no lock."""
 
-    def __init__(self, spec: "JobSpec", read, board=None, end: int | None = None):
-        super().__init__(spec, board, end)
-        self.read = read  # chunk ids -> their rows (kd_ray.data.pipeline.read_chunks, its arguments given)
+    def __init__(self, spec: "JobSpec", task, read, board=None, end: int | None = None):
+        super().__init__(spec, task, board, end)
+        self.read = read  # chunk ids -> their rows (kd_ray.data.chunks.read_chunks, its arguments given)
 
     def __call__(self, batch: dict):
         chunks = iter(self.read(batch))
@@ -129,3 +130,34 @@ class ReadingTeacher(TeacherPredictor):
             if rows is None:
                 return
             yield super().__call__(rows, began)
+
+
+class TeacherPool:
+    """The teacher as a stage of a Ray Data stream: a pool of TeacherPredictor actors, sized and
+    placed by teacher.pool (kd_ray.data.streams.build_train takes one)."""
+
+    def __init__(self, spec: "JobSpec", task):
+        self.spec, self.task = spec, task
+
+    @property
+    def reads_chunks(self) -> bool:
+        """A pool of CPU actors reads its chunks itself: with a teacher on the CPU there are no
+        idle cores for read tasks to use that the actors' own would not, and each operator of a
+        Ray Data stream costs its coordinator per block (a small student's online run on 2 cores:
+        13.6k-15.6k samples/s against 11.4k-13.8k, docs/performance.md). A GPU pool keeps the
+        read tasks, spread over the host's cores."""
+        return not self.spec.teacher.pool.gpus_per_actor
+
+    def after(self, ds: "ray.data.Dataset", board=None, end: int | None = None) -> "ray.data.Dataset":
+        """`ds` with the teacher's signal added. `end`: where the stream ends, so the pool can
+        tell the board when it has sent its last row."""
+        return ds.map_batches(TeacherPredictor, fn_constructor_kwargs=dict(spec=self.spec, task=self.task.handle, board=board, end=end),
+                              **pool_options(self.spec.teacher))
+
+    def reading(self, chunks: int, read, board, end: int) -> "ray.data.Dataset":
+        """Chunks `0..chunks-1` read by the pool's actors themselves (ReadingTeacher, one chunk per call)."""
+        import ray.data
+
+        return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
+            ReadingTeacher, fn_constructor_kwargs=dict(spec=self.spec, task=self.task.handle, read=read, board=board, end=end),
+            **{**pool_options(self.spec.teacher), "batch_size": 1})

@@ -183,8 +183,8 @@ def teacher_weights(tmp_path_factory) -> str:
     from sklearn.datasets import load_digits
 
     from kd_ray.data.ids import is_eval
-    from kd_ray.registry import build_model
-    from kd_ray.weights import save
+    from kd_ray.models.registry import build_model
+    from kd_ray.models.weights import save
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) * 0.0625  # the jobs' data.preprocess.scale

@@ -18,13 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from kd_ray import weights
-from kd_ray.cli import main
-from kd_ray.errors import LINE_CHARS, UserError
-from kd_ray.models import convnet
 from test_lm import lm_files  # noqa: F401 (a fixture)
 from test_spec import BASE, TEACHER, TEACHER_KWARGS, _isolated_imports, write_job  # noqa: F401 (a fixture)
+
+from kd_ray.cli import main
+from kd_ray.core.errors import LINE_CHARS, UserError
+from kd_ray.models import convnet, weights
 
 WITH_TEACHER = TEACHER + ["teacher.weights=teacher.safetensors"]
 CACHED = WITH_TEACHER + ["teacher.mode=cached"]
@@ -308,7 +307,7 @@ def test_a_data_mistake_raised_in_a_ray_task_ends_the_run_as_the_users(tmp_path)
     from ray.exceptions import RayTaskError, UserCodeException
     from ray.train import WorkerGroupError
 
-    from kd_ray.errors import user_error_in
+    from kd_ray.core.errors import user_error_in
 
     def raised_in_a_task():
         try:
@@ -361,8 +360,10 @@ def test_a_bad_parquet_row_is_found_in_the_task_that_reads_it(ray_cluster, tmp_p
     from conftest import digits_job
 
     from kd_ray.checks import validate
-    from kd_ray.data import pipeline
-    from kd_ray.errors import user_error_in
+    from kd_ray.core.errors import user_error_in
+    from kd_ray.data import streams
+    from kd_ray.data.chunks import Sources
+    from kd_ray.tasks.build import task_for
 
     rng = np.random.default_rng(0)
     x = rng.random((200, 64), dtype=np.float32)
@@ -372,7 +373,7 @@ def test_a_bad_parquet_row_is_found_in_the_task_that_reads_it(ray_cluster, tmp_p
     job["data"].update(source=str(tmp_path / "d.parquet"), features="x", labels="y", eval_source=str(tmp_path / "d.parquet"))
     spec = validate(job, job_dir=str(tmp_path))  # the schema, the columns and the row count pass: the values are not read
     with pytest.raises(Exception) as e:
-        for _ in pipeline.build_eval(spec).iter_batches(batch_size=None):
+        for _ in streams.build_eval(spec, Sources(spec, task_for(spec))).iter_batches(batch_size=None):
             pass
     found = user_error_in(e.value)
     assert found is not None and found.field == "data.features", repr(e.value)[:2000]

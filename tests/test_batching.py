@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from kd_ray import batching
-from kd_ray.batching import BatchPlan, accumulation_steps, plan, total_steps
-from kd_ray.data import ID, X, Y
+from kd_ray import batch_plan
+from kd_ray.batch_plan import BatchPlan, accumulation_steps, plan, total_steps
+from kd_ray.core.columns import ID, X, Y
+from kd_ray.core.errors import UserError
 from kd_ray.data.ids import is_eval
 from kd_ray.data.transforms import augment, preprocess
-from kd_ray.errors import UserError
 from kd_ray.train.optim import lr_factor
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ def test_plan_invariants(rows, global_batch, micro, world, epochs, max_steps):
 
 def test_plan_refuses_uneven_split():
     with pytest.raises(UserError) as info:
-        batching.plan(1000, 60, 8, 2, 1, None)
+        batch_plan.plan(1000, 60, 8, 2, 1, None)
     assert info.value.field == "train.global_batch_size"
 
 
@@ -321,14 +320,14 @@ def test_augment_noise_is_fresh_per_call():
 def test_blocks_keep_every_step_on_its_global_batch(global_batch, micro, low, high):
     """Whatever the world size, the split's round-robin deal of blocks of k micro-batches gives
     optimizer step s exactly positions [s x G, (s + 1) x G), from any step-aligned start."""
-    k = batching.micro_batches_per_block(global_batch, micro, low, high)
-    assert 1 <= k and k * micro <= max(batching.BLOCK_ROWS, micro)
+    k = batch_plan.micro_batches_per_block(global_batch, micro, low, high)
+    assert 1 <= k and k * micro <= max(batch_plan.BLOCK_ROWS, micro)
     for world in range(low, high + 1):
         acc = global_batch // (micro * world)
         start = 3 * global_batch
         steps = 4
         per_rank = steps * acc
-        got = {r: batching.block_positions(start, r, world, micro, k, 0, per_rank) for r in range(world)}
+        got = {r: batch_plan.block_positions(start, r, world, micro, k, 0, per_rank) for r in range(world)}
         # what the split deals: block b (k x micro rows from start) to rank b % world
         rows = np.arange(start, start + steps * global_batch)
         blocks = [rows[i:i + k * micro] for i in range(0, len(rows), k * micro)]
@@ -339,14 +338,14 @@ def test_blocks_keep_every_step_on_its_global_batch(global_batch, micro, low, hi
             step_rows = np.concatenate([got[r][s * acc * micro:(s + 1) * acc * micro] for r in range(world)])
             np.testing.assert_array_equal(np.sort(step_rows), start + np.arange(s * global_batch, (s + 1) * global_batch))
         # a later block's positions, asked for on their own, are the same
-        np.testing.assert_array_equal(batching.block_positions(start, 0, world, micro, k, 1, 2), got[0][micro:3 * micro])
+        np.testing.assert_array_equal(batch_plan.block_positions(start, 0, world, micro, k, 1, 2), got[0][micro:3 * micro])
 
 
 def test_one_worker_takes_large_blocks_and_elastic_groups_smaller_ones():
-    assert batching.micro_batches_per_block(100, 100, 1, 1) == 10  # 1,000 rows: any k with one worker
-    assert batching.micro_batches_per_block(64, 8, 2, 2) == 4  # accumulation 4
-    assert batching.micro_batches_per_block(48, 4, 1, 3) == 2  # accumulation 12, 6, 4: k divides all
-    assert batching.micro_batches_per_block(32, 16, 1, 2) == 1  # accumulation 1 at 2 workers
+    assert batch_plan.micro_batches_per_block(100, 100, 1, 1) == 10  # 1,000 rows: any k with one worker
+    assert batch_plan.micro_batches_per_block(64, 8, 2, 2) == 4  # accumulation 4
+    assert batch_plan.micro_batches_per_block(48, 4, 1, 3) == 2  # accumulation 12, 6, 4: k divides all
+    assert batch_plan.micro_batches_per_block(32, 16, 1, 2) == 1  # accumulation 1 at 2 workers
 
 
 def test_order_check_counts_rows_out_of_place():
@@ -356,10 +355,10 @@ def test_order_check_counts_rows_out_of_place():
 
     k, m, world = 2, 4, 2
     check = OrderCheck(8, 1, world, m, k, torch.device("cpu"))
-    first = torch.from_numpy(batching.block_positions(8, 1, world, m, k, 0, k))
+    first = torch.from_numpy(batch_plan.block_positions(8, 1, world, m, k, 0, k))
     assert check.see(first) == k
     check.verify()
-    wrong = torch.from_numpy(batching.block_positions(8, 0, world, m, k, 2, k))  # rank 0's next block
+    wrong = torch.from_numpy(batch_plan.block_positions(8, 0, world, m, k, 2, k))  # rank 0's next block
     check.see(wrong)
     with pytest.raises(RuntimeError, match="out of the planned order"):
         check.verify()
@@ -374,8 +373,8 @@ def test_order_check_counts_rows_out_of_place():
 def test_whole_micro_batches_keep_every_row_in_order(sizes, cat):
     import torch
 
-    from kd_ray.data import POS
-    from kd_ray.data.pipeline import whole_micro_batches
+    from kd_ray.core.columns import POS
+    from kd_ray.data.local import whole_micro_batches
 
     m, rows = 50, sum(sizes)
     x = np.random.default_rng(3).random((rows, 4), dtype=np.float32)

@@ -15,19 +15,21 @@ import shutil
 import subprocess
 import sys
 
+import conftest
+import faults
 import numpy as np
 import pytest
 import torch
-
-import conftest
-import faults
 from conftest import ROOT, TEACHER_SPEC, run_cli, run_here, write_job
-from kd_ray import cache, shards
-from kd_ray.cache_samples import SampleCodec, encode, shard_table
-from kd_ray.data import ID, TAIL_LSE, TEACHER, X
+
+from kd_ray.cache import files as shards
+from kd_ray.cache import teacher_outputs as cache
+from kd_ray.cache.samples import SampleCodec, encode, shard_table
+from kd_ray.core import hashing
+from kd_ray.core.columns import ID, INPUT, ROW, TAIL_LSE, TEACHER, X
 from kd_ray.losses import distill_loss, topk_compress
-from kd_ray.registry import build_model
-from kd_ray.weights import load_into, read_state_dict, save
+from kd_ray.models.registry import build_model
+from kd_ray.models.weights import load_into, read_state_dict, save
 
 FULL = dict(format="full", dtype="float32", k=None, temperatures=None, classes=10)
 TOPK = dict(format="topk", dtype="bfloat16", k=4, temperatures=[2.0], classes=10)
@@ -59,15 +61,15 @@ def shards_of(path: str) -> dict[str, bytes]:
 def test_shard_round_trip_and_same_bytes(outputs):
     logits = torch.randn(37, outputs["classes"], generator=torch.Generator().manual_seed(0)) * 4
     columns = encode(logits, outputs)
-    digests = shards.input_digests(np.random.default_rng(0).random((37, 1, 8, 8), dtype=np.float32))
+    digests = hashing.input_digests(np.random.default_rng(0).random((37, 1, 8, 8), dtype=np.float32))
     data = shards.to_parquet(shard_table(np.arange(37) * 7, digests, columns))
     same = shards.to_parquet(shard_table(np.arange(37) * 7, digests.copy(), encode(logits, outputs)))
     assert same == data  # a unit's shard is one byte string
     back = shards.decode(data)
     np.testing.assert_array_equal(back[ID], np.arange(37) * 7)
-    np.testing.assert_array_equal(back[shards.ROW], np.arange(37))
-    assert back[shards.INPUT].dtype == np.uint64
-    np.testing.assert_array_equal(back[shards.INPUT], digests)
+    np.testing.assert_array_equal(back[ROW], np.arange(37))
+    assert back[INPUT].dtype == np.uint64
+    np.testing.assert_array_equal(back[INPUT], digests)
     for name, values in columns.items():
         assert back[name].dtype == values.dtype and back[name].shape == values.shape
         np.testing.assert_array_equal(back[name], values)
@@ -76,42 +78,42 @@ def test_shard_round_trip_and_same_bytes(outputs):
 
 def test_input_digests_tell_rows_apart_by_value_dtype_and_shape():
     x = np.random.default_rng(1).random((50, 3, 4), dtype=np.float32)
-    d = shards.input_digests(x)
+    d = hashing.input_digests(x)
     assert len(set(d.tolist())) == 50
-    np.testing.assert_array_equal(d, shards.input_digests(x.copy()))
-    np.testing.assert_array_equal(d[[4, 2]], shards.input_digests(x[[4, 2]]))  # a row's digest is its own
+    np.testing.assert_array_equal(d, hashing.input_digests(x.copy()))
+    np.testing.assert_array_equal(d[[4, 2]], hashing.input_digests(x[[4, 2]]))  # a row's digest is its own
     y = x.copy()
     y[7, 2, 3] = np.nextafter(y[7, 2, 3], np.float32(2))  # the smallest change a float32 allows
-    assert (shards.input_digests(y) != d).tolist() == [i == 7 for i in range(50)]
-    assert not (shards.input_digests(x.astype(np.float64)) == d).any()
-    assert not (shards.input_digests(x.reshape(50, 4, 3)) == d).any()
-    assert not (shards.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
+    assert (hashing.input_digests(y) != d).tolist() == [i == 7 for i in range(50)]
+    assert not (hashing.input_digests(x.astype(np.float64)) == d).any()
+    assert not (hashing.input_digests(x.reshape(50, 4, 3)) == d).any()
+    assert not (hashing.input_digests(np.asfortranarray(x)) != d).any()  # the values count, not the memory layout
 
 
 def test_input_digests_see_every_word_of_long_and_odd_rows(monkeypatch):
     # Rows longer than one numpy call's share of words, and rows whose bytes are not whole words.
-    monkeypatch.setattr(shards, "_DIGEST_BYTES", 3 * 8 * 1000)  # 1,000 words of each of the 3 rows per call
+    monkeypatch.setattr(hashing, "_DIGEST_BYTES", 3 * 8 * 1000)  # 1,000 words of each of the 3 rows per call
     long = np.random.default_rng(2).integers(0, 50_000, (3, 2 * 2 * 1000 + 5), dtype=np.int32)
-    d = shards.input_digests(long)
-    monkeypatch.setattr(shards, "_DIGEST_BYTES", 32 << 20)  # one call: the same digests
-    np.testing.assert_array_equal(shards.input_digests(long), d)
-    monkeypatch.setattr(shards, "_DIGEST_BYTES", 3 * 8 * 1000)
+    d = hashing.input_digests(long)
+    monkeypatch.setattr(hashing, "_DIGEST_BYTES", 32 << 20)  # one call: the same digests
+    np.testing.assert_array_equal(hashing.input_digests(long), d)
+    monkeypatch.setattr(hashing, "_DIGEST_BYTES", 3 * 8 * 1000)
     for col in (0, 2 * 1000 - 1, 2 * 1000, long.shape[1] - 1):  # in the first call, either side of a cut, in the tail
         changed = long.copy()
         changed[1, col] += 1
-        assert (shards.input_digests(changed) != d).tolist() == [False, True, False]
+        assert (hashing.input_digests(changed) != d).tolist() == [False, True, False]
     swapped = long.copy()
     swapped[0, [0, 1, 2, 3]] = swapped[0, [2, 3, 0, 1]]  # the same two 8-byte words in each other's places
-    assert (swapped[0, :2] != long[0, :2]).any() and shards.input_digests(swapped)[0] != d[0]
+    assert (swapped[0, :2] != long[0, :2]).any() and hashing.input_digests(swapped)[0] != d[0]
     odd = np.arange(15, dtype=np.uint8).reshape(3, 5)  # 5 bytes a row: padded within the digest only
-    assert len(set(shards.input_digests(odd).tolist())) == 3
-    assert shards.input_digests(odd[:0]).shape == (0,)
+    assert len(set(hashing.input_digests(odd).tolist())) == 3
+    assert hashing.input_digests(odd[:0]).shape == (0,)
 
 
 def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     """encode -> shard on disk -> CacheReader (rows picked across units, the job's tail column)
     -> tensors -> micro_step's teacher_output: the same TopK, and loss, as compressing live."""
-    from kd_ray.signals import teacher_output
+    from kd_ray.teacher_signal import teacher_output
 
     outputs = {**TOPK, "temperatures": [1.0, 2.0, 4.0]}
     store = shards.Store(str(tmp_path))
@@ -119,8 +121,8 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
     inputs = [np.random.default_rng(n).random((n, 64), dtype=np.float32) for n in (5, 8)]
     files = {}
     for unit, z in enumerate(logits):
-        data = shards.to_parquet(shard_table(np.arange(len(z)) + 100 * unit, shards.input_digests(inputs[unit]), encode(z, outputs)))
-        files[unit] = shards.shard_name("source", unit, shards.sha256(data))
+        data = shards.to_parquet(shard_table(np.arange(len(z)) + 100 * unit, hashing.input_digests(inputs[unit]), encode(z, outputs)))
+        files[unit] = shards.shard_name("source", unit, hashing.sha256(data))
         store.write(files[unit], data)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     reader = cache.CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, contents=None)
@@ -203,13 +205,13 @@ def test_capture_holds_the_teachers_outputs(full_cache, teacher_weights):
     files = shards_of(full_cache["path"])
     assert sorted(files) == sorted(s["file"] for s in manifest["shards"])
     for s in manifest["shards"]:
-        assert shards.sha256(files[s["file"]]) == s["sha256"]
+        assert hashing.sha256(files[s["file"]]) == s["sha256"]
     columns = [shards.decode(files[s["file"]]) for s in manifest["shards"]]
     ids = np.concatenate([c[ID] for c in columns])
     np.testing.assert_array_equal(ids, np.arange(1797))  # every sample, train and eval rows alike
     x, _ = load_digits(return_X_y=True)
     x = x.astype(np.float32).reshape(-1, 1, 8, 8)  # as the source gives it (data.shape), before preprocessing
-    np.testing.assert_array_equal(np.concatenate([c[shards.INPUT] for c in columns]), shards.input_digests(x))
+    np.testing.assert_array_equal(np.concatenate([c[INPUT] for c in columns]), hashing.input_digests(x))
     direct = teacher_logits(teacher_weights, x * 0.0625)
     np.testing.assert_allclose(np.concatenate([c[TEACHER] for c in columns]), direct, rtol=1e-5, atol=1e-5)
     s = full_cache["summary"]
@@ -223,8 +225,8 @@ def test_cached_run_equals_online_run(ray_cluster, online_kd_run, full_cache, tm
     batches shuffled chunks, the capture each unit in order; measured bitwise equal), so both
     runs do the same arithmetic and end with the same weights; 1e-6 leaves room only for float
     summation order."""
-    from kd_ray.job import run
     from kd_ray.checks import validate
+    from kd_ray.job import run
 
     assert online_kd_run["proc"].returncode == 0, online_kd_run["proc"].stderr[-3000:]
     job = copy.deepcopy(online_kd_run["job"])
@@ -253,8 +255,8 @@ def test_topk_cached_run_resumes_after_a_worker_death(ray_cluster, topk_cache, t
     """Top-k bf16 cache, FSDP2, bf16 autocast, 2 workers x accumulation 4: a worker dies at step 12, the group
     restarts from the step-10 checkpoint and the run ends with every step in order (the loop
     checks each micro-batch's positions), no teacher pool ever started."""
-    from kd_ray.job import run
     from kd_ray.checks import validate
+    from kd_ray.job import run
 
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -369,14 +371,16 @@ def test_each_mismatch_is_refused_in_one_line(case, ray_cluster, teacher_weights
 
 def test_data_identity_is_the_content_not_the_path(teacher_weights, full_cache, tmp_path):
     """The digits as a user's .npz match the cache of the built-in digits; one pixel changed does not."""
-    from kd_ray.data.pipeline import Sources
     from kd_ray.checks import validate
+    from kd_ray.data.chunks import Sources
+    from kd_ray.tasks.build import task_for
 
     def data_identity(source: str) -> dict:
         job = kd_job(tmp_path, "data", teacher_weights, {"path": full_cache["path"]})
         job["data"]["source"] = source
         spec = validate(job, job_dir=str(tmp_path))
-        return cache.identity(spec, Sources(spec))[0]["data"]["source"]
+        task = task_for(spec)
+        return cache.identity(spec, task, Sources(spec, task))[0]["data"]["source"]
 
     manifest = json.load(open(os.path.join(full_cache["path"], cache.MANIFEST)))
     same = data_identity(_digits_npz(tmp_path / "same.npz", change_one_pixel=False))
@@ -495,9 +499,9 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     temporary is left next to the shards;
     the rerun keeps the whole shards untouched, writes only the others, and the cache equals
     one captured in one go, byte for byte."""
+    from kd_ray.checks import validate
     from kd_ray.cli import main
     from kd_ray.data.sources import read_ids
-    from kd_ray.checks import validate
 
     source = _digits_parquet(tmp_path / "digits.parquet", rows_per_group=200)
     job = kd_job(tmp_path, "killed", teacher_weights, {"path": str(tmp_path / "cache")})

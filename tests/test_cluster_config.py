@@ -10,9 +10,9 @@ import os
 import jsonschema
 import ray.autoscaler
 import yaml
+from conftest import ROOT
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import ROOT
 from kd_ray.spec import JobSpec
 
 CLUSTER = os.path.join(ROOT, "cluster.yaml")

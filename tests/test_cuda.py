@@ -21,13 +21,24 @@ import os
 import pytest
 import torch
 
-from kd_ray.data import TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES, X, Y
-from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.core.columns import (
+    DOCS,
+    TAIL_LSE,
+    TARGETS,
+    TEACHER,
+    TOKEN_POS,
+    TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    X,
+    Y,
+)
 from kd_ray.losses import topk_compress
 from kd_ray.models import convnet, mlp
+from kd_ray.models.precision import grad_scaler
+from kd_ray.tasks.classify import micro_step
 from kd_ray.train.optim import make_optimizer, make_scheduler
-from kd_ray.train.precision import grad_scaler
-from kd_ray.train.step import micro_step, optimizer_step
+from kd_ray.train.step import optimizer_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,7 +64,7 @@ def _train(model, precision, data, device=CUDA):
     losses = []
     for batch in data:
         terms = micro_step(model, batch, temperature=4.0, alpha=0.7, denominator=len(batch[Y]), precision=precision,
-                           device=device, scaler=scaler, sync=True)
+                           device=device, scaler=scaler)
         assert terms.loss.dtype == torch.float32  # the loss is fp32 whatever the forward ran in
         optimizer_step(model, optimizer, scheduler, scaler, grad_clip=1.0)
         losses.append(terms.loss.detach())
@@ -85,7 +96,7 @@ def test_fp16_with_grad_scaler_trains_and_skips_an_overflowing_step():
     bad = {**data[0], X: data[0][X].clone()}
     bad[X][0, 0] = 1e30  # overflows fp16 in the forward: the gradients are inf/nan
     scheduler = make_scheduler(optimizer, SCHEDULE, total_steps=10)
-    micro_step(model, bad, temperature=4.0, alpha=0.7, denominator=64, precision="fp16", device=CUDA, scaler=scaler, sync=True)
+    micro_step(model, bad, temperature=4.0, alpha=0.7, denominator=64, precision="fp16", device=CUDA, scaler=scaler)
     optimizer_step(model, optimizer, scheduler, scaler, grad_clip=1.0)
     assert scaler.get_scale() == scale / 2  # backed off
     for a, b in zip(before, model.parameters()):
@@ -184,7 +195,7 @@ def _lm_steps(precision: str, steps: int = 4, device=CUDA):
     scheduler = make_scheduler(optimizer, SCHEDULE, total_steps=steps)
     losses = []
     for _ in range(steps):
-        terms = task.micro_step(model, batch, task.count(batch), device, grad_scaler(precision, device), sync=True)
+        terms = task.micro_step(model, batch, task.count(batch), device, grad_scaler(precision, device))
         optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
         losses.append(terms.loss.detach())
     assert seen[0] == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]  # the decoder's matmuls
@@ -215,16 +226,16 @@ def test_lm_teacher_signal_at_bf16_ranks_as_fp32():
 def _fsdp_cases(rank: int):
     """On one NCCL rank: the bf16 LM step's loss and gradients under FSDP2's mixed-precision
     policy, with activation checkpointing per decoder block."""
+    from kd_ray.models.weights import clean_key
     from kd_ray.tasks.causal_lm import CausalLM
     from kd_ray.train.parallel import wrap
-    from kd_ray.weights import clean_key
 
     def run():
         torch.cuda.set_device(0)
         task, batch = CausalLM(_lm_spec("bf16", "fsdp")), _lm_batch()
         student = _lm_student()
         model = wrap(student, "fsdp", "bf16", CUDA, task.fsdp_units(student), checkpointing=True)
-        terms = task.micro_step(model, batch, task.count(batch), CUDA, None, sync=True)
+        terms = task.micro_step(model, batch, task.count(batch), CUDA, None)
         grads = {clean_key(n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
                  for n, p in model.named_parameters()}
         return {"loss": terms.loss.detach().float().cpu(), "grads": grads}
@@ -234,12 +245,13 @@ def _fsdp_cases(rank: int):
 
 def test_fsdp2_bf16_policy_on_nccl_gives_the_autocast_gradients(tmp_path):
     from conftest import spawn_gloo
+
     from kd_ray.tasks.causal_lm import CausalLM
 
     got = spawn_gloo(_fsdp_cases, 1, str(tmp_path), timeout=120, backend="nccl")[0]["fsdp"]
     assert isinstance(got, dict), got  # else the rank's traceback
     task, batch, model = CausalLM(_lm_spec("bf16")), _lm_batch(), _lm_student()
-    terms = task.micro_step(model, batch, task.count(batch), CUDA, None, sync=True)
+    terms = task.micro_step(model, batch, task.count(batch), CUDA, None)
     torch.testing.assert_close(got["loss"], terms.loss.detach().float().cpu(), rtol=0.02, atol=0.02)
     assert set(got["grads"]) == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():

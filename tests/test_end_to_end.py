@@ -8,14 +8,14 @@ import re
 import subprocess
 
 import numpy as np
-import ray
 import pytest
+import ray
 import torch
-
 from conftest import ROOT, TEACHER_SPEC, digits_job, kd_job, run_here, write_job
-from kd_ray.registry import build_model
+
+from kd_ray.models.registry import build_model
+from kd_ray.models.weights import load_into
 from kd_ray.run.console import print_summary
-from kd_ray.weights import load_into
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +111,8 @@ def test_kd_ddp_two_workers_then_eval(ray_cluster, online_kd_run):
 
 
 def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp_path):
-    from kd_ray.job import run
     from kd_ray.checks import validate
+    from kd_ray.job import run
 
     job = kd_job(tmp_path, "kd_fsdp", teacher_weights, strategy="fsdp", micro_batch_size=8)
     spec = validate(job, job_dir=str(tmp_path))
@@ -125,16 +125,22 @@ def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp
 
 def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_path):
     """The pool's logits, matched by sample id, equal a plain forward of the teacher."""
-    from kd_ray.data import ID, TEACHER, X, pipeline
     from kd_ray.checks import validate
+    from kd_ray.core.columns import ID, TEACHER, X
+    from kd_ray.data.chunks import Sources
+    from kd_ray.data.streams import build_train
     from kd_ray.run.control import RunControl
+    from kd_ray.tasks.build import task_for
+    from kd_ray.teacher import TeacherPool
 
     job = kd_job(tmp_path, "pool", teacher_weights)
     job["data"]["shuffle"] = "none"
     job["teacher"]["pool"] = {"min_actors": 1, "max_actors": 2, "batch_size": 50}
     spec = validate(job, job_dir=str(tmp_path))
-    data = pipeline.Sources(spec)
-    rows = pipeline.build_train(spec, data, end=data.train_rows, block_rows=16, control=RunControl.remote()).take_all()
+    task = task_for(spec)
+    data = Sources(spec, task)
+    rows = build_train(spec, data, end=data.train_rows, block_rows=16, control=RunControl.remote(),
+                       pool=TeacherPool(spec, task)).take_all()
     ids = np.array([r[ID] for r in rows])
     assert len(set(ids.tolist())) == len(ids)  # every sample once, with a stable id
 
@@ -155,9 +161,9 @@ def test_supervised_job_on_users_files(ray_cluster, tmp_path):
     exports a student anyone can load."""
     from sklearn.datasets import load_digits
 
+    from kd_ray.checks import validate
     from kd_ray.data import sources
     from kd_ray.data.ids import is_eval
-    from kd_ray.checks import validate
 
     x, y = load_digits(return_X_y=True)
     held = is_eval(np.arange(len(y)), 0.2, 0)
@@ -268,22 +274,26 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     """One stream, epoch after epoch: each epoch holds every training id exactly once, in an order
     that is a function of (seed, epoch), the same on a rebuild and different from epoch to epoch;
     a cursor set on the run's control makes the stream start exactly there; blocks are one micro-batch."""
-    from kd_ray.data import ID, POS, X, pipeline
     from kd_ray.checks import validate
+    from kd_ray.core.columns import ID, POS
+    from kd_ray.data.chunks import Sources, read_chunks
+    from kd_ray.data.local import local_stream, rank_blocks
+    from kd_ray.data.streams import build_train
     from kd_ray.run.control import RunControl
+    from kd_ray.tasks.build import task_for
 
     job = digits_job(tmp_path, "stream")
     job["data"]["augment"] = {"noise_std": 0.1, "shift": 1, "hflip": True}  # views drawn per chunk
     if fmt == "parquet":
         job["data"].update(source=write_digits_parquet(tmp_path / "digits"), features="pixels", labels="digit", shuffle_window=1)
     spec = validate(job, job_dir=str(tmp_path))
-    data = pipeline.Sources(spec)
+    data = Sources(spec, task_for(spec))
     n = data.train_rows
 
     def read(cursor=0):
         control = RunControl.remote()
         ray.get(control.set_cursor.remote(cursor))
-        ds = pipeline.build_train(spec, data, end=3 * n, block_rows=16, control=control)
+        ds = build_train(spec, data, end=3 * n, block_rows=16, control=control)
         ds.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert all(len(b[ID]) == 16 for b in blocks[:-1])
@@ -301,19 +311,19 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     np.testing.assert_array_equal(again[ID], ids[cursor:])
     # Data in memory and no teacher pool (on CPU): each train worker reads its own micro-batches,
     # the same rows (augmented views included) that the Ray Data split would deal it.
-    local = pipeline.local_stream(spec, data, end=3 * n)
+    local = local_stream(spec, data, end=3 * n)
     assert (local is not None) == (fmt == "builtin")  # files and 2 workers: Ray Data reads each row group once for both
     if fmt == "parquet":  # one worker reads every row anyway: it reads the row groups itself
         job["train"]["num_workers"] = 1
-        local = pipeline.local_stream(validate(job, job_dir=str(tmp_path)), data, end=3 * n)
+        local = local_stream(validate(job, job_dir=str(tmp_path)), data, end=3 * n)
     if local is not None:
-        from kd_ray.batching import block_positions
+        from kd_ray.batch_plan import block_positions
 
         world = 2
         for per_block in (1, 3):  # dealt as the split deals blocks of that many micro-batches
             seen = []
             for rank in range(world):
-                blocks = list(pipeline.rank_blocks(local, cursor, rank, world, 16, per_block))
+                blocks = list(rank_blocks(local, cursor, rank, world, 16, per_block))
                 if len(blocks[-1][POS]) % 16:  # the stream's end, part of a micro-batch: no run reaches it
                     blocks.pop()
                 assert all(len(b[POS]) % 16 == 0 for b in blocks)
@@ -332,5 +342,5 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
     # empty array of samples (it would fall back to pickled objects, with a warning).
     control = RunControl.remote()
     ray.get(control.set_cursor.remote(cursor))
-    assert list(pipeline.read_chunks({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
-                                     pipeline._transform(spec, train=True), control, end=3 * n)) == []
+    assert list(read_chunks({"id": np.array([0])}, ray.put(data.reader), ray.put(data.train), spec.run.seed, spec.data.shuffle,
+                            data.transform(True), control, end=3 * n)) == []

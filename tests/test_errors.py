@@ -1,11 +1,11 @@
-"""kd_ray.errors.reason: the line a failed run ends with, from the exceptions Ray really raises
+"""kd_ray.core.errors.reason: the line a failed run ends with, from the exceptions Ray really raises
 (built here from Ray's own exception classes, no cluster)."""
 
 from __future__ import annotations
 
 import traceback
 
-from kd_ray.errors import reason
+from kd_ray.core.errors import reason
 
 
 def _raised_in_a_ray_task(fn, *, udf: bool):

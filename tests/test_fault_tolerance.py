@@ -19,11 +19,10 @@ import threading
 import time
 from collections import defaultdict
 
+import faults
 import numpy as np
 import pytest
 import ray
-
-import faults
 from conftest import TEACHER_SPEC, cli, digits_job, run_here, write_job
 
 pytestmark = pytest.mark.slow
@@ -90,12 +89,13 @@ def assert_exactly_once(steps: dict[int, list[tuple[int, int]]], total_steps: in
 
 
 def train_ids(tmp_path) -> set[int]:
-    from kd_ray.data import pipeline
-    from kd_ray.data.sources import UNIT_ROWS
     from kd_ray.checks import validate
+    from kd_ray.data.chunks import Sources
+    from kd_ray.data.sources import UNIT_ROWS
+    from kd_ray.tasks.build import task_for
 
     spec = validate(digits_job(tmp_path, "ids"), job_dir=str(tmp_path))
-    units = pipeline.Sources(spec).train.units
+    units = Sources(spec, task_for(spec)).train.units
     return {int(r) + u * UNIT_ROWS for u, rows in enumerate(units) for r in rows}
 
 
@@ -105,10 +105,10 @@ def assert_logged_once(run_dir, total_steps: int, epochs: int, starts: list[int]
     `log_every(step)`: the job's train.log_every when that step was trained."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kd_ray import batching
+    from kd_ray import batch_plan
     from kd_ray.run.metrics import read_metrics
 
-    plan = batching.plan(len(train_ids(run_dir.parent.parent)), G, 16, 2, epochs, None)
+    plan = batch_plan.plan(len(train_ids(run_dir.parent.parent)), G, 16, 2, epochs, None)
     expected = [s for s in range(1, total_steps + 1)
                 if s % log_every(s) == 0 or plan.epochs_done(s) > plan.epochs_done(s - 1) or s == total_steps]
     records = read_metrics(str(run_dir))

@@ -2,23 +2,22 @@
 
 The train loop divides each micro-batch's summed loss by BatchPlan.loss_denominator (samples
 per worker per optimizer step) and lets DDP / FSDP2 average over workers. Here the same global
-batch of 32 is pushed through kd_ray.train.step.micro_step in four set-ups, with real
+batch of 32 is pushed through kd_ray.tasks.classify.micro_step in four set-ups, with real
 torch.distributed (gloo, 2 spawned processes on 127.0.0.1) for the parallel ones, and every
 gradient must match the single-process, single-micro-batch one. No Ray is started.
 """
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import spawn_gloo
-from kd_ray.batching import plan
-from kd_ray.data import TEACHER, X, Y
+
+from kd_ray.batch_plan import plan
+from kd_ray.core.columns import TEACHER, X, Y
 from kd_ray.models import mlp
-from kd_ray.train.parallel import unwrap, wrap
-from kd_ray.train.step import micro_step
+from kd_ray.tasks.classify import micro_step
+from kd_ray.train.parallel import grad_sync, unwrap, wrap
 
 GLOBAL_BATCH = 32
 FEATURES, CLASSES = 16, 5
@@ -49,10 +48,9 @@ def accumulate(model, data, start: int, stop: int, micro: int, world: int) -> No
     for i in range(p.accumulation):
         lo = start + i * micro
         batch = {k: v[lo : lo + micro] for k, v in data.items()}
-        micro_step(
-            model, batch, temperature=TEMPERATURE, alpha=ALPHA, denominator=p.loss_denominator,
-            precision="fp32", device=torch.device("cpu"), scaler=None, sync=(i + 1) % p.accumulation == 0,
-        )
+        with grad_sync(model, (i + 1) % p.accumulation == 0):  # as the Trainer runs a task's micro-step
+            micro_step(model, batch, temperature=TEMPERATURE, alpha=ALPHA, denominator=p.loss_denominator,
+                       precision="fp32", device=torch.device("cpu"), scaler=None)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -8,11 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
 from conftest import ROOT
-from kd_ray import weights
-from kd_ray.models import convnet
+
 from kd_ray.checks import load_job
+from kd_ray.models import convnet, weights
 
 
 def job(name: str) -> str:
@@ -28,8 +27,8 @@ def test_quickstart_jobs_are_valid(tmp_path):
     spec = load_job(job("quickstart.yaml"), [f"teacher.weights={path}"])
     # the quickstart distills exactly the model the teacher job trains, into a much smaller one
     assert spec.teacher.model == teacher.student.model and spec.teacher.kwargs == kwargs
-    from kd_ray.registry import build_model
     from kd_ray.models import num_parameters
+    from kd_ray.models.registry import build_model
 
     t = num_parameters(build_model(spec.teacher.model, spec.teacher.kwargs))
     s = num_parameters(build_model(spec.student.model, spec.student.kwargs))

@@ -12,16 +12,28 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from conftest import spawn_gloo
-from kd_ray.data import TAIL_LSE, TOPK_INDICES, TOPK_VALUES
-from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+
+from kd_ray.core.columns import (
+    DOCS,
+    TAIL_LSE,
+    TARGETS,
+    TOKEN_POS,
+    TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+)
 from kd_ray.data.tokens import IGNORE, PAD_DOC, cut, make_rows, pack, shift_targets
-from kd_ray.losses import bucket_divergence, bucket_log_probs, distill_loss, token_loss, topk_compress
+from kd_ray.losses import (
+    bucket_divergence,
+    bucket_log_probs,
+    distill_loss,
+    token_loss,
+    topk_compress,
+)
 from kd_ray.models.lm import llama
 from kd_ray.spec import parse
 
@@ -157,16 +169,18 @@ def _joined(rows: list[dict]) -> dict:
 
 def _train_step(model, task, micro_batches: list[dict], world: int) -> None:
     """The Trainer's step: the denominator from the step's counts on every rank, then micro-steps."""
+    from kd_ray.train.parallel import grad_sync
     from kd_ray.train.step import global_denominator
 
     denominator = global_denominator([task.count(b) for b in micro_batches], world)
     for i, b in enumerate(micro_batches):
-        task.micro_step(model, b, denominator, torch.device("cpu"), None, sync=i == len(micro_batches) - 1)
+        with grad_sync(model, i == len(micro_batches) - 1):  # as the Trainer runs it
+            task.micro_step(model, b, denominator, torch.device("cpu"), None)
 
 
 def _grads(model) -> dict:
+    from kd_ray.models.weights import clean_key
     from kd_ray.train.parallel import unwrap
-    from kd_ray.weights import clean_key
 
     out = {}
     for name, p in unwrap(model).named_parameters():
@@ -290,6 +304,7 @@ def test_each_lm_mistake_is_one_line_naming_the_field(lm_files, tmp_path, capsys
     import copy
 
     from conftest import write_job
+
     from kd_ray.cli import main
 
     assert main(["validate", write_job(tmp_path / "ok.yaml", _lm_job(lm_files))]) == 0, capsys.readouterr().err
@@ -305,6 +320,7 @@ def test_each_lm_mistake_is_one_line_naming_the_field(lm_files, tmp_path, capsys
 
 def test_a_classifier_refuses_lm_only_settings(tmp_path, capsys):
     from conftest import digits_job, write_job
+
     from kd_ray.cli import main
 
     for section, key, value, field in (("distill", "loss", "jsd", "distill.loss"), ("data", "text", "text", "data.text")):
@@ -341,5 +357,5 @@ def test_the_students_decoder_runs_in_the_jobs_precision_and_its_loss_sums_in_fp
     seen = []
     model.lm.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     batch = _joined(_batches()[:2])
-    terms = task.micro_step(model, batch, task.count(batch), torch.device("cpu"), None, sync=True)
+    terms = task.micro_step(model, batch, task.count(batch), torch.device("cpu"), None)
     assert seen == [dtype] and terms.kd_sum.dtype == torch.float32 and torch.isfinite(terms.loss)

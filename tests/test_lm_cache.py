@@ -1,4 +1,4 @@
-"""A language model's teacher-output cache (kd_ray.cache_tokens): the per-token format without
+"""A language model's teacher-output cache (kd_ray.cache.tokens): the per-token format without
 Ray, a real teacher's bytes per token, and how a cache is compared with a job. Capture, resume
 and training from a cache run end to end in tests/test_lm_end_to_end.py."""
 
@@ -8,13 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import cache, shards
-from kd_ray.cache_tokens import TokenCodec, delta_code, delta_decode, id_dtype, token_table
-from kd_ray.data import ID, TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
-from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.cache import files as shards
+from kd_ray.cache import teacher_outputs as cache
+from kd_ray.cache.tokens import (
+    TokenCodec,
+    delta_code,
+    delta_decode,
+    id_dtype,
+    token_table,
+)
+from kd_ray.core.columns import (
+    DOCS,
+    ID,
+    INPUT,
+    TAIL_LSE,
+    TARGET_LOGPROB,
+    TARGETS,
+    TOKEN_POS,
+    TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+)
 from kd_ray.data.tokens import make_rows
 from kd_ray.losses import topk_parts
-from kd_ray.signals import values_from_column
+from kd_ray.teacher_signal import values_from_column
 
 OUTPUTS = dict(format="topk", k=8, dtype="float16", temperatures=[1.0, 2.0], vocab=300, ids="uint16")
 
@@ -72,7 +89,7 @@ def test_shard_round_trip_gives_what_the_pool_sends(dtype, packing):
     rows = np.array([3, 0, len(raw[ID]) - 1, 3])
     got = codec.rows(unit, rows)
     np.testing.assert_array_equal(got[ID], raw[ID][rows])
-    np.testing.assert_array_equal(got[shards.INPUT], codec.digests({k: v[rows] for k, v in raw.items()}))
+    np.testing.assert_array_equal(got[INPUT], codec.digests({k: v[rows] for k, v in raw.items()}))
     for name, column in ((TOPK_VALUES, None), (TOPK_INDICES, None), (TAIL_LSE, 1), (TARGET_LOGPROB, None)):
         full = torch.zeros((*keep.shape, *signal[name].shape[1:]), dtype=signal[name].dtype)
         full[keep] = signal[name]
@@ -132,7 +149,7 @@ def test_a_cache_from_another_tokenizer_of_the_same_size_is_refused(tmp_path):
     from kd_ray.checks import validate
     from kd_ray.data.text import kjv_chapters
     from kd_ray.models.lm import llama
-    from kd_ray.weights import save
+    from kd_ray.models.weights import save
 
     chapters = [c["text"] for c in kjv_chapters()]
     a = _tokenizer_file(tmp_path / "a.json", chapters[:40])
@@ -191,12 +208,12 @@ def test_bytes_per_token_of_a_real_teacher():
     the King James Bible, at bf16 as the quickstart runs it: what a loss token costs on disk
     (ids, tail, target log-prob, the row's tokens and mask included) for k = 16, 64, 128,
     against what the pool sends per token (float16 values, int32 ids, tail, target)."""
+    from conftest import ROOT
+
     from kd_ray.checks import load_job
     from kd_ray.data.text import kjv_chapters
-    from kd_ray.tasks import task_for
+    from kd_ray.tasks.build import task_for
     from kd_ray.teacher import load_teacher
-
-    from conftest import ROOT
 
     spec = load_job(f"{ROOT}/jobs/lm_quickstart.yaml", [])
     task = task_for(spec)
@@ -204,7 +221,7 @@ def test_bytes_per_token_of_a_real_teacher():
     ids = np.asarray(task.tokenizer(text)["input_ids"][:1024 + 1])
     r = make_rows(iter([(ids, np.ones(len(ids), bool))]), 256, "pack")
     raw = {ID: np.arange(len(r.tokens)), TOKENS: r.tokens, TARGETS: r.targets, DOCS: r.docs, TOKEN_POS: r.positions}
-    model = load_teacher(spec, torch.device("cpu"))
+    model = load_teacher(spec, task, torch.device("cpu"))
     tokens = int((r.targets >= 0).sum())
     sizes = {}
     for k in (16, 64, 128):

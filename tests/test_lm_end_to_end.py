@@ -16,14 +16,13 @@ Ray Data actors, top-k + tail per token) and trained without it on the same budg
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
+import faults
 import numpy as np
 import pytest
 import torch
-
-import faults
 from conftest import in_background, run_here, write_job
 
 pytestmark = pytest.mark.slow
@@ -122,9 +121,8 @@ def online_kd(ray_cluster, lm_teacher, tmp_path_factory) -> dict:
 
 
 def test_distilled_student_beats_scratch_resumes_exactly_and_exports(ray_cluster, lm_teacher, online_kd):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from test_fault_tolerance import surviving_steps
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     proc, tmp_path = online_kd["proc"], online_kd["dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -167,10 +165,11 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     import sys
 
     from conftest import ROOT
-    from kd_ray import cache
-    from kd_ray.weights import read_state_dict
     from test_cache import _teacher_pool_actors, shards_of
     from test_fault_tolerance import surviving_steps
+
+    from kd_ray.cache import teacher_outputs as cache
+    from kd_ray.models.weights import read_state_dict
 
     assert online_kd["proc"].returncode == 0, online_kd["proc"].stderr[-3000:]
     faults.install(tmp_path)

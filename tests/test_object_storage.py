@@ -10,10 +10,16 @@ import os
 import signal
 
 import pytest
-
 from conftest import cli, digits_job, run_here, write_job
 from s3_server import S3Server
-from test_fault_tolerance import hooks, surviving_steps, train_ids, assert_exactly_once, wait_for_checkpoints, wait_until_no_actor
+from test_fault_tolerance import (
+    assert_exactly_once,
+    hooks,
+    surviving_steps,
+    train_ids,
+    wait_for_checkpoints,
+    wait_until_no_actor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def s3_driver(ray_cluster, s3):
 
 
 def bucket_json(uri: str) -> dict:
-    from kd_ray import storage
+    from kd_ray.core import storage
 
     return json.loads(storage.read_bytes(uri))
 
@@ -66,7 +72,7 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, s
     every epoch's samples trained once, its summary, student, checkpoints and metrics in the
     bucket; `kd-ray eval` scores the student there. Run again, the finished run is moved aside (a
     copied prefix) and a new one starts."""
-    from kd_ray import storage
+    from kd_ray.core import storage
     from kd_ray.train import checkpoint
 
     job = digits_job(tmp_path, "in_bucket")
@@ -123,7 +129,7 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, s
 
 
 def test_paths_keep_a_uris_query_and_find_rays_working_dir_copy():
-    from kd_ray import storage
+    from kd_ray.core import storage
 
     uri = "s3://b/runs/?endpoint_override=127.0.0.1:9000&scheme=http"
     assert storage.join(uri, "run", "summary.json") == "s3://b/runs/run/summary.json?endpoint_override=127.0.0.1:9000&scheme=http"
@@ -166,8 +172,11 @@ def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, s3_driv
     """Parquet data (9 row groups), the teacher's weights and its cache all in the bucket: the
     capture is SIGKILLed after its 3rd shard, the rerun writes only the 6 missing ones, and a run
     trains from the cache read back from the bucket."""
-    from kd_ray import cache, storage
-    from test_cache import _digits_parquet, capture_killed_after_3_shards, kd_job as cached_job
+    from test_cache import _digits_parquet, capture_killed_after_3_shards
+    from test_cache import kd_job as cached_job
+
+    from kd_ray.cache import teacher_outputs as cache
+    from kd_ray.core import storage
 
     source, weights = s3.uri("data/digits.parquet"), s3.uri("models/teacher.safetensors")
     storage.put(_digits_parquet(tmp_path / "digits.parquet", rows_per_group=200), source)

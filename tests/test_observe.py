@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, digits_job
+
 from kd_ray.run.console import duration, format_event
 from kd_ray.run.metrics import METRICS, MetricsLog, read_metrics, scalars
 from kd_ray.telemetry import pool_finished, seconds_per_step
@@ -165,7 +165,7 @@ def test_mlflow_file_store_holds_params_metrics_and_the_student(tmp_path):
 
 
 def test_asking_for_mlflow_without_it_is_one_line(tmp_path, monkeypatch):
-    from kd_ray.errors import UserError
+    from kd_ray.core.errors import UserError
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` meets where it is not installed
     with pytest.raises(UserError, match=r"^logging.mlflow: needs MLflow, which is not installed: pip install"):

@@ -82,7 +82,7 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
     import threading
     import time
 
-    from kd_ray.data.pipeline import prefetched
+    from kd_ray.data.local import prefetched
 
     def within(seconds, fn):
         """fn() in a thread: a lost item or error would block the consumer forever, not fail."""
@@ -134,7 +134,7 @@ def test_prefetched_keeps_order_raises_where_the_error_was_and_stops_when_closed
 def test_one_value_hashes_as_the_array_hash():
     """seeds draws one value at a time (every optimizer step) with mix64_one: the same numbers
     as mix64, so no seed, order or view changed when it stopped building arrays."""
-    from kd_ray.data.ids import mix64, mix64_one
+    from kd_ray.core.hashing import mix64, mix64_one
 
     rng = np.random.default_rng(3)
     values = np.concatenate([rng.integers(-2**63, 2**63 - 1, 200, dtype=np.int64), [0, -1, 2**63 - 1, -2**63]])

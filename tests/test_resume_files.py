@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from kd_ray.batching import check_world_sizes
-from kd_ray.errors import UserError
+from kd_ray.batch_plan import check_world_sizes
 from kd_ray.checks import validate
+from kd_ray.core.errors import UserError
 from kd_ray.spec import changed_fields, fingerprint
 from kd_ray.train import checkpoint
 from kd_ray.train.optim import make_optimizer, make_scheduler

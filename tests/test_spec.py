@@ -15,10 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from kd_ray import weights
-from kd_ray.cli import main
-from kd_ray.models import convnet, mlp
 from kd_ray.checks import load_job
+from kd_ray.cli import main
+from kd_ray.models import convnet, mlp, weights
 
 BASE = {
     "run": {"name": "t", "storage_path": "runs"},
@@ -312,7 +311,7 @@ def test_models_py_next_to_the_job_file(job_dir, tmp_path_factory, monkeypatch, 
     spec = load_job(str(job_dir / "job.yaml"), ["student.model=models:net"])
     assert spec.student.model == "models:net"
 
-    from kd_ray.registry import build_model
+    from kd_ray.models.registry import build_model
 
     model = build_model(spec.student.model, spec.student.kwargs, spec.job_dir)
     assert sys.modules["models"].__file__ == str(job_dir / "models.py")

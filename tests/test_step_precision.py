@@ -7,9 +7,10 @@ import copy
 import torch
 
 from kd_ray.models import mlp
+from kd_ray.models.precision import grad_scaler
+from kd_ray.tasks.classify import micro_step
 from kd_ray.train.optim import make_optimizer, make_scheduler
-from kd_ray.train.precision import grad_scaler
-from kd_ray.train.step import micro_step, optimizer_step
+from kd_ray.train.step import optimizer_step
 
 OPT = {"name": "adamw", "lr": 0.01, "weight_decay": 0.0, "betas": (0.9, 0.999), "momentum": 0.9}
 SCHEDULE = {"warmup_steps": 0, "min_lr_ratio": 0.0}
@@ -28,7 +29,7 @@ def train(model, precision, data):
     losses = []
     for batch in data:
         terms = micro_step(model, batch, temperature=4.0, alpha=0.7, denominator=16, precision=precision,
-                           device=device, scaler=grad_scaler(precision, device), sync=True)
+                           device=device, scaler=grad_scaler(precision, device))
         assert terms.loss.dtype == torch.float32  # the loss is fp32 whatever the forward ran in
         optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
         losses.append(terms.loss.detach())

@@ -349,8 +349,9 @@ def test_cache_shard_bytes_per_sample(case, k, request):
     """kd_ray.cache shards of these real teachers' outputs: what a sample costs on disk,
     id and row included, against the payload of kd_ray.losses.bytes_per_sample. zstd shrinks
     little of the logits (noisy mantissas), so a top-k is what makes a cache small."""
-    from kd_ray.cache_samples import TORCH_DTYPES, encode, shard_table
-    from kd_ray.shards import input_digests, to_parquet
+    from kd_ray.cache.files import to_parquet
+    from kd_ray.cache.samples import TORCH_DTYPES, encode, shard_table
+    from kd_ray.core.hashing import input_digests
 
     _, teacher, _ = request.getfixturevalue({"digits": "digits_outputs", "1000-class": "thousand_class_outputs"}[case])
     classes, rows = teacher.shape[1], len(teacher)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import weights
-from kd_ray.data import ID, X, Y
+from kd_ray.core.columns import ID, X, Y
 from kd_ray.data.sources import standardize
-from kd_ray.models import convnet, mlp
+from kd_ray.models import convnet, mlp, weights
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

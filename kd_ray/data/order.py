@@ -3,7 +3,7 @@
 The training data is a sequence of *units* (a parquet row group, or a block of rows of an
 in-memory array), each holding the source rows of one split. Epoch e visits every row once, in
 an order that depends only on (seed, e, shuffle mode), cut into *chunks*: the pieces the stream
-reads, one Ray task each (or one read of each train worker: kd_ray.data.pipeline).
+reads, one Ray task each (or one read of each train worker: kd_ray.data.local).
 
     global, random access (in memory): one permutation of every row, cut into equal chunks
     global, row groups (parquet):       units in a permuted order, `window` units per chunk,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kd_ray.seeds import epoch_seed
+from kd_ray.core.seeds import epoch_seed
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from kd_ray.data import ID, X, Y
+from kd_ray.core import storage
+from kd_ray.core.columns import ID, X, Y
+from kd_ray.core.errors import SHOWN_CHARS, UserError, clip
+from kd_ray.core.storage import is_remote, need_file
 from kd_ray.data.ids import is_eval
-from kd_ray.errors import SHOWN_CHARS, UserError, clip
-from kd_ray import storage
-from kd_ray.storage import is_remote, need_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
 
     from kd_ray.spec import DataSpec
 
@@ -56,7 +55,9 @@ def load_builtin(name: str) -> Arrays:
         if os.path.isfile(path):
             rows = np.loadtxt(path, delimiter=",", dtype=np.float32)
             return Arrays(np.ascontiguousarray(rows[:, :-1]), rows[:, -1].astype(np.int64))
-        from sklearn.datasets import load_digits  # a scikit-learn that keeps it elsewhere
+        from sklearn.datasets import (
+            load_digits,  # a scikit-learn that keeps it elsewhere
+        )
 
         x, y = load_digits(return_X_y=True)
         return Arrays(x.astype(np.float32), y.astype(np.int64))
@@ -296,7 +297,7 @@ class ParquetReader:
         import pyarrow.dataset as pads
 
         try:
-            # Opened through kd_ray.storage: a URI's query (its endpoint) is not part of the files'
+            # Opened through kd_ray.core.storage: a URI's query (its endpoint) is not part of the files'
             # paths, which name the samples (relative to the root) on every process alike.
             fs, self.root = storage.filesystem(source)
             ds = pads.dataset(self.root, filesystem=fs, format="parquet")

@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.data import ID
+from kd_ray.core.columns import DOCS, ID, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, shown
 from kd_ray.data.ids import is_eval
 from kd_ray.data.tokens import Rows, make_rows
-from kd_ray.errors import SHOWN_CHARS, UserError, clip, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import DataSpec
 
 BUILTIN_TEXTS = ("kjv",)
-TOKENS, TARGETS, DOCS, TOKEN_POS = "tokens", "targets", "docs", "token_positions"
 DOCUMENTS_PER_TASK = 256
 
 
@@ -223,11 +222,9 @@ def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab
                             f"(ids 0..{vocab - 1}); tokenize the data with the job's tokenizer")
 
 
-def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
+def token_readers(spec, tokenizer, vocab: int) -> tuple[TokenRowReader, TokenRowReader]:
     """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
     data.eval_source for eval), tokenized, then cut and packed each on their own."""
-    from kd_ray.models.lm import vocab_size
-
     data = spec.data
     records = read_records(data.source, data, "data.source")[:data.max_documents]
     if data.eval_source:
@@ -239,7 +236,7 @@ def token_readers(spec, tokenizer) -> tuple[TokenRowReader, TokenRowReader]:
 
     def rows(part: list[dict]) -> TokenRowReader:
         docs = tokenize(part, data, tokenizer)
-        _refuse_unknown_tokens(docs, vocab_size(tokenizer))
+        _refuse_unknown_tokens(docs, vocab)
         rows = make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing)
         return TokenRowReader(rows, unit_rows=max(1, TOKENS_PER_CHUNK // data.max_seq_len))
 

@@ -1,7 +1,7 @@
 """Preprocessing (deterministic) and augmentation (random), as pure functions of numpy batches.
 
 Both run *before* the teacher (in Ray Data's read tasks, or in the train workers when they read
-the stream themselves: kd_ray.data.pipeline), so the teacher and the student see the same view
+the stream themselves: kd_ray.data.local), so the teacher and the student see the same view
 of every sample. Neither modifies its input arrays: Ray hands out read-only zero-copy views.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kd_ray.data import X
+from kd_ray.core.columns import X
 
 
 def _per_channel(value, ndim: int) -> np.ndarray | float:

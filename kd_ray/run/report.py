@@ -17,7 +17,8 @@ from __future__ import annotations
 import io
 import os
 
-from kd_ray import storage
+from kd_ray.core import storage
+from kd_ray.run.directory import DEFAULT_SCORES, read_summary
 from kd_ray.run.metrics import read_metrics
 
 REPORT = "report.png"
@@ -163,13 +164,11 @@ def _panels(axes, runs: list[Run], colors) -> None:
 
 def _headline(run: Run) -> str:
     """The run's name and how it ended, from its summary.json when it has one."""
-    from kd_ray.run.directory import read_summary
-
     summary = read_summary(run.dir)
     if not summary.get("student"):
         return f"run {run.name} (in progress)"
     student, teacher = summary["student"], summary.get("teacher") or {}
-    name = "perplexity" if "perplexity" in student else "accuracy"
+    name = (summary.get("scores_shown") or DEFAULT_SCORES)[0][0]  # the task's first score is its headline
     score = f"student {name} {student[name]:.4g}" + (f", teacher {teacher[name]:.4g}" if teacher.get(name) is not None else "")
     return f"run {run.name}: {summary['status']}, {summary['steps']} steps, {score}"
 

@@ -22,8 +22,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from kd_ray import storage
-from kd_ray.errors import UserError, reason
+from kd_ray.core import storage
+from kd_ray.core.errors import UserError, reason
 from kd_ray.run.metrics import as_record, read_metrics, scalars
 from kd_ray.spec import JobSpec
 

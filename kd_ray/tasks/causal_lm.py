@@ -23,18 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_ray import storage
-from kd_ray.data import TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
-from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS, token_readers
+from kd_ray.core import storage
+from kd_ray.core.columns import (
+    DOCS,
+    TAIL_LSE,
+    TARGET_LOGPROB,
+    TARGETS,
+    TOKEN_POS,
+    TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+)
+from kd_ray.core.errors import UserError
+from kd_ray.data.text import token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
-from kd_ray.errors import UserError
 from kd_ray.losses import TokenTerms, TopK, token_loss, topk_parts
 from kd_ray.models import lm as lms
-from kd_ray.signals import as_tensor, teacher_output
+from kd_ray.models.precision import autocast
+from kd_ray.models.weights import STUDENT_DIR, load_into
 from kd_ray.spec import JobSpec
-from kd_ray.train.checkpoint import STUDENT_DIR
-from kd_ray.train.parallel import grad_sync
-from kd_ray.train.precision import autocast
+from kd_ray.tasks.base import TaskHandle, fmt_score
+from kd_ray.tasks.causal_lm_checks import check_lm
+from kd_ray.teacher_signal import as_tensor, teacher_output
+
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(name: str, job_dir: str, teacher: str | None):
@@ -101,12 +112,23 @@ def block_class(model: nn.Module, name: str | None) -> type | None:
 
 
 class CausalLM:
+    """The Task (kd_ray.tasks.base) of a causal language model."""
+
     name = "causal_lm"
     unit = "tokens"
     fixed_count = False  # loss tokens per micro-batch are known only once it is read
+    SCORES = (("perplexity", ".3f", True), ("accuracy", None, True), ("loss", None, False))
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
+
+    @property
+    def handle(self) -> TaskHandle:
+        return TaskHandle(self)
+
+    def check(self) -> None:
+        """The job's documents, tokenizer, models and cache block, before Ray starts (UserError)."""
+        check_lm(self.spec)
 
     # ---------------------------------------------------------------- rows
 
@@ -122,7 +144,7 @@ class CausalLM:
 
     def readers(self):
         """(train rows, eval rows): documents are split before they are packed (kd_ray.data.text)."""
-        return token_readers(self.spec, self.tokenizer)
+        return token_readers(self.spec, self.tokenizer, self.vocab)
 
     def transform(self, train: bool) -> dict:
         return {"preprocess": None, "augment": None}  # rows are made whole by kd_ray.data.text
@@ -130,8 +152,6 @@ class CausalLM:
     # ---------------------------------------------------------------- models
 
     def _lm(self, section, gpus: int = 0) -> nn.Module:
-        from kd_ray.weights import load_into
-
         lm = lms.build_lm(section.model, section.kwargs, self.spec.job_dir, self.vocab, gpus)
         if section.weights:
             load_into(lm, section.weights)
@@ -207,12 +227,11 @@ class CausalLM:
                      temperature=d.temperature, alpha=alpha, divergence=d.divergence, beta=d.beta, denominator=denominator,
                      chunk_tokens=d.chunk_tokens)
 
-    def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler, sync: bool) -> TokenTerms:
+    def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler) -> TokenTerms:
         teacher = teacher_output(batch, self.spec.distill.temperature)
         alpha = self.spec.distill.alpha if teacher is not None else 0.0
-        with grad_sync(model, sync):
-            terms = self._terms(model, batch, teacher, denominator, alpha)
-            (scaler.scale(terms.loss) if scaler else terms.loss).backward()
+        terms = self._terms(model, batch, teacher, denominator, alpha)
+        (scaler.scale(terms.loss) if scaler else terms.loss).backward()
         return terms
 
     @torch.no_grad()
@@ -244,6 +263,10 @@ class CausalLM:
         mean = loss / max(count, 1)
         return {"perplexity": math.exp(min(mean, 50.0)), "loss": mean, "accuracy": correct / max(count, 1),
                 "topk_mass": mass / max(count, 1)}
+
+    def teacher_line(self, scores: dict) -> str:
+        return (f"ppl {scores['perplexity']:.3f} acc {scores['accuracy']:.4f} loss {fmt_score(scores['loss'])} "
+                f"top-{self.spec.distill.top_k} mass {scores['topk_mass']:.4f}")
 
     def figures(self, loss: float, correct: float, count: float) -> dict:
         mean = loss / max(count, 1)

@@ -8,35 +8,101 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 
-from kd_ray import storage
-from kd_ray.data import TEACHER, X, Y
+from kd_ray.core import storage
+from kd_ray.core.columns import TEACHER, X, Y
+from kd_ray.data import sources
+from kd_ray.losses import LossTerms, TopK, distill_loss
 from kd_ray.models import is_conv_net
-from kd_ray.registry import build_model
-from kd_ray.signals import as_tensor
+from kd_ray.models.precision import autocast
+from kd_ray.models.registry import build_model
+from kd_ray.models.weights import STUDENT_WEIGHTS, check_weights_file, load_into
 from kd_ray.spec import JobSpec
-from kd_ray.train import step
-from kd_ray.train.checkpoint import STUDENT_WEIGHTS
-from kd_ray.train.precision import autocast
-from kd_ray.weights import load_into
+from kd_ray.tasks.base import TaskHandle, fmt_score
+from kd_ray.tasks.classify_checks import check_classifier
+from kd_ray.teacher_signal import as_tensor, teacher_output
 
 LOGITS_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def micro_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+    alpha: float,
+    denominator: float,
+    precision: str,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+) -> LossTerms:
+    """Forward under autocast -> fp32 loss scaled for accumulation -> (scaled) backward."""
+    with autocast(precision, device):
+        logits = model(batch[X])
+    teacher = teacher_output(batch, temperature)
+    terms = distill_loss(logits, teacher, batch[Y], temperature=temperature, alpha=alpha, denominator=denominator)
+    (scaler.scale(terms.loss) if scaler else terms.loss).backward()
+    return terms
+
+
+def score_sums(batches, logits_of, device: torch.device) -> torch.Tensor:
+    """[cross-entropy sum, correct, count] over some batches; sums, so ranks can add them.
+
+    `logits_of(batch)` gives the logits to score: the student's forward, or the teacher's
+    outputs already in each batch. A top-k scores its top-1 exactly, but its cross-entropy sum is
+    NaN: it needs the probability of labels outside the top k, which a top-k does not hold.
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in batches:
+        logits = logits_of(batch)
+        count = torch.tensor(len(batch[Y]), device=device, dtype=torch.float64)
+        if isinstance(logits, TopK):
+            correct = (logits.indices[:, 0].long() == batch[Y]).sum().double()
+            sums += torch.stack([torch.tensor(float("nan"), dtype=torch.float64, device=device), correct, count])
+            continue
+        terms = distill_loss(logits, None, batch[Y], temperature=1.0, alpha=0.0, denominator=1.0)
+        sums += torch.stack([terms.ce_sum.double(), terms.correct.double(), count])
+    return sums
+
+
+@torch.no_grad()
+def student_eval_sums(model: nn.Module, batches, precision: str, device: torch.device) -> torch.Tensor:
+    model.eval()
+    try:
+        with autocast(precision, device):
+            return score_sums(batches, lambda b: model(b[X]), device)
+    finally:
+        model.train()
+
+
+def teacher_eval_sums(batches, device: torch.device) -> torch.Tensor:
+    return score_sums(batches, lambda b: teacher_output(b, temperature=1.0), device)  # a top-k: only its top-1 is scored
+
+
 class Classify:
+    """The Task (kd_ray.tasks.base) of a classifier."""
+
     name = "classify"
     unit = "samples"
     fixed_count = True  # a micro-batch's loss units are its samples: known before it is read
+    SCORES = (("accuracy", None, True), ("loss", None, False))
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
+
+    @property
+    def handle(self) -> TaskHandle:
+        return TaskHandle(self)
+
+    def check(self) -> None:
+        """The job's data, models, weights and cache block, before Ray starts (UserError)."""
+        check_classifier(self.spec)
 
     # ---------------------------------------------------------------- rows
 
     def readers(self):
         """(train source, eval source or None: then the split is drawn from the train source)."""
-        from kd_ray.data import sources
-
         data = self.spec.data
         eval_reader = sources.open_source(data.eval_source, data, "data.eval_source") if data.eval_source else None
         return sources.open_source(data.source, data), eval_reader
@@ -91,20 +157,23 @@ class Classify:
     def count(self, batch: dict) -> torch.Tensor:
         return torch.tensor(len(batch[Y]), dtype=torch.float64)
 
-    def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler, sync: bool):
+    def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler) -> LossTerms:
         d, t = self.spec.distill, self.spec.train
-        return step.micro_step(model, batch, temperature=d.temperature, alpha=d.alpha, denominator=denominator,
-                               precision=t.precision, device=device, scaler=scaler, sync=sync)
+        return micro_step(model, batch, temperature=d.temperature, alpha=d.alpha, denominator=denominator,
+                          precision=t.precision, device=device, scaler=scaler)
 
     def eval_sums(self, model, batches, device: torch.device) -> torch.Tensor:
-        return step.student_eval_sums(model, batches, self.spec.train.precision, device)
+        return student_eval_sums(model, batches, self.spec.train.precision, device)
 
     def teacher_eval_sums(self, batches, device: torch.device) -> torch.Tensor:
-        return step.teacher_eval_sums(batches, device)
+        return teacher_eval_sums(batches, device)
 
     def teacher_figures(self, sums: list[float]) -> dict:
         loss, correct, count = sums
         return {"accuracy": correct / max(count, 1), "loss": None if math.isnan(loss) else loss / max(count, 1)}
+
+    def teacher_line(self, scores: dict) -> str:
+        return f"acc {scores['accuracy']:.4f} loss {fmt_score(scores['loss'])}"
 
     def figures(self, loss: float, correct: float, count: float) -> dict:
         """An evaluation's figures from its sums (kd_ray.train.step.score_sums)."""
@@ -122,8 +191,6 @@ class Classify:
     def check_exported(self, path: str, field: str) -> None:
         """On the driver, before Ray: a weights file that fits the student (names and shapes, the
         model built on the meta device)."""
-        from kd_ray.checks import check_weights_file
-
         with torch.device("meta"):
             model = build_model(self.spec.student.model, self.spec.student.kwargs, self.spec.job_dir)
         check_weights_file(path, field, model, self.spec.student.model, "run the job first (kd-ray run) or pass --weights PATH")

@@ -1,10 +1,10 @@
 """This rank's micro-batches, from wherever the run's stream is read, and the check that they are
 the ones the plan says.
 
-The stream reaches a rank one of two ways (kd_ray.data.pipeline): its shard of the Ray Data
+The stream reaches a rank one of two ways (kd_ray.data.streams, kd_ray.data.local): its shard of the Ray Data
 stream, or a LocalStream the worker reads itself. Either way it comes in blocks of whole
 micro-batches (a Ray Data block, or the rank's rows of a chunk read locally; a lone worker's
-Ray Data blocks, of any size, are cut into them by kd_ray.data.pipeline.whole_micro_batches),
+Ray Data blocks, of any size, are cut into them by kd_ray.data.local.whole_micro_batches),
 made ahead by a prefetch thread; `rank_batches` checks each block's positions at once and cuts it into
 micro-batches here, as views: per micro-batch, the step pays for a few slices and no copy, queue
 hand-off or tensor arithmetic. The Trainer gets an iterator of tensor dicts on its device and
@@ -18,13 +18,14 @@ from typing import Iterator
 import ray.train
 import torch
 
-from kd_ray.batching import block_positions
-from kd_ray.data import POS, pipeline
+from kd_ray.batch_plan import block_positions
+from kd_ray.core.columns import POS
+from kd_ray.data.local import prefetched, rank_blocks, whole_micro_batches
 from kd_ray.train.parallel import all_reduce_sum
 
 
 class OrderCheck:
-    """Every row of this rank's stream must be at the position the plan says (kd_ray.batching.
+    """Every row of this rank's stream must be at the position the plan says (kd_ray.batch_plan.
     block_positions): its micro-batch j holds positions start + ((j // k) x world + rank) x k x m
     + (j % k) x m + [0, m), for k micro-batches per block of the stream (1 when the split deals
     single micro-batches). Checked a block at a time, counted on the device (no sync per block);
@@ -75,11 +76,11 @@ def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: i
     LocalStream), or this worker's Ray Data shard."""
     if local_stream is not None:
         order = OrderCheck(start, rank, world, micro_batch, per_block, device)
-        rows = pipeline.rank_blocks(local_stream, start, rank, world, micro_batch, per_block)
-        made = pipeline.prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows),
+        rows = rank_blocks(local_stream, start, rank, world, micro_batch, per_block)
+        made = prefetched(({k: torch.from_numpy(v) for k, v in r.items()} for r in rows),
                                    prefetch if local_stream.read_ahead() else 0)
         return RankBatches(made, order, micro_batch, made.close)
     shard = ray.train.get_dataset_shard("train")
     order = OrderCheck(start, rank, world, micro_batch, per_block, device)
     blocks = shard.iter_torch_batches(batch_size=None, device=device, prefetch_batches=prefetch, pin_memory=device.type == "cuda")
-    return RankBatches(pipeline.whole_micro_batches(blocks, micro_batch, torch.cat), order, micro_batch)
+    return RankBatches(whole_micro_batches(blocks, micro_batch, torch.cat), order, micro_batch)

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd_ray import storage, weights
+from kd_ray.core import storage
+from kd_ray.core.hashing import file_sha256
+from kd_ray.models import weights
+from kd_ray.models.weights import STUDENT_DIR, STUDENT_INFO, STUDENT_WEIGHTS  # noqa: F401 (the checkpoint's layout)
 from kd_ray.train.parallel import unwrap
 
-STUDENT_WEIGHTS = "student.safetensors"
-STUDENT_INFO = "student.json"
-STUDENT_DIR = "student"  # a language model's export: a Hugging Face model directory (final checkpoint only)
 TRAIN_STATE = "train_state.pt"
 RESUME = "resume.json"
 _HASHED = (STUDENT_WEIGHTS, STUDENT_INFO, TRAIN_STATE)
@@ -49,7 +49,7 @@ def problem(directory: str) -> str | None:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if weights.sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -107,7 +107,7 @@ def write(directory: str, model: nn.Module, optimizer, scheduler, scaler, counte
         json.dump(info, f, indent=2)
     if export is not None:
         export(directory, {weights.clean_key(k): v for k, v in model_sd.items()})
-    digests = {name: weights.sha256(os.path.join(directory, name)) for name in _HASHED}
+    digests = {name: file_sha256(os.path.join(directory, name)) for name in _HASHED}
     with open(os.path.join(directory, RESUME), "w") as f:
         json.dump({**resume, **counters, "sha256": digests}, f, indent=2)
     return True

@@ -23,27 +23,26 @@ import ray.train.torch
 import torch
 from ray.train.collective import broadcast_from_rank_zero
 
-from kd_ray import batching
+from kd_ray import batch_plan
 from kd_ray.callbacks import Callbacks, StartInfo
-from kd_ray.errors import reason
+from kd_ray.core.errors import reason
+from kd_ray.core.imports import make_importable
+from kd_ray.core.seeds import seed_torch, step_seed
 from kd_ray.losses import mix
-from kd_ray.registry import make_importable
-from kd_ray.seeds import seed_torch, step_seed
+from kd_ray.models.precision import grad_scaler
 from kd_ray.spec import JobSpec
+from kd_ray.telemetry import POLL_STEPS, poll_every
 from kd_ray.train import checkpoint
 from kd_ray.train.batches import rank_batches
 from kd_ray.train.meter import Meter, Timer
 from kd_ray.train.optim import make_optimizer, make_scheduler
-from kd_ray.train.parallel import all_reduce_sum, sync_buffers, wrap
-from kd_ray.train.precision import grad_scaler
+from kd_ray.train.parallel import all_reduce_sum, grad_sync, sync_buffers, wrap
 from kd_ray.train.profile import StepProfiler
-from kd_ray.tasks import task_for
-from kd_ray.telemetry import POLL_STEPS, poll_every
 from kd_ray.train.step import global_denominator, optimizer_step
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """config: spec (JobSpec), board (console), control (cursor, stop), train_rows, fingerprint,
+    """config: spec (JobSpec), task (its kd_ray.tasks object), board (console), control (cursor, stop), train_rows, fingerprint,
     local_stream (a LocalStream, or None for the Ray Data stream)."""
     try:
         Trainer(config).run()
@@ -69,8 +68,8 @@ class Trainer:
         t = self.spec.train
         # Re-derived at every (re)start from the world size of this attempt: the global batch, and
         # so what each optimizer step trains on, never changes.
-        self.plan = batching.plan(config["train_rows"], t.global_batch_size, t.micro_batch_size, self.world, t.epochs, t.max_steps)
-        self.task, self.callbacks = task_for(self.spec), Callbacks(self.spec)
+        self.plan = batch_plan.plan(config["train_rows"], t.global_batch_size, t.micro_batch_size, self.world, t.epochs, t.max_steps)
+        self.task, self.callbacks = config["task"], Callbacks(self.spec)
         self.timer, self.meter = Timer(self.spec.checkpoint.every_minutes), Meter(self.device)
         self.step = self.samples = self.micro = 0
         self.last_eval: dict = {}
@@ -137,7 +136,7 @@ class Trainer:
         self.set_up()
         self.announce(self.restore())
         t = self.spec.train
-        per_block = batching.micro_batches_per_block(t.global_batch_size, t.micro_batch_size, *t.worker_range)
+        per_block = batch_plan.micro_batches_per_block(t.global_batch_size, t.micro_batch_size, *t.worker_range)
         batches = rank_batches(self.config.get("local_stream"), self.position, self.rank, self.world, self.plan.micro_batch,
                                per_block, t.prefetch_batches, self.device)
         self.order = batches.order
@@ -170,16 +169,11 @@ class Trainer:
         over the step's micro-batches on every rank (one all-reduce) before the first backward."""
         it, accumulation = iter(batches), self.plan.accumulation
         while self.step < self.plan.total_steps:  # every rank reaches the last step on the same micro-batch
-            if self.task.fixed_count:
-                batch = next(it, None)
-                if batch is None:
-                    return
-                yield batch, self.plan.loss_denominator
-                continue
             group = [b for _, b in zip(range(accumulation), it)]
             if len(group) < accumulation:
                 return
-            denominator = global_denominator([self.task.count(b).to(self.device) for b in group], self.world)
+            denominator = (self.plan.loss_denominator if self.task.fixed_count else
+                           global_denominator([self.task.count(b).to(self.device) for b in group], self.world))
             yield from ((b, denominator) for b in group)
 
     def micro_step(self, batch: dict, denominator) -> bool:
@@ -188,8 +182,9 @@ class Trainer:
         if self.micro % accumulation == 0:
             seed_torch(step_seed(self.spec.run.seed, self.step, self.rank), self.device)  # RNG (dropout...) is a function of the step
         boundary = (self.micro + 1) % accumulation == 0
-        terms = self.task.micro_step(self.model, batch, denominator, self.device, self.scaler, boundary)
-        self.meter.add(terms, self.plan.micro_batch if self.task.fixed_count else self.task.count(batch))
+        with grad_sync(self.model, boundary):  # gradients stay local before the accumulation boundary
+            terms = self.task.micro_step(self.model, batch, denominator, self.device, self.scaler)
+        self.meter.add(terms, self.task.count(batch))
         self.callbacks.on_batch(batch)
         self.micro += 1
         return boundary

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd_ray.train.precision import fsdp_policy
+from kd_ray.models.precision import fsdp_policy
 
 
 def is_distributed() -> bool:
@@ -40,8 +40,10 @@ def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device, 
 
 def checkpoint_units(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     """Put each unit behind torch's (non-reentrant) activation checkpoint wrapper, in place;
-    returns the wrappers. Their state-dict keys gain a prefix that kd_ray.weights.clean_key drops."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    returns the wrappers. Their state-dict keys gain a prefix that kd_ray.models.weights.clean_key drops."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     wanted = {id(u) for u in units}
     wrapped = []

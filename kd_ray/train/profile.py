@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kd_ray.storage import copy_out, join
+from kd_ray.core.storage import copy_out, join
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import ProfileSpec

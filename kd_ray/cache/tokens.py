@@ -31,12 +31,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kd_ray import weights
-from kd_ray.data import ID, TAIL_LSE, TARGET_LOGPROB, TOPK_INDICES, TOPK_VALUES
-from kd_ray.data.text import DOCS, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.cache.files import read_table
+from kd_ray.core.columns import (
+    DOCS,
+    ID,
+    INPUT,
+    ROW,
+    TAIL_LSE,
+    TARGET_LOGPROB,
+    TARGETS,
+    TOKEN_POS,
+    TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+)
+from kd_ray.core.hashing import file_sha256, input_digests
+from kd_ray.data.sources import to_numpy
 from kd_ray.losses import tail_column
-from kd_ray.shards import INPUT, ROW, input_digests, read_table
+from kd_ray.models import lm as lms
 from kd_ray.spec import cache_temperatures
+from kd_ray.teacher import load_teacher
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -136,18 +150,15 @@ class TokenCodec:
         self.tail = tail_column(tuple(outputs["temperatures"]), temperature) if temperature is not None else None
 
     @staticmethod
-    def describe(spec: "JobSpec", data) -> dict:
+    def describe(spec: "JobSpec", data, task) -> dict:
         """What a language model's outputs are a function of, besides the rows (JSON values)."""
-        from kd_ray.models import lm as lms
-        from kd_ray.tasks import task_for
-
         teacher, d = spec.teacher, spec.data
-        tokenizer = task_for(spec).tokenizer
-        vocab = lms.vocab_size(tokenizer)
+        tokenizer = task.tokenizer
+        vocab = task.vocab
         drawn = d.eval_source is None  # the held-out documents are drawn by a hash of the seed
         return {
             "teacher": {"model": teacher.model, "kwargs": teacher.kwargs, "files_sha256": lms.files_digest(teacher.model, spec.job_dir),
-                        "weights_sha256": weights.sha256(teacher.weights) if teacher.weights else None},
+                        "weights_sha256": file_sha256(teacher.weights) if teacher.weights else None},
             "inputs": {"tokenizer": lms.tokenizer_digest(tokenizer), "vocab": vocab, "text": d.text, "prompt": d.prompt,
                        "response": d.response, "tokens": d.tokens, "max_seq_len": d.max_seq_len, "packing": d.packing,
                        "max_documents": d.max_documents, "eval_split": d.eval_split if drawn else None,
@@ -179,14 +190,12 @@ class TokenCodec:
         index = reader.unit_ids()[unit]
         return int((reader.read(np.full(len(index), unit), np.arange(len(index)))[TARGETS] >= 0).sum())
 
-    def capturer(self, spec: "JobSpec") -> "TokenCapture":
-        return TokenCapture(spec, self.outputs)
+    def capturer(self, spec: "JobSpec", task) -> "TokenCapture":
+        return TokenCapture(spec, task, self.outputs)
 
     # ------------------------------------------------------------- reading (in the training stream)
 
     def decode(self, data: bytes) -> TokenUnit:
-        from kd_ray.data.sources import to_numpy
-
         table = read_table(data)
         k = self.outputs["k"]
 
@@ -229,13 +238,11 @@ class TokenCapture:
     consecutive slices of the pool's batch size (the same batches whenever the unit is
     captured, so the same bits), as the online pool runs it (kd_ray.tasks.causal_lm)."""
 
-    def __init__(self, spec: "JobSpec", outputs: dict):
-        from kd_ray.tasks import task_for
-        from kd_ray.teacher import load_teacher
+    def __init__(self, spec: "JobSpec", task, outputs: dict):
 
         use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        self.model, self.task = load_teacher(spec, self.device), task_for(spec)
+        self.model, self.task = load_teacher(spec, task, self.device), task
         self.precision, self.batch_size, self.outputs = spec.teacher.precision, spec.teacher.pool.batch_size, outputs
 
     def __call__(self, raw: dict) -> "pa.Table":

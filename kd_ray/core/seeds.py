@@ -1,5 +1,5 @@
 """Every seed kd_ray derives from `run.seed`: the one home of the recipes, all built on the
-splitmix64 hash of kd_ray.data.ids, so that the data order, the augmented views and the
+splitmix64 hash of kd_ray.core.hashing, so that the data order, the augmented views and the
 training RNG are pure functions of (seed, epoch, chunk, step, rank) and a restarted run draws
 the same numbers.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kd_ray.data.ids import mix64_one as _hash
+from kd_ray.core.hashing import mix64_one as _hash
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -17,7 +17,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def chunk_rng(seed: int, index: int) -> np.random.Generator:
-    """The random views of chunk `index` of the run's stream (kd_ray.data.pipeline): every
+    """The random views of chunk `index` of the run's stream (kd_ray.data.chunks): every
     epoch's chunks differ, and a replay of the run draws the same views."""
     return np.random.default_rng([epoch_seed(seed, index), _hash(index, seed) >> 1])
 

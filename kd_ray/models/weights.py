@@ -5,16 +5,23 @@ The one place that knows how a state dict is read, checked against a model, and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from kd_ray import storage
+from kd_ray.core import storage
+from kd_ray.core.errors import SHOWN_CHARS, UserError, clip
+from kd_ray.core.storage import need_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+# The student's files in a checkpoint and in a finished run's directory (kd_ray.train.checkpoint).
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_INFO = "student.json"
+STUDENT_DIR = "student"  # a language model's export: a Hugging Face model directory (final checkpoint only)
 
 
 class WeightsError(ValueError):
@@ -106,12 +113,20 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
     os.replace(tmp, path)
 
 
-def sha256(path: str) -> str:
-    """A file's SHA-256, read in blocks: checkpoint files and a cached teacher's weights (a local
-    file or an object)."""
-    h = hashlib.sha256()
-    fs, root = storage.filesystem(path)
-    with fs.open_input_stream(root) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_weights_file(path: str, field: str, model, model_name: str, fix: str) -> None:
+    """A state-dict file that fits `model` (built on the meta device): names and shapes; a
+    local file or one on object storage."""
+    if storage.is_remote(path):
+        storage.need_object(path, field, fix)
+    else:
+        need_file(path, field, fix)
+    if not storage.shown(path).endswith(WEIGHT_SUFFIXES):
+        raise UserError(field, f"{path}: use a .safetensors or .pt state dict")
+    try:
+        found = file_shapes(path)
+        expected = model_shapes(model)
+    except Exception as e:  # a user's file can fail in any way; report it on one line
+        raise UserError(field, f"cannot read {path} as weights: {type(e).__name__}: {clip(str(e), SHOWN_CHARS)}") from None
+    problem = mismatch(expected, found)
+    if problem:
+        raise UserError(field, f"{storage.basename(path)} does not fit {model_name}: {problem}")

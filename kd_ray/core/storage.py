@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from kd_ray.errors import UserError
+from kd_ray.core.errors import UserError
 
 # Where Ray unpacks a job's --working-dir on the node that runs it: under the session directory,
 # which goes with the cluster (and git-ignored files were never uploaded to it).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kd_ray.errors import UserError
+from kd_ray.core.errors import UserError
 
 # Rows per block of the Ray Data training stream, at most: about a chunk of the source, the size
 # of the blocks the stream's read tasks (and a teacher pool's batches) already carry.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kd_ray.data import TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES
+from kd_ray.core.columns import TAIL_LSE, TEACHER, TOPK_INDICES, TOPK_VALUES
 from kd_ray.losses import TopK
 
 

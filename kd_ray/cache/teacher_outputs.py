@@ -18,11 +18,11 @@ opens: file://, s3://, gs://):
     eval_source-00000.<sha16>.parquet   rows, or a parquet row group): every row of the unit, in
                                         order: id, row, a 64-bit digest of the row's input as the
                                         source gave it, and the teacher's outputs: per sample for
-                                        a classifier (kd_ray.cache_samples), per token for a
-                                        language model (kd_ray.cache_tokens).
+                                        a classifier (kd_ray.cache.samples), per token for a
+                                        language model (kd_ray.cache.tokens).
 
 Shards are written under a temporary name and then renamed into place, and the name carries the
-first 16 hex digits of the content's SHA-256 (kd_ray.shards): a shard is whole if and only if its
+first 16 hex digits of the content's SHA-256 (kd_ray.cache.files): a shard is whole if and only if its
 name is there and its bytes hash to it. A capture killed
 part-way therefore resumes: the next one keeps the shards that check out and writes the rest,
 byte for byte what one go writes, since a shard is a function of its unit alone (the teacher
@@ -59,39 +59,47 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 import kd_ray
-from kd_ray.cache_samples import SampleCodec
-from kd_ray.cache_tokens import TokenCodec
+from kd_ray.cache.files import MANIFEST, SHARD, TMP, Store, shard_name, to_parquet
+from kd_ray.cache.samples import SampleCodec
+from kd_ray.cache.tokens import TokenCodec
 from kd_ray.callbacks import Callbacks
-from kd_ray.checks import refuse_augmentation
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data
-from kd_ray.data import ID
-from kd_ray.errors import Failed, UserError, reason
-from kd_ray.losses import tail_column
+from kd_ray.core.columns import ID, INPUT
+from kd_ray.core.errors import Failed, UserError, reason
+from kd_ray.core.hashing import sha256
+from kd_ray.core.imports import make_importable
+from kd_ray.data.chunks import Sources
 from kd_ray.data.sources import gather
-from kd_ray.shards import INPUT, MANIFEST, SHARD, TMP, Store, sha256, shard_name, to_parquet
+from kd_ray.losses import tail_column
 from kd_ray.spec import DATA_IDENTITY
-from kd_ray.tasks import task_for
+from kd_ray.tasks.build import task_for
+from kd_ray.tasks.cache_checks import refuse_augmentation
+from kd_ray.teacher import pool_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kd_ray.data.pipeline import Sources
     from kd_ray.spec import JobSpec
+    from kd_ray.tasks.base import Task
 
 FORMAT_VERSION = 3  # of the layout above; a cache of another version is refused, not misread (3: vectorised input digests)
 
 Key = tuple[str, int]  # (the job-file field of the source: "source" or "eval_source", unit)
 
-# What a task's cache holds, and how it is compared, written and read: a codec (by the task's
-# name) with
+# What a task's cache holds, and how it is compared, written and read: a codec, by the unit of
+# the task's signal (per sample, or per token: Task.unit), with
 #   describe(spec, data)  the teacher, inputs and outputs sections of the manifest (JSON values)
 #   CHECKED               (job-file field, manifest section, key): what a job must match
-#   capturer(spec)        in a pool actor: a unit's rows as the source gives them -> a shard's table
+#   capturer(spec, task)  in a pool actor: a unit's rows as the source gives them -> a shard's table
 #   decode(bytes), rows(unit, rows), digests(raw rows), empty()   the training stream's side
 #   schema(), payload(), items(reader, rows), unit, describe_outputs()   for the manifest and the user
-CODECS = {"classify": SampleCodec, "causal_lm": TokenCodec}
+_BY_UNIT = {"samples": SampleCodec, "tokens": TokenCodec}
 
 
-def codec_for(spec: "JobSpec", outputs: dict, temperature: float | None = None):
-    return CODECS[task_for(spec).name](outputs, temperature)
+def codec_class(task: "Task") -> type:
+    return _BY_UNIT[task.unit]
+
+
+def codec_for(task: "Task", outputs: dict, temperature: float | None = None):
+    return codec_class(task)(outputs, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +113,10 @@ def _parts(data: "Sources") -> list[tuple[str, Any]]:
     return [("source", data.reader)] + ([("eval_source", data.eval_reader)] if data.eval_reader is not data.reader else [])
 
 
-def identity(spec: "JobSpec", data: "Sources") -> tuple[dict, dict[Key, int]]:
+def identity(spec: "JobSpec", task: "Task", data: Sources) -> tuple[dict, dict[Key, int]]:
     """What the teacher's outputs are a function of, as this job describes it (JSON values), and
     the rows of each unit a cache of it holds."""
-    out = {**CODECS[task_for(spec).name].describe(spec, data), "data": {"source": None, "eval_source": None}}
+    out = {**codec_class(task).describe(spec, data, task), "data": {"source": None, "eval_source": None}}
     units: dict[Key, int] = {}
     for part, reader in _parts(data):
         digest = hashlib.blake2b(reader.identity().encode(), digest_size=16)
@@ -180,18 +188,17 @@ def write_manifest(store: Store, manifest: dict) -> None:
 
 def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool = False) -> dict:
     """Write (or finish) the job's teacher-output cache; returns figures for the user."""
-    from kd_ray.data.pipeline import Sources
-
     if spec.teacher is None or spec.teacher.cache is None:
         raise UserError("teacher.cache", "kd-ray cache writes the teacher's outputs to teacher.cache.path; add a teacher section "
                         "with cache: {path: DIR} (format: full, or topk with k)")
     refuse_augmentation(spec)
     ensure_ray(spec, verbose, teacher_pool=True)  # before the rows: a language model's are tokenized in Ray Data tasks
     quiet_data()
-    data = Sources(spec)
+    task = task_for(spec)  # built once, passed down to the sources and the capture's pool
+    data = Sources(spec, task)
     store = Store(spec.teacher.cache.path)
-    job, planned = identity(spec, data)
-    codec = codec_for(spec, job["outputs"])
+    job, planned = identity(spec, task, data)
+    codec = codec_for(task, job["outputs"])
     manifest = read_manifest(store)
     if manifest is not None:
         problem = mismatch(manifest, job, None, codec.CHECKED)
@@ -222,7 +229,7 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
     echo(f"cache: {store.path}: {len(planned)} shards ({summary['rows']} rows, {summary[f'{unit}s']:,} {unit}s); {len(kept)} already whole"
          + (f", {dropped} damaged or stray removed" if dropped else "") + f"; writing {len(todo)}")
     started = time.time()
-    _capture_shards(spec, data, store, job["outputs"], todo, planned, kept, echo, verbose)
+    _capture_shards(spec, task, data, store, job["outputs"], todo, planned, kept, echo, verbose)
     seconds = time.time() - started
     final = {**head, "status": "complete", "rows": summary["rows"], "items": summary[f"{unit}s"], "schema": codec.schema(),
              "shards": [kept[key] for key in planned]}
@@ -236,12 +243,12 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
     return summary
 
 
-def _capture_shards(spec: "JobSpec", data: "Sources", store: Store, outputs: dict, todo: list[Key], planned: dict[Key, int],
+def _capture_shards(spec: "JobSpec", task: "Task", data: Sources, store: Store, outputs: dict, todo: list[Key], planned: dict[Key, int],
                     kept: dict[Key, dict], echo: Callable[[str], None], verbose: bool) -> None:
     """The missing shards written by the job's pool, each added to `kept` as it lands."""
     every = max(1, len(todo) // 20)
     try:
-        for i, shard in enumerate(_write_shards(spec, data, store, outputs, todo, planned, verbose), 1):
+        for i, shard in enumerate(_write_shards(spec, task, data, store, outputs, todo, planned, verbose), 1):
             kept[(shard["part"], shard["unit"])] = shard
             if i % every == 0 or i == len(todo):
                 echo(f"cache: {i}/{len(todo)} shards written ({shard['file']}, {shard['rows']} rows)")
@@ -288,20 +295,19 @@ def _whole_shards(store: Store, planned: dict[Key, int]) -> tuple[dict[Key, dict
     return kept, removed
 
 
-def _write_shards(spec: "JobSpec", data: "Sources", store: Store, outputs: dict, todo: list[Key], planned: dict[Key, int],
+def _write_shards(spec: "JobSpec", task: "Task", data: Sources, store: Store, outputs: dict, todo: list[Key], planned: dict[Key, int],
                   verbose: bool) -> Iterator[dict]:
     """The job's teacher pool (its actor count, CPUs, GPUs and batch size) over the missing units,
     one unit per call; yields each shard as it is written, in any order."""
     import ray
-
-    from kd_ray.teacher import pool_options
 
     if not todo:
         return
     items = [{"part": part, "unit": unit, "rows": planned[(part, unit)]} for part, unit in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWriter,
-        fn_constructor_kwargs=dict(spec=spec, readers={p: ray.put(r) for p, r in _parts(data)}, outputs=outputs, store=store),
+        fn_constructor_kwargs=dict(spec=spec, task=task.handle, readers={p: ray.put(r) for p, r in _parts(data)}, outputs=outputs,
+                                   store=store),
         **{**pool_options(spec.teacher), "batch_size": 1},
     )
     for row in ds.iter_rows():
@@ -313,13 +319,13 @@ class ShardWriter:
     source gives it, the task's capture (its codec's capturer: the teacher over the unit in the
     same batches whenever it is captured, so the same bits), and the shard written."""
 
-    def __init__(self, spec: "JobSpec", readers: dict, outputs: dict, store: Store):
+    def __init__(self, spec: "JobSpec", task, readers: dict, outputs: dict, store: Store):
+        """`task`: a TaskHandle (kd_ray.tasks), built here."""
         import ray
 
-        from kd_ray.registry import make_importable
-
         make_importable(spec.job_dir)
-        self.capture = codec_for(spec, outputs).capturer(spec)
+        task = task()
+        self.capture = codec_for(task, outputs).capturer(spec, task)
         self.readers = {part: ray.get(ref) for part, ref in readers.items()}
         self.store = store
         self.callbacks = Callbacks(spec)
@@ -387,7 +393,7 @@ class TeacherCache:
     manifest: dict
 
 
-def open_for_training(spec: "JobSpec", data: "Sources") -> TeacherCache:
+def open_for_training(spec: "JobSpec", task: "Task", data: Sources) -> TeacherCache:
     """The job's cache, compared with the job and checked shard by shard before any training.
     Each problem is a UserError naming the field (or the shard) and the fix."""
     store = Store(spec.teacher.cache.path)
@@ -398,12 +404,11 @@ def open_for_training(spec: "JobSpec", data: "Sources") -> TeacherCache:
     if manifest.get("status") != "complete":
         raise UserError("teacher.cache.path", f"the cache at {store.path} is incomplete (its capture stopped part-way); run "
                         "`kd-ray cache JOB.yaml` again to finish it")
-    checked = CODECS[task_for(spec).name].CHECKED
-    problem = mismatch(manifest, identity(spec, data)[0], spec.distill.temperature, checked)
+    problem = mismatch(manifest, identity(spec, task, data)[0], spec.distill.temperature, codec_class(task).CHECKED)
     if problem:
         raise UserError(problem[0], f"{problem[1]}; the cache at {store.path} was captured for another set-up: set it back, or "
                         "write a cache for this job with `kd-ray cache JOB.yaml` and a new teacher.cache.path")
-    codec = codec_for(spec, manifest["outputs"], spec.distill.temperature)  # the tail column of a temperature it holds
+    codec = codec_for(task, manifest["outputs"], spec.distill.temperature)  # the tail column of a temperature it holds
     in_memory = {part for part, reader in _parts(data) if reader.random_access}
     contents = _checked_shards(store, manifest["shards"], in_memory)
     readers = {}

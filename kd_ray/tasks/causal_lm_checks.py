@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 
-from kd_ray import storage
-from kd_ray.errors import UserError
+from kd_ray.core import storage
+from kd_ray.core.errors import UserError
+from kd_ray.core.imports import import_callable
+from kd_ray.data.text import BUILTIN_TEXTS, columns_of, field_of
 from kd_ray.models import lm as lms
 from kd_ray.spec import JobSpec
+from kd_ray.tasks.cache_checks import check_cache_path, check_cache_temperatures
 
 
 def check_lm(spec: JobSpec) -> None:
@@ -27,6 +30,8 @@ def check_lm(spec: JobSpec) -> None:
         section = getattr(spec, name)
         if section is not None:
             _check_model(spec, name, section, tokenizer, vocab)
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        check_token_cache(spec)
 
 
 def _check_columns(spec: JobSpec) -> None:
@@ -42,8 +47,6 @@ def _check_columns(spec: JobSpec) -> None:
 
 
 def _check_source(source: str, spec: JobSpec, field: str) -> None:
-    from kd_ray.data.text import BUILTIN_TEXTS, columns_of, field_of
-
     if source.startswith("builtin:"):
         if source.removeprefix("builtin:") not in BUILTIN_TEXTS:
             raise UserError(field, f"unknown built-in text '{source}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
@@ -95,8 +98,6 @@ def _config(spec: JobSpec, name: str, section, vocab: int):
 
             return LlamaConfig(**{"vocab_size": vocab, **section.kwargs})
         if kind == "import":
-            from kd_ray.registry import import_callable
-
             import_callable(section.model, spec.job_dir)
             return None
         from transformers import AutoConfig
@@ -126,3 +127,16 @@ def _check_model(spec: JobSpec, name: str, section, tokenizer, vocab: int) -> No
         storage.need_object(section.weights, f"{name}.weights", "fix the URI")
     elif section.weights and not os.path.isfile(section.weights):
         raise UserError(f"{name}.weights", f"{section.weights} does not exist; fix the path")
+
+
+def check_token_cache(spec: JobSpec) -> None:
+    """A language model's cache holds the teacher's top-k per token (kd_ray.cache.tokens)."""
+    cache = spec.teacher.cache
+    if cache.format != "topk":
+        raise UserError("teacher.cache.format", "a language model's cache holds the teacher's top-k per token (a full row of "
+                        "its vocabulary would cost ~100 KB a token); use format: topk, or leave it out")
+    if cache.k is not None and cache.k != spec.distill.top_k:
+        raise UserError("teacher.cache.k", f"{cache.k} is not distill.top_k ({spec.distill.top_k}): a language model's cache keeps "
+                        "distill.top_k log-probabilities per token; remove teacher.cache.k and set distill.top_k")
+    check_cache_path(cache.path)
+    check_cache_temperatures(spec)

@@ -1,6 +1,6 @@
 """Cache shards on disk: where they live, what their files are called, and how their bytes are
-made, whatever the teacher's outputs in them (kd_ray.cache_samples: per sample of a classifier;
-kd_ray.cache_tokens: per token of a language model; kd_ray.cache puts them together).
+made, whatever the teacher's outputs in them (kd_ray.cache.samples: per sample of a classifier;
+kd_ray.cache.tokens: per token of a language model; kd_ray.cache puts them together).
 
 A shard's name carries the first 16 hex digits of its content's SHA-256, and it is written under
 a temporary name and renamed into place (on an object store the upload itself is atomic): a
@@ -9,64 +9,25 @@ shard is whole if and only if its name is there and its bytes hash to it.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import re
 import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.data.ids import mix64
+from kd_ray.core.storage import filesystem
 from kd_ray.data.sources import to_numpy
-from kd_ray.storage import filesystem
+from kd_ray.spec import CACHE_MANIFEST as MANIFEST  # noqa: F401 (the cache's layout)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-MANIFEST = "manifest.json"  # a cache's manifest (kd_ray.cache), next to its shards
-ROW = "row"  # a row's place within its unit
-INPUT = "input_digest"  # input_digests of the row's input, as the source gave it
 SHARD = re.compile(r"^(source|eval_source)-(\d+)\.([0-9a-f]{16})\.parquet$")
 TMP = ".tmp-"
 
 
 def shard_name(part: str, unit: int, sha256: str) -> str:
     return f"{part}-{unit:05d}.{sha256[:16]}.parquet"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# Bytes of words mixed per numpy call: the mixing's temporaries (a few arrays of that size) stay
-# near this, whatever the rows (a chunk of 224 x 224 x 3 float32 images is 600 MB).
-_DIGEST_BYTES = 32 << 20
-
-
-def input_digests(x: np.ndarray) -> np.ndarray:
-    """A 64-bit digest of each row of `x` (with its dtype and shape): what ties a cached output to
-    the exact input the teacher saw. Vectorised over rows: each 8-byte word of a row is mixed with
-    its place (splitmix64, a bijection: a change to any one word always changes the row's sum),
-    the mixed words are summed mod 2^64, and the sum is mixed again with the dtype and shape. A
-    BLAKE2b per row, in a Python loop, cost 5% of a small student's train worker in a cached run
-    (benchmarks/README.md, "Small students"); this is an integrity check against changed data,
-    not against an adversary."""
-    x = np.ascontiguousarray(x)
-    n = len(x)
-    head = int.from_bytes(hashlib.blake2b(repr((x.dtype.str, x.shape[1:])).encode(), digest_size=8).digest(), "little")
-    raw = x.reshape(n, math.prod(x.shape[1:])).view(np.uint8)
-    if raw.shape[1] % 8:
-        raw = np.concatenate([raw, np.zeros((n, 8 - raw.shape[1] % 8), dtype=np.uint8)], axis=1)
-    words = raw.view("<u8")
-    sums = np.zeros(n, dtype=np.uint64)
-    step = max(1, _DIGEST_BYTES // (8 * max(n, 1)))  # words of each row per call
-    with np.errstate(over="ignore"):
-        for a in range(0, words.shape[1], step):
-            block = words[:, a:a + step]
-            places = mix64(np.arange(a, a + block.shape[1], dtype=np.uint64), head)
-            sums += mix64(block ^ places, 0).sum(axis=1, dtype=np.uint64)
-    return mix64(sums, head)
 
 
 def to_parquet(table: "pa.Table") -> bytes:

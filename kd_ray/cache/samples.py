@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kd_ray import weights
-from kd_ray.data import ID, TAIL_LSE, TEACHER, X
+from kd_ray.cache.files import decode
+from kd_ray.core.columns import ID, INPUT, ROW, TAIL_LSE, TEACHER, X
+from kd_ray.core.hashing import file_sha256, input_digests
 from kd_ray.data.transforms import preprocess
 from kd_ray.losses import bytes_per_sample, tail_column, topk_compress
-from kd_ray.shards import INPUT, ROW, decode, input_digests
-from kd_ray.signals import to_columns
 from kd_ray.spec import INPUT_IDENTITY, TEACHER_IDENTITY, cache_temperatures
+from kd_ray.tasks.classify_checks import check_cache, check_model
+from kd_ray.teacher import TeacherPredictor
+from kd_ray.teacher_signal import to_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -70,16 +72,14 @@ class SampleCodec:
         self.tail = tail_column(tuple(outputs["temperatures"]), temperature) if topk and temperature is not None else None
 
     @staticmethod
-    def describe(spec: "JobSpec", data) -> dict:
+    def describe(spec: "JobSpec", data, task) -> dict:
         """What a classifier's outputs are a function of, besides the data (JSON values)."""
-        from kd_ray.checks import check_cache, check_model
-
         teacher, cache = spec.teacher, spec.teacher.cache
         classes = check_model(teacher, "teacher", spec.job_dir, data.sample_shape)
         check_cache(spec, classes)  # the spec checked it already if it knew the classes
         topk = cache.format == "topk"
         return {
-            "teacher": {"model": teacher.model, "kwargs": teacher.kwargs, "weights_sha256": weights.sha256(teacher.weights)},
+            "teacher": {"model": teacher.model, "kwargs": teacher.kwargs, "weights_sha256": file_sha256(teacher.weights)},
             "inputs": {"features": spec.data.features, "shape": spec.data.shape, "preprocess": spec.data.preprocess.model_dump()},
             "outputs": {"format": cache.format, "k": cache.k if topk else None, "dtype": cache.value_dtype,
                         "temperatures": cache_temperatures(spec) if topk else None, "classes": classes},
@@ -105,8 +105,8 @@ class SampleCodec:
 
     # ------------------------------------------------------------- capture (in a pool actor)
 
-    def capturer(self, spec: "JobSpec") -> "SampleCapture":
-        return SampleCapture(spec, self.outputs)
+    def capturer(self, spec: "JobSpec", task) -> "SampleCapture":
+        return SampleCapture(spec, self.outputs, task)
 
     # ------------------------------------------------------------- reading (in the training stream)
 
@@ -135,11 +135,10 @@ class SampleCapture:
     The teacher runs on consecutive slices of the pool's batch size, the same batches whenever
     the unit is captured, so the same bits."""
 
-    def __init__(self, spec: "JobSpec", outputs: dict):
-        from kd_ray.teacher import TeacherPredictor
-
-        # fp32 out of the predictor: the cache's own dtype is encode's to apply, once
-        self.predictor = TeacherPredictor(spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"logits_dtype": "float32"})}))
+    def __init__(self, spec: "JobSpec", outputs: dict, task):
+        # fp32 out of the predictor: the cache's own dtype is encode's to apply, once (so its own task)
+        full = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"logits_dtype": "float32"})})
+        self.predictor = TeacherPredictor(full, type(task)(full))
         self.transform, self.outputs = spec.data.preprocess.model_dump(), outputs
 
     def __call__(self, raw: dict) -> "pa.Table":
