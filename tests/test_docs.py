@@ -149,7 +149,7 @@ def _stand_in_teacher(job: str, tmp_path) -> list[str]:
 
     with open(job, encoding="utf-8") as f:
         spec = parse(load_yaml(f.read()), os.path.dirname(job))
-    if spec.teacher is None or not spec.teacher.weights or storage_exists(spec.teacher.weights):
+    if spec.teacher is None or not spec.teacher.weights or _exists(spec.teacher.weights):
         return []
     for other in sorted(glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))):
         maker = load_job(other) if other != job and _writes(other, spec.teacher.weights) else None
@@ -160,7 +160,7 @@ def _stand_in_teacher(job: str, tmp_path) -> list[str]:
     return []
 
 
-def storage_exists(path: str) -> bool:
+def _exists(path: str) -> bool:
     from kd_ray import storage
 
     return storage.is_remote(path) or os.path.exists(path)
@@ -187,7 +187,8 @@ def test_named_job_exists_and_validates(name, tmp_path):
     assert os.path.isfile(job), f"the docs name jobs/{name}, which does not exist"
     need = _needs_elsewhere(job)
     if need:
-        pytest.skip(f"jobs/{name} cannot be validated here: it needs " + "; ".join(need))
+        pytest.skip(f"jobs/{name} cannot be validated here: it needs " + "; ".join(need)
+                    + " (tests/test_jobs.py validates it with local stand-ins)")
     overrides = _stand_in_teacher(job, tmp_path)
     try:
         load_job(job, overrides)
