@@ -10,7 +10,6 @@ import os
 import re
 
 import pytest
-
 from conftest import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
