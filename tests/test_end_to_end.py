@@ -217,8 +217,9 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
 
 
 def readme_submit_command(job: str) -> list[str]:
-    """The README's `ray job submit ... -- kd-ray run JOB ...` line for a job, as printed."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """The `ray job submit ... -- kd-ray run JOB ...` line for a job, as docs/cluster.md prints it
+    (its section "On a laptop cluster, under `ray job submit`")."""
+    with open(os.path.join(ROOT, "docs", "cluster.md")) as f:
         line = next(ln for ln in f if ln.startswith("ray job submit --working-dir . -- kd-ray run " + job))
     return line.split(" -- ", 1)[1].split()
 
@@ -226,8 +227,8 @@ def readme_submit_command(job: str) -> list[str]:
 def test_ray_job_submit_quickstart(ray_cluster, teacher_weights, tmp_path):
     """The quickstart under `ray job submit --working-dir .`: unchanged, its relative run
     directory would lie in Ray's copy of the working directory, and it is refused in one line;
-    as the README prints it (a storage path outside the copy, with the session's teacher in place
-    of the README's first step), it runs and its results are outside the cluster's session."""
+    as docs/cluster.md prints it (a storage path outside the copy, with the session's teacher in
+    place of the page's first step), it runs and its results are outside the cluster's session."""
     storage = tmp_path / "kd-ray-runs"
     submit = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".",
               "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}), "--"]
