@@ -19,13 +19,13 @@ import time
 from types import SimpleNamespace
 
 from measure import (
-    TRAIN_LINE,
     TreeMonitor,
     choose_kd_rate,
     cores_in_windows,
     kd_windows,
     pipeline_timeline,
     read_probe,
+    train_records,
 )
 from modes import log_tail
 from workloads import ROOT
@@ -164,7 +164,7 @@ def run_kd_ray(cfg: dict, workdir: str, args, mode: str = "kd_ray") -> dict:
     if "samples_per_second" not in result and summary.get("samples_per_second"):
         result["samples_per_second"] = summary["samples_per_second"]
         result["measured_as"] = "AGGREGATE from summary.json (no progress lines parsed; includes start-up and warm-up)"
-    result["train_lines"] = [ln for ln in run.lines if TRAIN_LINE.search(ln)]
+    result["train_records"] = train_records(os.path.join(workdir, "runs", "throughput"))
     return result
 
 
@@ -224,10 +224,11 @@ def _read_summary(workdir: str, started: float) -> dict:
 
 def _measure_windows(result: dict, run: SimpleNamespace, kd_warmup: int, cfg: dict, workdir: str, forward_probe: bool) -> None:
     """The timed windows, the cores used in them, the teacher's timeline and the rate for the table."""
-    all_windows = kd_windows(run.lines, kd_warmup, cfg["window_steps"], cfg["batch_size"])
+    records = train_records(os.path.join(workdir, "runs", "throughput"))
+    all_windows = kd_windows(records, kd_warmup, cfg["window_steps"], cfg["batch_size"])
     result["warmup_steps"] = kd_warmup
     result["windows"] = all_windows
-    cores = cores_in_windows(all_windows, run.lines, run.times, run.monitor)
+    cores = cores_in_windows(all_windows, records, run.monitor)
     if cores is not None:
         result["cores_by_role_in_windows"] = cores
     timeline = pipeline_timeline(workdir, all_windows, cfg["batch_size"], run.monitor.root_pid) if forward_probe else None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -17,7 +16,6 @@ import time
 ROLE_ORDER = ["driver (kd-ray CLI)", "train worker", "teacher actor", "train controller",
               "other Ray workers (data tasks, idle)", "Ray system (gcs, raylet, dashboard, agents)", "other"]
 
-TRAIN_LINE = re.compile(r"step (\d+)/(\d+)\s.*?([\d.]+) samples/s\s+(?:step \S+ ms\s+)?data wait ([\d.]+)s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,32 +180,31 @@ def read_probe(path: str, procs: dict, root: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timed windows from kd_ray's progress lines
+# Timed windows from the run's metrics.jsonl
 
 
-def _progress_reports(lines: list[str], global_batch: int) -> list[dict]:
-    """One record per progress line: the steps since the previous line and their duration."""
-    reports = []
-    prev = 0
-    for line in lines:
-        m = TRAIN_LINE.search(line)
-        if not m:
-            continue
-        step, rate, wait = int(m.group(1)), float(m.group(3)), float(m.group(4))
-        if step > prev and rate > 0:
-            reports.append({"steps": step - prev, "end": step, "seconds": (step - prev) * global_batch / rate, "wait": wait})
-        prev = step
-    return reports
+def train_records(run_dir: str) -> list[dict]:
+    """The run's train records (kd_ray.run.metrics: each logged window once, restarts resolved)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r.get("kind") == "train"]
 
 
-def kd_windows(lines: list[str], warmup_steps: int, window_steps: int, global_batch: int) -> list[dict]:
-    """Windows of >= window_steps steps after the warm-up, from kd_ray's progress lines.
+def _progress_reports(records: list[dict]) -> list[dict]:
+    """One report per train record: the steps of its window and their duration, as the worker timed them."""
+    return [{"steps": r["window_steps"], "end": r["step"], "seconds": r["window_seconds"], "wait": r["data_wait_seconds"]}
+            for r in records if r.get("window_steps") and r.get("window_seconds")]
 
-    Each line reports samples/s over the steps since the previous line, so its duration is
-    steps x global batch / rate; consecutive lines (an epoch end adds an extra one) are merged
-    until a window holds window_steps steps."""
+
+def kd_windows(records: list[dict], warmup_steps: int, window_steps: int, global_batch: int) -> list[dict]:
+    """Windows of >= window_steps steps after the warm-up, from the run's train records;
+    consecutive records (an epoch end adds an extra one) are merged until a window holds
+    window_steps steps."""
     windows, acc = [], None
-    for r in _progress_reports(lines, global_batch):
+    for r in _progress_reports(records):
         if r["end"] - r["steps"] < warmup_steps:
             continue  # the window starts inside the warm-up (the first one also holds the start-up)
         acc = acc or {"steps": 0, "seconds": 0.0, "wait": 0.0}
@@ -222,11 +219,12 @@ def kd_windows(lines: list[str], warmup_steps: int, window_steps: int, global_ba
     return windows
 
 
-def cores_in_windows(windows: list[dict], lines: list[str], times: list[float], monitor: TreeMonitor) -> dict | None:
-    """Cores by role between the wall times of the progress lines that open and close the timed windows."""
+def cores_in_windows(windows: list[dict], records: list[dict], monitor: TreeMonitor) -> dict | None:
+    """Cores by role between the wall times (the driver's, as it received them) of the train
+    records that open and close the timed windows."""
     if not windows:
         return None
-    at_step = {int(m.group(1)): t for ln, t in zip(lines, times) if (m := TRAIN_LINE.search(ln))}
+    at_step = {r["step"]: r["time"] for r in records}
     t0, t1 = at_step.get(windows[0]["end"] - windows[0]["steps"]), at_step.get(windows[-1]["end"])
     if t0 and t1 and t1 > t0:
         return monitor.cpu_by_role(t0, t1)

@@ -20,6 +20,7 @@ from kd_ray.core.errors import Failed, UserError, reason, user_error_in
 from kd_ray.data.chunks import Sources
 from kd_ray.data.local import local_stream
 from kd_ray.data.streams import build_eval, build_train
+from kd_ray.models.precision import auto_note
 from kd_ray.run.console import ProgressBoard, follow
 from kd_ray.run.control import RunControl, stop_on_signals
 from kd_ray.run.directory import (
@@ -130,6 +131,8 @@ def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, note: st
     workers = f"{low} workers" if low == high else f"{low} to {high} workers (elastic)"
     sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
+    if spec.runs_teacher_pool and (note := auto_note(spec.teacher.precision, spec.teacher.pool.gpus_per_actor)):
+        echo(note)
 
 
 def _failed(spec: JobSpec, summary: dict, e: Exception, echo: Echo) -> Failed | UserError:

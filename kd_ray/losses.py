@@ -251,6 +251,12 @@ def bytes_per_sample(num_classes: int, k: Optional[int] = None, dtype: torch.dty
     return k * (dtype.itemsize + topk_index_dtype(num_classes).itemsize) + num_temperatures * torch.float32.itemsize
 
 
+def bytes_per_token(k: int, dtype: torch.dtype = torch.float16, num_temperatures: int = 1) -> int:
+    """What a language model's teacher sends per loss token: k log-probabilities in `dtype`, their
+    int32 ids, the tail at each temperature and the target's log-probability (float32 each)."""
+    return k * (dtype.itemsize + torch.int32.itemsize) + (num_temperatures + 1) * torch.float32.itemsize
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: Optional[Union[torch.Tensor, TopK]],

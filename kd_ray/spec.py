@@ -166,7 +166,9 @@ class CacheSpec(_Section):
 
 class TeacherSpec(ModelSpec):
     pool: PoolSpec = PoolSpec()
-    precision: Precision = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto: bf16 where the device computes it natively (a GPU that has it, a CPU with AMX), else "
+        "fp16 on a GPU and fp32 on a CPU (kd_ray.models.precision.resolve)")
     compile: bool = False
     logits_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["online", "cached"] = Field("online", description="cached: read teacher.cache instead of running the teacher")
@@ -523,9 +525,14 @@ FIXED_ON_RESUME = (
 # The distillation fields a classifier's run is (and always was) a function of; the rest of the
 # section (chunking) only regroups the arithmetic.
 DISTILL_FIXED = ("loss", "temperature", "alpha")
+# A language model's documents: the data fields that name their columns, one list for the checks,
+# the reader and the cache.
+LM_COLUMN_FIELDS = ("text", "prompt", "response", "tokens")
+# How a language model's rows are made: its run (LM_FIXED_ON_RESUME) and its teacher-output cache
+# (kd_ray.cache.tokens) are functions of these data fields.
+LM_ROW_FIELDS = (*LM_COLUMN_FIELDS, "tokenizer", "max_seq_len", "packing", "max_documents")
 # A language model's run is also a function of how its rows are made and what the teacher sends.
-LM_FIXED_ON_RESUME = ("task", "data.text", "data.prompt", "data.response", "data.tokens", "data.tokenizer",
-                      "data.max_seq_len", "data.packing", "data.max_documents", "distill.beta", "distill.top_k")
+LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "distill.beta", "distill.top_k")
 
 
 def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:

@@ -29,12 +29,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec, TeacherSpec
 
 
-def load_teacher(spec: "JobSpec", task, device: "torch.device") -> "torch.nn.Module":
-    """Build, load, freeze and place the teacher; the same function serves the pool and the capture."""
+def placed_teacher(spec: "JobSpec", task) -> tuple["torch.device", "torch.nn.Module", str]:
+    """The teacher where this process runs it: its device (a GPU where the pool asks for one),
+    the model built, loaded, frozen and placed, and its precision there (teacher.precision, with
+    `auto` resolved for this device). The same function serves the pool and the capture."""
     import torch
 
-    from kd_ray.models import is_conv_net  # torch: see the module's docstring
+    from kd_ray.models import (  # torch: see the module's docstring
+        is_conv_net,
+        precision,
+    )
 
+    use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
     model = task.load_teacher(device)
     model.eval().requires_grad_(False)
     if len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1:  # else placed across GPUs already
@@ -43,7 +50,7 @@ def load_teacher(spec: "JobSpec", task, device: "torch.device") -> "torch.nn.Mod
         model.to(memory_format=torch.channels_last)
     if spec.teacher.compile:
         model = torch.compile(model)
-    return model
+    return device, model, precision.resolve(spec.teacher.precision, device)
 
 
 class TeacherPredictor:
@@ -54,14 +61,10 @@ class TeacherPredictor:
     def __init__(self, spec: "JobSpec", task, board=None, end: int | None = None):
         """`task`: the job's task (kd_ray.tasks), or a torch-free handle that builds it
         (Task.handle), which is what a pool's plan carries (see the module's docstring)."""
-        import torch
-
         make_importable(spec.job_dir)
         task = task() if callable(task) else task
-        use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
-        self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        self.model = load_teacher(spec, task, self.device)
-        self.task, self.precision, self.batch_size = task, spec.teacher.precision, spec.teacher.pool.batch_size
+        self.device, self.model, self.precision = placed_teacher(spec, task)
+        self.task, self.batch_size = task, spec.teacher.pool.batch_size
         # Running totals for the run's telemetry (kd_ray.telemetry), sent to the board now and then.
         self.board, self.name, self.clock = board, uuid.uuid4().hex[:8], time.perf_counter
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
@@ -74,7 +77,7 @@ class TeacherPredictor:
         # A CPU pool is handed whole blocks (pool_options) and the model sees consecutive slices of
         # teacher.pool.batch_size: Ray Data's per-batch work (the numpy <-> Arrow conversions of
         # each batch, a thread hand-off, the output buffer) cost a CPU pool actor several times its
-        # model's time with 100-row batches (benchmarks/README.md, "Small students"). An empty
+        # model's time with 100-row batches (docs/performance.md, "Small students"). An empty
         # block still gets one (empty) call, for columns of the right types.
         parts = [self.task.teacher_columns(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
                                            self.device, self.precision)

@@ -41,7 +41,7 @@ def pool_finished(now: dict[str, tuple[int, float]]) -> dict:
 # Workers poll (a barrier across the group, and a call to the run's control) every POLL_STEPS
 # optimizer steps, or about every POLL_SECONDS when steps are faster than that: with a small
 # student's 3 ms steps, a poll every 10 steps was 4% of the train worker's time and 0.09 of a
-# core in Ray Train's synchronization actor (benchmarks/README.md, "Small students").
+# core in Ray Train's synchronization actor (docs/performance.md, "Small students").
 POLL_STEPS, POLL_SECONDS = 10, 1.0
 
 

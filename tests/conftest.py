@@ -302,3 +302,26 @@ def wait_for():
         return False
 
     return _wait
+
+
+def docs_table(page: str, after: str) -> dict[str, list[str]]:
+    """The first markdown table after the line of docs/PAGE that contains `after`: its rows by
+    their first cell, each row's cells as written (a figure the docs state, for a test that
+    measures it to compare with)."""
+    with open(os.path.join(ROOT, "docs", page)) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    rows = {}
+    for line in lines[start:]:
+        if line.startswith("|"):
+            cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+            if not set(cells[0]) <= set("-: "):
+                rows[cells[0]] = cells[1:]
+        elif rows:
+            break
+    return rows
+
+
+def stated(cell: str) -> float:
+    """A figure as the docs write it: '3,402', '163.2', '27 (k=5)'."""
+    return float(cell.split()[0].replace(",", ""))

@@ -1,4 +1,4 @@
-"""Bad inputs, as a careful new user makes them (issue 17): each is ONE stderr line that names the
+"""Bad inputs, as a careful new user makes them: each is ONE stderr line that names the
 job-file field and the fix, exit 2, no traceback, a bounded length, and nothing the user made
 (a finished run, a teacher-output cache) renamed, moved or changed.
 

@@ -56,3 +56,17 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
     ref, low = train(fp32, "fp32", data), train(bf16, "bf16", data)
     torch.testing.assert_close(low, ref, rtol=0.05, atol=0.05)
     assert grad_scaler("bf16", torch.device("cpu")) is None  # bf16 has fp32's range: no scaler
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    """`auto`: bf16 on a CPU with AMX tiles (or a GPU with bf16), else fp32 on a CPU; a precision
+    given outright is kept. torch says AVX512 on CPUs with and without AMX, so the flag decides."""
+    from kd_ray.models import precision
+
+    cpu = torch.device("cpu")
+    for amx, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert precision.resolve("auto", cpu) == want
+        assert precision.auto_note("auto", 0).startswith(f"teacher precision: auto -> {want} (")
+        assert precision.resolve("bf16", cpu) == "bf16" and precision.resolve("fp32", cpu) == "fp32"
+    assert precision.auto_note("fp32", 0) is None and "GPUs" in precision.auto_note("auto", 1)

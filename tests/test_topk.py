@@ -349,6 +349,8 @@ def test_cache_shard_bytes_per_sample(case, k, request):
     """kd_ray.cache shards of these real teachers' outputs: what a sample costs on disk,
     id and row included, against the payload of kd_ray.losses.bytes_per_sample. zstd shrinks
     little of the logits (noisy mantissas), so a top-k is what makes a cache small."""
+    from conftest import docs_table, stated
+
     from kd_ray.cache.files import to_parquet
     from kd_ray.cache.samples import TORCH_DTYPES, encode, shard_table
     from kd_ray.core.hashing import input_digests
@@ -369,3 +371,7 @@ def test_cache_shard_bytes_per_sample(case, k, request):
           + ", ".join(f"{n} {d:.1f} ({p})" for n, (d, p) in sizes.items()))
     on_disk = [d for d, _ in sizes.values()]
     assert on_disk[2] < on_disk[1] < on_disk[0] and on_disk[3] < on_disk[1]
+    # The figures docs/cache.md states (whole bytes), as measured here.
+    row = docs_table("cache.md", "Bytes per sample on disk")[{"digits": "10 (digits)", "1000-class": "1000"}[case]]
+    for (name, (measured, _)), cell in zip(list(sizes.items())[:3], row):
+        assert abs(measured - stated(cell)) <= max(1.0, 0.03 * stated(cell)), (name, measured, cell)

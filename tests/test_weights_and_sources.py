@@ -45,10 +45,45 @@ def test_mismatch_names_the_tensors(tmp_path):
     assert "missing" in str(info.value) and "unexpected" in str(info.value)
 
 
-def test_save_is_atomic(tmp_path):
+def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     weights.save(mlp(hidden=8, depth=1).state_dict(), str(path))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary left behind
+    old = path.read_bytes()
+
+    # A write cut off mid-way (half the bytes out, then the process fails) leaves the old file whole.
+    import safetensors.torch
+
+    def half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(safetensors.torch.save(tensors, metadata=metadata)[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        weights.save(mlp(hidden=16, depth=1).state_dict(), str(path))
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_write_bytes_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    """kd_ray's one atomic write: until the rename, readers see the old file; a write that never
+    reaches the rename leaves the old file whole and no temporary behind."""
+    from kd_ray.core import storage
+
+    path = tmp_path / "summary.json"
+    storage.write_bytes(str(path), b"old")
+
+    def crash(src, dst):
+        assert path.read_bytes() == b"old"  # the new bytes are all out, under another name
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(storage.os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        storage.write_bytes(str(path), b"new" * 1000)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    monkeypatch.undo()
+    storage.write_bytes(str(path), b"new")
+    assert path.read_bytes() == b"new"
 
 
 def test_standardize_lists_and_tensors():

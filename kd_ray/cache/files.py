@@ -10,12 +10,12 @@ shard is whole if and only if its name is there and its bytes hash to it.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.core.storage import filesystem
+from kd_ray.core.storage import TMP_PREFIX as TMP  # noqa: F401 (a cache's leftovers are found by it)
+from kd_ray.core.storage import filesystem, write_whole
 from kd_ray.data.sources import to_numpy
 from kd_ray.spec import CACHE_MANIFEST as MANIFEST  # noqa: F401 (the cache's layout)
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 SHARD = re.compile(r"^(source|eval_source)-(\d+)\.([0-9a-f]{16})\.parquet$")
-TMP = ".tmp-"
 
 
 def shard_name(part: str, unit: int, sha256: str) -> str:
@@ -88,11 +87,8 @@ class Store:
             return None
 
     def write(self, name: str, data: bytes) -> None:
-        """Whole or not at all: written under a temporary name, then renamed into place."""
-        tmp = self._at(f"{TMP}{uuid.uuid4().hex[:12]}-{name}")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self._at(name))
+        """Whole or not at all (kd_ray.core.storage.write_whole)."""
+        write_whole(self.fs, self._at(name), data)
 
     def names(self) -> list[str]:
         from pyarrow.fs import FileSelector, FileType

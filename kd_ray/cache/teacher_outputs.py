@@ -71,6 +71,7 @@ from kd_ray.core.imports import make_importable
 from kd_ray.data.chunks import Sources
 from kd_ray.data.sources import gather
 from kd_ray.losses import tail_column
+from kd_ray.models.precision import auto_note
 from kd_ray.spec import DATA_IDENTITY
 from kd_ray.tasks.build import task_for
 from kd_ray.tasks.cache_checks import refuse_augmentation
@@ -221,6 +222,8 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
     if todo:
         # Before anything is written: a pool that asks for what an embedded Ray lacks would wait forever.
         check_cluster(spec, echo, train=False, teacher_pool=True)
+        if note := auto_note(spec.teacher.precision, spec.teacher.pool.gpus_per_actor):
+            echo(note)
     store.make()
     for name in store.names():
         if name.startswith(TMP):  # a write that a killed capture left half-done: never visible as a shard

@@ -47,10 +47,10 @@ from kd_ray.core.columns import (
 )
 from kd_ray.core.hashing import file_sha256, input_digests
 from kd_ray.data.sources import to_numpy
-from kd_ray.losses import tail_column
+from kd_ray.losses import bytes_per_token, tail_column
 from kd_ray.models import lm as lms
-from kd_ray.spec import cache_temperatures
-from kd_ray.teacher import load_teacher
+from kd_ray.spec import LM_ROW_FIELDS, cache_temperatures
+from kd_ray.teacher import placed_teacher
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -58,6 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
 
 MASK, VALUES, IDS, TAILS, TARGET = "loss_mask", "topk_logprobs", "topk_ids", "tail_lse", "target_logprob"
+# The data fields a cache's rows are a function of; the tokenizer is named by its digest.
+_ROWS = tuple(f for f in LM_ROW_FIELDS if f != "tokenizer")
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -139,8 +141,7 @@ class TokenCodec:
         ("teacher.model", "teacher", "model"), ("teacher.kwargs", "teacher", "kwargs"),
         ("teacher.model", "teacher", "files_sha256"), ("teacher.weights", "teacher", "weights_sha256"),
         ("data.tokenizer", "inputs", "tokenizer"), ("data.tokenizer", "inputs", "vocab"),
-        *((f"data.{key}", "inputs", key) for key in ("text", "prompt", "response", "tokens", "max_seq_len", "packing",
-                                                      "max_documents", "eval_split")),
+        *((f"data.{key}", "inputs", key) for key in (*_ROWS, "eval_split")),
         ("run.seed", "inputs", "seed"),
         ("teacher.cache.format", "outputs", "format"), ("distill.top_k", "outputs", "k"), ("teacher.cache.dtype", "outputs", "dtype"),
     )
@@ -159,9 +160,8 @@ class TokenCodec:
         return {
             "teacher": {"model": teacher.model, "kwargs": teacher.kwargs, "files_sha256": lms.files_digest(teacher.model, spec.job_dir),
                         "weights_sha256": file_sha256(teacher.weights) if teacher.weights else None},
-            "inputs": {"tokenizer": lms.tokenizer_digest(tokenizer), "vocab": vocab, "text": d.text, "prompt": d.prompt,
-                       "response": d.response, "tokens": d.tokens, "max_seq_len": d.max_seq_len, "packing": d.packing,
-                       "max_documents": d.max_documents, "eval_split": d.eval_split if drawn else None,
+            "inputs": {"tokenizer": lms.tokenizer_digest(tokenizer), "vocab": vocab, **{key: getattr(d, key) for key in _ROWS},
+                       "eval_split": d.eval_split if drawn else None,
                        "seed": spec.run.seed if drawn else None},
             "outputs": {"format": "topk", "k": spec.distill.top_k, "dtype": spec.teacher.cache.value_dtype,
                         "temperatures": cache_temperatures(spec), "vocab": vocab, "ids": id_dtype(vocab).name},
@@ -183,7 +183,7 @@ class TokenCodec:
 
     def payload(self) -> int:
         """Bytes per loss token as the pool sends them: k values, k int32 ids, a tail, a target."""
-        return self.outputs["k"] * (VALUE_DTYPES[self.outputs["dtype"]].itemsize + 4) + 4 + 4
+        return bytes_per_token(self.outputs["k"], VALUE_DTYPES[self.outputs["dtype"]])
 
     def items(self, reader, unit: int, rows: int) -> int:
         """Loss tokens in a unit of token rows."""
@@ -239,11 +239,8 @@ class TokenCapture:
     captured, so the same bits), as the online pool runs it (kd_ray.tasks.causal_lm)."""
 
     def __init__(self, spec: "JobSpec", task, outputs: dict):
-
-        use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
-        self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        self.model, self.task = load_teacher(spec, task, self.device), task
-        self.precision, self.batch_size, self.outputs = spec.teacher.precision, spec.teacher.pool.batch_size, outputs
+        self.device, self.model, self.precision = placed_teacher(spec, task)
+        self.task, self.batch_size, self.outputs = task, spec.teacher.pool.batch_size, outputs
 
     def __call__(self, raw: dict) -> "pa.Table":
         rows = len(raw[ID])

@@ -47,7 +47,7 @@ def input_digests(x: np.ndarray) -> np.ndarray:
     its place (splitmix64, a bijection: a change to any one word always changes the row's sum),
     the mixed words are summed mod 2^64, and the sum is mixed again with the dtype and shape. A
     BLAKE2b per row, in a Python loop, cost 5% of a small student's train worker in a cached run
-    (benchmarks/README.md, "Small students"); this is an integrity check against changed data,
+    (docs/performance.md, "Small students"); this is an integrity check against changed data,
     not against an adversary."""
     x = np.ascontiguousarray(x)
     n = len(x)

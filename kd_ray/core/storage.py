@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Iterator
 
 from kd_ray.core.errors import UserError
@@ -113,19 +114,54 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file that no reader sees half-written: locally a temporary file renamed over
-    it, on object storage one upload (an object appears whole or not at all)."""
-    if is_remote(path):
-        fs, root = filesystem(path)
-        with fs.open_output_stream(root) as f:
+# The name a file or directory is written under before it is renamed into place: a name no reader
+# takes for the real one (a cache's leftovers of a killed capture are found by it).
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def replaced(path: str, keep_existing: bool = False) -> Iterator[str]:
+    """A temporary local path beside `path`, for the caller to write a file or a directory at,
+    renamed onto `path` when the block ends: no reader ever sees it half-written, and a write cut
+    off (an error, a killed process) leaves the old `path` whole. With `keep_existing`, a `path`
+    that appeared meanwhile (several writers of the same content) is kept and this one dropped.
+    The one atomic write of kd_ray: write_bytes and write_whole use it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    try:
+        yield tmp
+        if keep_existing and os.path.exists(path):
+            return
+        os.replace(tmp, path)
+    except OSError:
+        if not (keep_existing and os.path.exists(path)):
+            raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_whole(fs, path: str, data: bytes) -> None:
+    """Write a whole file at `path` of pyarrow filesystem `fs`, that no reader sees half-written:
+    locally through `replaced`, on object storage one upload (an object appears whole or not at
+    all; a rename there would be a copy)."""
+    from pyarrow.fs import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        with replaced(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with fs.open_output_stream(path) as f:
         f.write(data)
-    os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """write_whole at a local path or a URI."""
+    fs, root = filesystem(path)
+    write_whole(fs, root, data)
 
 
 def move(src: str, dest: str) -> None:

@@ -33,7 +33,7 @@ class LocalStream:
     are drawn per chunk), with the same functions and in the same order as the Ray Data stream.
     Sources read from files (parquet) keep the Ray Data stream when the group may have several
     workers: it reads each row group once for all of them. A single worker reads every row
-    anyway, so it reads the row groups itself (benchmarks/README.md, "Small students"). GPU runs
+    anyway, so it reads the row groups itself (docs/performance.md, "Small students"). GPU runs
     keep the stream too, where Ray Data spreads large samples' reading over the host's otherwise
     idle cores to keep a fast student fed (one reader thread per worker might not: not measured).
 
@@ -41,7 +41,7 @@ class LocalStream:
     thread (train.prefetch_batches blocks), where waiting on storage lets the step run. A reader
     thread over data in memory fought the step for the GIL and cost it far more than the reading
     itself: a small student's steps ran 1.4x faster without it, and the CPU preset's cached run
-    was no slower (benchmarks/README.md, "Small students")."""
+    was no slower (docs/performance.md, "Small students")."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any

@@ -26,6 +26,7 @@ from kd_ray.core.columns import DOCS, ID, TARGETS, TOKEN_POS, TOKENS
 from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, shown
 from kd_ray.data.ids import is_eval
 from kd_ray.data.tokens import Rows, make_rows
+from kd_ray.spec import LM_COLUMN_FIELDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import DataSpec
@@ -131,7 +132,7 @@ def _check_value(record: dict, column: str, data: "DataSpec", where: str) -> Non
 
 def field_of(data: "DataSpec", column: str) -> str:
     """The job-file field (tokens, prompt, response, text) that names a source column."""
-    return next((f for f in ("tokens", "prompt", "response", "text") if getattr(data, f) == column), "text")
+    return next((f for f in LM_COLUMN_FIELDS if getattr(data, f) == column), "text")
 
 
 def tokenize_block(batch: dict, tokenizer, columns: list[str], kind: str) -> dict:

@@ -22,12 +22,9 @@ A packed row never lets a target cross a document boundary, since the shift happ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 IGNORE = -100  # the target of a position that carries no loss
 PAD_DOC = -1  # the document index of padding
@@ -101,24 +98,3 @@ def make_rows(documents: Iterable[tuple[np.ndarray, np.ndarray]], max_len: int, 
     """(tokens, loss mask) per document -> rows, by `packing` ("pack" or "pad")."""
     pieces = [p for tokens, mask in documents for p in cut(np.asarray(tokens), np.asarray(mask, dtype=bool), max_len)]
     return (pack if packing == "pack" else pad)(pieces, max_len)
-
-
-def trimmed_length(docs: np.ndarray, multiple: int = PAD_MULTIPLE) -> int:
-    """The tokens a micro-batch of rows needs: its longest row's used length, rounded up to
-    `multiple` (at most the rows' length). Padding is at the end of each row."""
-    used = (docs != PAD_DOC).any(axis=0)
-    last = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
-    return min(docs.shape[-1], -(-last // multiple) * multiple)
-
-
-def attention_mask(docs: "torch.Tensor") -> "torch.Tensor":
-    """(batch, 1, T, T) boolean, True where query t may attend to key s: the same document, and
-    s <= t. Padding attends to itself only (a query with no key at all would be NaN in SDPA)."""
-    import torch
-
-    t = docs.shape[-1]
-    ar = torch.arange(t, device=docs.device)
-    causal = (ar[:, None] >= ar[None, :])[None]
-    pad = (docs == PAD_DOC)[:, :, None]
-    same = docs[:, :, None] == docs[:, None, :]
-    return ((same & causal & ~pad) | ((ar[:, None] == ar[None, :])[None] & pad))[:, None]

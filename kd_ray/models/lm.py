@@ -20,10 +20,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import uuid
 from typing import Any
 
+from kd_ray.core import storage
 from kd_ray.core.hashing import file_sha256
 from kd_ray.core.imports import import_callable
 
@@ -83,13 +82,9 @@ def converted_gguf(path: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"  # several actors may convert at once: the first rename wins
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with storage.replaced(out, keep_existing=True) as tmp:  # several actors may convert at once: the first wins
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

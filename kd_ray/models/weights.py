@@ -5,7 +5,6 @@ The one place that knows how a state dict is read, checked against a model, and 
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import torch
@@ -108,9 +107,8 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
         shared = v.untyped_storage().data_ptr() in seen and v.numel() > 0
         seen.add(v.untyped_storage().data_ptr())
         tensors[clean_key(k)] = v.clone() if shared else v
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with storage.replaced(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def check_weights_file(path: str, field: str, model, model_name: str, fix: str) -> None:

@@ -110,10 +110,7 @@ class MetricsLog:
             return b""
 
     def _rewrite(self, data: bytes) -> None:
-        tmp = self.path + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self.path)
+        storage.write_whole(self.fs, self.path, data)
 
 
 # The figures of a record under the names TensorBoard and MLflow show them by (kd_ray.run.tracking).

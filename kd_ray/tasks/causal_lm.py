@@ -37,7 +37,7 @@ from kd_ray.core.columns import (
 from kd_ray.core.errors import UserError
 from kd_ray.data.text import token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
-from kd_ray.losses import TokenTerms, TopK, token_loss, topk_parts
+from kd_ray.losses import TokenTerms, TopK, bytes_per_token, token_loss, topk_parts
 from kd_ray.models import lm as lms
 from kd_ray.models.precision import autocast
 from kd_ray.models.weights import STUDENT_DIR, load_into
@@ -279,8 +279,7 @@ class CausalLM:
         seconds = sum(e["window_seconds"] for e in steady)
         rate = sum(e["samples_per_second"] * e["window_seconds"] for e in steady) / seconds if seconds else None
         k = self.spec.distill.top_k
-        # Per position: k float16 log-probs, k int32 ids, the fp32 tail at T, the fp32 target log-prob.
-        per_token = k * (2 + 4) + 4 + 4 if self.spec.runs_teacher_pool else None
+        per_token = bytes_per_token(k) if self.spec.runs_teacher_pool else None  # float16 values, as the pool sends them
         return {"tokens_per_second": round(rate, 1) if rate else None, "teacher_bytes_per_token": per_token}
 
     # ---------------------------------------------------------------- export

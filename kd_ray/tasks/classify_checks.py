@@ -11,7 +11,7 @@ from kd_ray.core.imports import ModelNameError
 from kd_ray.data.sources import check_source
 from kd_ray.models.registry import check_kwargs, resolve
 from kd_ray.models.weights import check_weights_file
-from kd_ray.spec import JobSpec, ModelSpec
+from kd_ray.spec import LM_COLUMN_FIELDS, JobSpec, ModelSpec
 from kd_ray.tasks.cache_checks import (
     check_cache_path,
     check_cache_temperatures,
@@ -20,7 +20,7 @@ from kd_ray.tasks.cache_checks import (
 
 
 def check_classifier(spec: JobSpec) -> None:
-    for name in ("text", "prompt", "response", "tokens", "tokenizer"):
+    for name in (*LM_COLUMN_FIELDS, "tokenizer"):
         if getattr(spec.data, name) is not None:
             raise UserError(f"data.{name}", "only applies to task: causal_lm; remove it, or set task: causal_lm")
     if spec.distill.divergence != "forward":
