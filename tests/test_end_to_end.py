@@ -123,6 +123,64 @@ def test_kd_fsdp_two_workers_with_accumulation(ray_cluster, teacher_weights, tmp
     assert_loadable(summary, 0.7)
 
 
+def _same(batch):
+    return batch
+
+
+class _Same:
+    def __call__(self, batch):
+        return batch
+
+
+def _physical_plan(ds) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ds.explain()  # plans, executes nothing
+    return out.getvalue().split("Physical Plan (Optimized)", 1)[1]
+
+
+def test_reading_is_not_fused_into_a_cpu_teacher_pool(ray_cluster, teacher_weights, tmp_path):
+    """The read tasks of a stream stay tasks of their own, spread over the cluster, when a CPU
+    teacher pool follows them (the eval split's scoring): fused into the pool's actors, they ran
+    serially with the teacher, and nothing reached the trainers until a whole task had finished.
+    Ray fuses such stages unless told not to (the unguarded control below fuses), and a read
+    stage as wide as the pool's max_size is fused too (kd_ray.data.streams.read_tasks)."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from kd_ray.checks import validate
+    from kd_ray.data.chunks import Sources
+    from kd_ray.data.streams import build_eval, read_tasks
+    from kd_ray.tasks.build import task_for
+    from kd_ray.teacher import TeacherPool
+
+    job = kd_job(tmp_path, "fusion", teacher_weights)
+    job["teacher"]["pool"] = {"min_actors": 1, "max_actors": 2, "batch_size": 50}
+    spec = validate(job, job_dir=str(tmp_path))
+    task = task_for(spec)
+    data = Sources(spec, task)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scored = TeacherPool(spec, task).after(build_eval(spec, data))
+    assert not [w for w in caught if issubclass(w.category, RayDeprecationWarning)]  # no API Ray is removing
+    plan = _physical_plan(scored)
+    assert "TaskPoolMapOperator[MapBatches(read_chunks)]" in plan and "MapBatches(read_chunks)->" not in plan, plan
+    assert len(scored.take_all()) == data.eval_rows
+
+    def stream(chunks: int, max_actors: int, compute) -> "ray.data.Dataset":
+        return ray.data.range(chunks, override_num_blocks=chunks).map_batches(_same, batch_size=1, compute=compute).map_batches(
+            _Same, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), num_cpus=1)
+
+    for chunks, max_actors in ((3, 3), (4, 1), (2, 5)):
+        plan = _physical_plan(stream(chunks, max_actors, read_tasks(chunks, max_actors)))
+        assert "TaskPoolMapOperator[MapBatches(_same)]" in plan and "MapBatches(_same)->" not in plan, (chunks, max_actors, plan)
+    assert "MapBatches(_same)->" in _physical_plan(stream(3, 3, None))  # the check can fail: Ray fuses what nothing keeps apart
+
+
 def test_teacher_pool_equals_direct_forward(ray_cluster, teacher_weights, tmp_path):
     """The pool's logits, matched by sample id, equal a plain forward of the teacher."""
     from kd_ray.checks import validate

@@ -251,6 +251,14 @@ def throttled(base, delay_file, **kwargs):
 """
 
 
+def set_delay(delay_file, seconds: float) -> None:
+    """A new delay, whole: written beside the file and renamed over it, so that a forward never
+    reads a half-written (empty) one."""
+    tmp = delay_file.with_name(delay_file.name + ".new")
+    tmp.write_text(str(seconds))
+    os.replace(tmp, delay_file)
+
+
 def throttled(tmp_path, spec: dict, delay: float) -> tuple[dict, object]:
     """A copy of a model section made slow by `delay` seconds per forward, and its delay file."""
     (tmp_path / "throttle.py").write_text(THROTTLE)
@@ -377,18 +385,18 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
         wait_for_line(proc, lines, "start: world size 1, accumulation 4")
         second = Node(ray_cluster, {"student_node": 1})
         wait_for_line(proc, lines, "start: world size 2, accumulation 2")
-        delay.write_text("0.1")
+        set_delay(delay, 0.1)
         wait_for_line(proc, lines, "epoch ")
         # Little progress between the notice and the node's death (4 s a step): the next every-10-steps
         # checkpoint must not land in between, or the run would rightly resume from that one instead.
-        delay.write_text("2.0")
+        set_delay(delay, 2.0)
         subprocess.run(["ray", "drain-node", "--address", ray_cluster.address, "--node-id", second.node_id,
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                         "--deadline-remaining-seconds", "60"], check=True, capture_output=True, input="y\n", text=True)
         wait_for_line(proc, lines, "will be preempted: checkpoint taken")  # must resume from this checkpoint
         second.kill()
         wait_for_line(proc, lines, "start: world size 1, accumulation 4")
-        delay.write_text("0")
+        set_delay(delay, 0)
         rest, _ = proc.communicate(timeout=600)
         out = "".join(lines) + rest
         assert proc.returncode == 0, out[-4000:]

@@ -165,6 +165,7 @@ def test_a_cache_from_another_tokenizer_of_the_same_size_is_refused(tmp_path):
     from kd_ray.data.text import kjv_chapters
     from kd_ray.models.lm import llama
     from kd_ray.models.weights import save
+    from kd_ray.tasks.build import task_for
 
     chapters = [c["text"] for c in kjv_chapters()]
     a = _tokenizer_file(tmp_path / "a.json", chapters[:40])
@@ -183,7 +184,7 @@ def test_a_cache_from_another_tokenizer_of_the_same_size_is_refused(tmp_path):
 
     spec_a, spec_b = (validate(job(t), job_dir=str(tmp_path)) for t in (a, b))
     assert spec_a.teacher.cache.format == "topk"  # a language model's cache is a top-k per token
-    have, want = (TokenCodec.describe(s, None) for s in (spec_a, spec_b))
+    have, want = (TokenCodec.describe(s, None, task_for(s)) for s in (spec_a, spec_b))
     assert have["inputs"]["vocab"] == want["inputs"]["vocab"] == 400
     have["data"] = want["data"] = {"source": None, "eval_source": None}
     assert cache.mismatch(have, have, 2.0, TokenCodec.CHECKED) is None
@@ -196,7 +197,8 @@ def test_a_cache_from_another_tokenizer_of_the_same_size_is_refused(tmp_path):
                          ({"max_documents": 9}, "data.max_documents"), ({"eval_split": 0.5}, "data.eval_split")):
         changed = job(a)
         changed["data"].update(other)
-        described = TokenCodec.describe(validate(changed, job_dir=str(tmp_path)), None)
+        changed_spec = validate(changed, job_dir=str(tmp_path))
+        described = TokenCodec.describe(changed_spec, None, task_for(changed_spec))
         assert cache.mismatch(have, {**described, "data": have["data"]}, 2.0, TokenCodec.CHECKED)[0] == field
 
 

@@ -31,17 +31,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
 
 
-def read_tasks(chunks: int, max_actors: float | None) -> "ray.data.TaskPoolStrategy":
+def read_tasks(chunks: int, max_actors: float | None) -> "ray.data.TaskPoolStrategy | None":
     """Reading and preprocessing run as CPU tasks, one per chunk, spread over the cluster (Ray
     Data's default scheduling for small tasks is SPREAD), and never fused into the teacher's
     actors: fused, they ran serially with the teacher in one task holding many chunks, and
     nothing reached the trainers until that whole task had finished. Ray fuses a task stage into
     a following actor pool unless the task stage's size is set and differs from the pool's
-    max_size (ray/data/_internal/logical/rules/operator_fusion.py, _fuse_compute_strategy); a
-    size of `chunks` limits nothing, as there are only `chunks` tasks."""
+    max_size (ray/data/_internal/logical/rules/operator_fusion.py, _fuse_compute_strategy). The
+    size is the number of chunks, which limits nothing, or one fewer where that equals the pool's
+    max_size (a size above the chunks makes Ray warn on the console). One chunk read by one actor
+    has nothing to keep apart: None, Ray's default."""
     import ray.data
 
-    return ray.data.TaskPoolStrategy(size=chunks if chunks != max_actors else chunks + 1)
+    if chunks != max_actors:
+        return ray.data.TaskPoolStrategy(size=chunks)
+    return ray.data.TaskPoolStrategy(size=chunks - 1) if chunks > 1 else None
 
 
 def _stream(spec: "JobSpec", chunks: int, kwargs: dict) -> "ray.data.Dataset":
