@@ -11,47 +11,23 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
 from kd_ray.batch_plan import check_world_sizes
 from kd_ray.core import storage
-from kd_ray.core.errors import SHOWN_CHARS, UserError, clip
+from kd_ray.core.errors import UserError
 from kd_ray.core.imports import ModelNameError, import_callable
-from kd_ray.core.storage import need_file
 from kd_ray.run.tracking import check_logging
 from kd_ray.spec import (
     JobSpec,
-    apply_override,
-    load_yaml,
     parse,
     paths,
+    read_job_file,
 )
 from kd_ray.tasks.build import task_for
 
 
 def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read, override, validate and resolve a job file. Raises UserError on any mistake."""
-    need_file(path, "job file", "pass the path of a YAML job file such as jobs/quickstart.yaml")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError("job file", f"{path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); save it as UTF-8") from None
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError("job file", f"{path} is not valid YAML{where}: {clip(str(getattr(e, 'problem', e)), SHOWN_CHARS)}") from None
-    except RecursionError:
-        raise UserError("job file", f"{path} nests sections thousands of levels deep; a job file's sections are a few levels deep") from None
-    if not isinstance(raw, dict):
-        raise UserError("job file", f"{path} must be a YAML mapping with sections run, data, student, train")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate(raw, job_dir=os.path.dirname(os.path.abspath(path)))
-
+    return validate(read_job_file(path, overrides), job_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def validate(raw: dict, job_dir: str = "") -> JobSpec:

@@ -26,7 +26,7 @@ from pydantic import (
 
 from kd_ray.core import storage
 from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, shown
-from kd_ray.core.storage import is_remote
+from kd_ray.core.storage import is_remote, need_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -396,6 +396,31 @@ def apply_override(raw: dict, item: str) -> None:
             raise UserError(".".join(parts[: i + 1]), f"is not a section, so {shown(item)} cannot set a key inside it")
         node = child
     node[parts[-1]] = parsed
+
+
+def read_job_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A job file as a dict, with `a.b=c` overrides applied (kd_ray.checks.load_job validates it).
+    Raises UserError naming the job file for a file that is not UTF-8 YAML holding a mapping."""
+    need_file(path, "job file", "pass the path of a YAML job file such as jobs/quickstart.yaml")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError("job file", f"{path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); save it as UTF-8") from None
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError("job file", f"{path} is not valid YAML{where}: {clip(str(getattr(e, 'problem', e)), SHOWN_CHARS)}") from None
+    except RecursionError:
+        raise UserError("job file", f"{path} nests sections thousands of levels deep; a job file's sections are a few levels deep") from None
+    if not isinstance(raw, dict):
+        raise UserError("job file", f"{path} must be a YAML mapping with sections run, data, student, train")
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
 
 
 def parse(raw: dict, job_dir: str = "") -> JobSpec:

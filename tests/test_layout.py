@@ -182,3 +182,23 @@ def lazy_imports() -> set[tuple[str, str]]:
 
 def test_no_other_function_level_kd_ray_imports():
     assert lazy_imports() - LAZY_ALLOWED == set()
+
+
+def test_both_tasks_implement_the_whole_protocol():
+    """kd_ray.tasks.base.Task is the seam: every member it names, each task has, with the same
+    parameters (a task's extra members are its own business, the shared code calls none)."""
+    import inspect
+
+    from kd_ray.tasks.base import Task
+    from kd_ray.tasks.causal_lm import CausalLM
+    from kd_ray.tasks.classify import Classify
+
+    members = {n for n in dir(Task) if not n.startswith("_")} | set(Task.__annotations__)
+    assert {"check", "micro_step", "teacher_columns", "SCORES", "handle", "export"} <= members
+    for cls in (Classify, CausalLM):
+        missing = sorted(n for n in members if not hasattr(cls, n) and n not in ("spec",))
+        assert missing == [], f"{cls.__name__} lacks {missing}"
+        for name in members:
+            protocol, own = getattr(Task, name, None), getattr(cls, name, None)
+            if inspect.isfunction(protocol):
+                assert list(inspect.signature(own).parameters) == list(inspect.signature(protocol).parameters), (cls.__name__, name)
