@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
+
 from kd_ray import batch_plan
 from kd_ray.cache.teacher_outputs import open_for_training
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
@@ -199,8 +201,6 @@ def score_teacher(spec: JobSpec, task, data: Sources, echo: Echo, teacher_cache=
     """The teacher's scores on the eval split, once, before training: its pool runs and is
     gone before the student's workers and the training pool take their resources. From a
     cache, no pool: its outputs for the eval rows (a top-k gives the accuracy, not the loss)."""
-    import torch  # the driver imports torch only here, and only for a job with a teacher
-
     if teacher_cache is None:
         scored = TeacherPool(spec, task).after(build_eval(spec, data))
     else:
