@@ -72,7 +72,7 @@ def _dispatch(args) -> int:
         print(f"{args.job}: valid")
         return 0
     if args.command == "cache":
-        from kd_ray.cache.teacher_outputs import capture
+        from kd_ray.cache.capture import capture
 
         capture(spec, verbose=args.verbose)
         return 0

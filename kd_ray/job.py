@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from kd_ray import batch_plan
-from kd_ray.cache.teacher_outputs import open_for_training
+from kd_ray.cache.reader import open_for_training
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
 from kd_ray.core import storage
 from kd_ray.core.columns import X

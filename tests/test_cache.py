@@ -23,7 +23,9 @@ import torch
 from conftest import ROOT, TEACHER_SPEC, run_cli, run_here, write_job
 
 from kd_ray.cache import files as shards
-from kd_ray.cache import teacher_outputs as cache
+from kd_ray.cache import manifest as cache
+from kd_ray.cache.capture import capture
+from kd_ray.cache.reader import CacheReader
 from kd_ray.cache.samples import SampleCodec, encode, shard_table
 from kd_ray.core import hashing
 from kd_ray.core.columns import ID, INPUT, ROW, TAIL_LSE, TEACHER, X
@@ -125,7 +127,7 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
         files[unit] = shards.shard_name("source", unit, hashing.sha256(data))
         store.write(files[unit], data)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    reader = cache.CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, contents=None)
+    reader = CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, contents=None)
     units, rows = np.array([1, 0, 1, 0]), np.array([7, 2, 0, 4])
     x = np.stack([inputs[u][r] for u, r in zip(units, rows)])
     columns = reader.read(units, rows, {ID: units * 100 + rows, X: x})
@@ -167,7 +169,7 @@ def test_mismatch_rules():
 
 def _capture(spec) -> dict:
     lines: list[str] = []
-    summary = cache.capture(spec, echo=lines.append)
+    summary = capture(spec, echo=lines.append)
     print("\n".join(lines))
     return summary
 

@@ -141,10 +141,9 @@ def _stand_in_teacher(job: str, tmp_path) -> list[str]:
     """Overrides for a teacher's weights that another shipped job writes (the quickstart's teacher,
     trained by jobs/quickstart_teacher.yaml): when they are not there yet, an untrained model of
     the same architecture stands in, as the weights file the first command makes."""
-    from kd_ray.models.registry import build_model
-
-    from kd_ray.models import weights
     from kd_ray.checks import load_job
+    from kd_ray.models import weights
+    from kd_ray.models.registry import build_model
     from kd_ray.spec import load_yaml, parse
 
     with open(job, encoding="utf-8") as f:
@@ -180,9 +179,8 @@ def test_named_job_exists_and_validates(name, tmp_path):
     """The job as `kd-ray validate jobs/NAME.yaml` checks it (kd_ray.checks.load_job, in-process:
     schema, files, models, weights; no Ray). A job whose files only a user's cluster has is
     skipped, naming them (tests/test_jobs.py validates those jobs with local stand-ins)."""
-    from kd_ray.core.errors import UserError
-
     from kd_ray.checks import load_job
+    from kd_ray.core.errors import UserError
 
     job = os.path.join(ROOT, "jobs", name)
     assert os.path.isfile(job), f"the docs name jobs/{name}, which does not exist"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kd_ray.cache import files as shards
-from kd_ray.cache import teacher_outputs as cache
+from kd_ray.cache import manifest as cache
 from kd_ray.cache.tokens import (
     TokenCodec,
     delta_code,

@@ -168,7 +168,7 @@ def test_cache_capture_resumes_after_a_kill_and_trains_as_the_online_run(ray_clu
     from test_cache import _teacher_pool_actors, shards_of
     from test_fault_tolerance import surviving_steps
 
-    from kd_ray.cache import teacher_outputs as cache
+    from kd_ray.cache import manifest as cache
     from kd_ray.models.weights import read_state_dict
 
     assert online_kd["proc"].returncode == 0, online_kd["proc"].stderr[-3000:]

@@ -175,7 +175,7 @@ def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, s3_driv
     from test_cache import _digits_parquet, capture_killed_after_3_shards
     from test_cache import kd_job as cached_job
 
-    from kd_ray.cache import teacher_outputs as cache
+    from kd_ray.cache import manifest as cache
     from kd_ray.core import storage
 
     source, weights = s3.uri("data/digits.parquet"), s3.uri("models/teacher.safetensors")

@@ -103,7 +103,7 @@ def _augment_chunk(batch: dict, seed: int, index: int, args: dict) -> dict:
 
 def read_chunk(reader, layout, seed: int, shuffle: str, transform: dict, index: int, select, cache=None) -> dict | None:
     """The rows of chunk `index` whose positions pass `select` (positions -> mask): read, joined
-    with their cached teacher outputs (given a kd_ray.cache.teacher_outputs.CacheReader), preprocessed and
+    with their cached teacher outputs (given a kd_ray.cache.reader.CacheReader), preprocessed and
     augmented, with their positions. None if no row passes."""
     (units, rows), positions, _ = order.positions_of_chunk(layout, seed, shuffle, index)
     keep = select(positions)

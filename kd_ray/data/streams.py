@@ -58,7 +58,7 @@ def _stream(spec: "JobSpec", chunks: int, kwargs: dict) -> "ray.data.Dataset":
 
 def build_eval(spec: "JobSpec", data: Sources, cache=None) -> "ray.data.Dataset":
     """The eval split, once through, in source order (with the cached teacher outputs of its
-    rows, given the eval reader of a kd_ray.cache.teacher_outputs.TeacherCache)."""
+    rows, given the eval reader of a kd_ray.cache.reader.TeacherCache)."""
     return _stream(spec, data.eval.chunks_per_epoch("none"), chunk_kwargs(spec, data, False, cache=cache))
 
 
@@ -69,7 +69,7 @@ def build_train(spec: "JobSpec", data: Sources, end: int, block_rows: int | None
     group of one worker, which cuts whatever blocks come into micro-batches itself
     (kd_ray.data.local.whole_micro_batches). The teacher's outputs come from `pool` (a
     kd_ray.teacher.TeacherPool, which reports to `board`), or from `cache` (the train reader of a
-    kd_ray.cache.teacher_outputs.TeacherCache), or from neither (no teacher). A pool that reads its
+    kd_ray.cache.reader.TeacherCache), or from neither (no teacher). A pool that reads its
     own chunks (TeacherPool.reads_chunks: on CPUs) is handed chunk ids instead of rows."""
     chunks = order.stream_chunks(data.train, spec.data.shuffle, end)
     kwargs = chunk_kwargs(spec, data, True, control, end, cache)
