@@ -405,6 +405,7 @@ LM_JOBS = [
     ("top-k-true", lambda f, j: j["distill"].update(top_k=True), "distill.top_k", ["not true"]),
     ("beta-nan", lambda f, j: j["distill"].update(beta=float("nan")), "distill.beta", ["finite number"]),
     ("jsonl-not-json", lambda f, j: j["data"].update(source=str(f["tmp"] / "random.json")), "data.source", ["cannot read"]),
+    ("cached-without-cache", lambda f, j: j["teacher"].update(mode="cached"), "teacher.cache", ["add teacher.cache"]),
 ]
 
 

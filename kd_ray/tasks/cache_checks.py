@@ -40,3 +40,10 @@ def refuse_augmentation(spec: JobSpec) -> None:
     if spec.data.augment.active:
         raise UserError("data.augment", "random augmentation gives new inputs every epoch, but a teacher-output cache holds one "
                         "deterministic view per sample; remove data.augment (override data.augment={}) or use teacher.mode: online")
+
+
+def need_cache_block(spec: JobSpec) -> None:
+    """teacher.mode: cached trains from teacher.cache, which the job must name."""
+    if spec.teacher.cache is None:
+        raise UserError("teacher.cache", "teacher.mode: cached reads the teacher's outputs from a cache; add teacher.cache: "
+                        "{path: DIR} and write it with `kd-ray cache JOB.yaml`")

@@ -11,7 +11,11 @@ from kd_ray.core.imports import import_callable
 from kd_ray.data.text import BUILTIN_TEXTS, columns_of, field_of
 from kd_ray.models import lm as lms
 from kd_ray.spec import JobSpec
-from kd_ray.tasks.cache_checks import check_cache_path, check_cache_temperatures
+from kd_ray.tasks.cache_checks import (
+    check_cache_path,
+    check_cache_temperatures,
+    need_cache_block,
+)
 
 
 def check_lm(spec: JobSpec) -> None:
@@ -30,6 +34,8 @@ def check_lm(spec: JobSpec) -> None:
         section = getattr(spec, name)
         if section is not None:
             _check_model(spec, name, section, tokenizer, vocab)
+    if spec.teacher is not None and spec.teacher.cached:
+        need_cache_block(spec)
     if spec.teacher is not None and spec.teacher.cache is not None:
         check_token_cache(spec)
 

@@ -15,6 +15,7 @@ from kd_ray.spec import LM_COLUMN_FIELDS, JobSpec, ModelSpec
 from kd_ray.tasks.cache_checks import (
     check_cache_path,
     check_cache_temperatures,
+    need_cache_block,
     refuse_augmentation,
 )
 
@@ -32,9 +33,7 @@ def check_classifier(spec: JobSpec) -> None:
         if not spec.teacher.weights:
             raise UserError("teacher.weights", "a teacher needs trained weights (a .safetensors or .pt file); train one with a job that has no teacher section")
         if spec.teacher.cached:
-            if spec.teacher.cache is None:
-                raise UserError("teacher.cache", "teacher.mode: cached reads the teacher's outputs from a cache; add teacher.cache: "
-                                "{path: DIR} and write it with `kd-ray cache JOB.yaml`")
+            need_cache_block(spec)
             refuse_augmentation(spec)
     p = spec.data.preprocess
     for name, value in (("mean", p.mean), ("std", p.std)):
