@@ -1,4 +1,4 @@
-"""`kd-ray run | cache | eval | validate | report`: the command line. User mistakes exit 2 with one line."""
+"""`kd-ray run | prepare | cache | eval | validate | report`: the command line. User mistakes exit 2 with one line."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="start over: move an unfinished run of the same name aside instead of resuming it")
     run.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers and actors, and Ray's own "
                      "warnings and log lines (otherwise kept in Ray's session logs)")
+    pr = sub.add_parser("prepare", help="tokenize, cut and pack a language model's data into token shards at data.prepared, "
+                        "once (a run does it when they are missing); resumable, and rewrites a damaged shard")
+    pr.add_argument("job")
+    pr.add_argument("overrides", nargs="*")
+    pr.add_argument("--verbose", action="store_true", help="also print the logs of Ray's workers")
     ca = sub.add_parser("cache", help="run the job's teacher once over its data and write its outputs to teacher.cache.path "
                         "(resumable: run it again after an interruption)")
     ca.add_argument("job")
@@ -70,6 +75,11 @@ def _dispatch(args) -> int:
     spec = load_job(args.job, args.overrides)
     if args.command == "validate":
         print(f"{args.job}: valid")
+        return 0
+    if args.command == "prepare":
+        from kd_ray.job import prepare_data
+
+        prepare_data(spec, verbose=args.verbose)
         return 0
     if args.command == "cache":
         from kd_ray.cache.capture import capture

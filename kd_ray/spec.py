@@ -120,6 +120,11 @@ class DataSpec(_Section):
     packing: Literal["pack", "pad"] = Field("pack", description="causal_lm: pack documents into rows, or one per row padded")
     max_documents: Optional[int] = Field(None, ge=1, description="causal_lm: read only the first N documents of data.source "
                                                                  "(a sample of a large corpus, e.g. to capture a cache of)")
+    in_memory_tokens: int = Field(8 << 20, ge=0, description="causal_lm: a split of at most this many tokens is read whole by each "
+                                  "process that reads it (16 bytes a token), so a global shuffle permutes every row; a larger one "
+                                  "is streamed row group by row group, data.shuffle_window row groups shuffled together")
+    prepared: Optional[str] = Field(None, description="causal_lm: where the token shards are prepared (kd_ray.data.token_shards), "
+                                                      "a directory or URI; default: `prepared` under run.storage_path")
     stream: Literal["auto", "ray_data"] = Field(
         "auto", description="auto: with no teacher pool, data in memory and CPU workers, each train worker reads its own "
                             "micro-batches (kd_ray.data.local.LocalStream); ray_data: always through Ray Data's stream")
@@ -497,6 +502,8 @@ def _resolve_paths(spec: JobSpec) -> None:
         spec.data.source = _abs(spec.data.source, jd)
     if spec.data.eval_source:
         spec.data.eval_source = _abs(spec.data.eval_source, jd)
+    if spec.data.prepared:
+        spec.data.prepared = _abs(spec.data.prepared, jd)
     if spec.data.labels.endswith(".npy"):
         spec.data.labels = _abs(spec.data.labels, jd)
     for section in (spec.teacher, spec.student):
@@ -516,6 +523,8 @@ def paths(spec: JobSpec) -> list[tuple[str, str]]:
         out.append(("data.source", spec.data.source))
     if spec.data.eval_source:
         out.append(("data.eval_source", spec.data.eval_source))
+    if spec.data.prepared:
+        out.append(("data.prepared", spec.data.prepared))
     if spec.data.labels.endswith(".npy"):
         out.append(("data.labels", spec.data.labels))
     out += [(f"{name}.weights", section.weights) for name, section in (("teacher", spec.teacher), ("student", spec.student))
@@ -557,7 +566,7 @@ LM_COLUMN_FIELDS = ("text", "prompt", "response", "tokens")
 # (kd_ray.cache.tokens) are functions of these data fields.
 LM_ROW_FIELDS = (*LM_COLUMN_FIELDS, "tokenizer", "max_seq_len", "packing", "max_documents")
 # A language model's run is also a function of how its rows are made and what the teacher sends.
-LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "distill.beta", "distill.top_k")
+LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "data.in_memory_tokens", "distill.beta", "distill.top_k")
 
 
 def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:

@@ -444,23 +444,23 @@ LM_ROWS = [
 @pytest.mark.parametrize("lines, data, field, needles", [c[1:] for c in LM_ROWS], ids=[c[0] for c in LM_ROWS])
 def test_lm_documents_are_checked_as_they_are_read(tmp_path, lines, data, field, needles):
     """Read on the driver before tokenizing, before anything of the run is created or moved."""
-    from kd_ray.data.text import read_records
+    from kd_ray.data.text import first_documents
     from kd_ray.spec import DataSpec
 
     (tmp_path / "d.jsonl").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))  # ASCII, but for the latin-1 case
     with pytest.raises(UserError) as e:
-        read_records(str(tmp_path / "d.jsonl"), DataSpec(**{"source": "d.jsonl", "text": "text", **data}), "data.source")
+        first_documents(str(tmp_path / "d.jsonl"), DataSpec(**{"source": "d.jsonl", "text": "text", **data}), "data.source")
     assert e.value.field == field, e.value
     for needle in needles:
         assert needle in str(e.value), str(e.value)
 
 
 def test_token_ids_beyond_the_tokenizer(tmp_path):
-    from kd_ray.data.text import _refuse_unknown_tokens
+    from kd_ray.data.text import refuse_unknown_tokens
 
     docs = [(0, np.array([1, 2]), np.ones(2, bool)), (7, np.array([3, 50]), np.ones(2, bool))]
     with pytest.raises(UserError) as e:
-        _refuse_unknown_tokens(docs, 50)
+        refuse_unknown_tokens(docs, 50)
     assert e.value.field == "data.tokens" and "document 7 holds token id 50" in e.value.message and "0..49" in e.value.message
-    _refuse_unknown_tokens(docs[:1], 50)
+    refuse_unknown_tokens(docs[:1], 50)
 

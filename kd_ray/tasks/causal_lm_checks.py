@@ -8,7 +8,7 @@ import os
 from kd_ray.core import storage
 from kd_ray.core.errors import UserError
 from kd_ray.core.imports import import_callable
-from kd_ray.data.text import BUILTIN_TEXTS, columns_of, field_of
+from kd_ray.data.text import first_documents
 from kd_ray.models import lm as lms
 from kd_ray.spec import JobSpec
 from kd_ray.tasks.cache_checks import (
@@ -53,35 +53,11 @@ def _check_columns(spec: JobSpec) -> None:
 
 
 def _check_source(source: str, spec: JobSpec, field: str) -> None:
-    if source.startswith("builtin:"):
-        if source.removeprefix("builtin:") not in BUILTIN_TEXTS:
-            raise UserError(field, f"unknown built-in text '{source}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
-        return
-    if not os.path.exists(source):
-        raise UserError(field, f"{source} does not exist; fix the path (relative paths start at the job file's directory)")
-    columns = _columns(source, field)
-    for column in columns_of(spec.data):
-        if column not in columns:
-            raise UserError(f"data.{field_of(spec.data, column)}", f"no column '{column}' in {os.path.basename(source)}; it has: {', '.join(columns)}")
-
-
-def _columns(source: str, field: str) -> list[str]:
-    import json
-
-    try:
-        if source.endswith((".jsonl", ".json")):
-            with open(source) as f:
-                first = next((line for line in f if line.strip()), None)
-            if first is None:
-                raise UserError(field, f"{source} holds no documents; point {field} at data with at least one")
-            return list(json.loads(first))
-        import pyarrow.dataset as pads
-
-        return list(pads.dataset(source, format="parquet").schema.names)
-    except UserError:
-        raise
-    except Exception as e:  # a file that is not what its name says
-        raise UserError(field, f"cannot read {source}: {type(e).__name__}: {e}") from None
+    """The source's files are there and its first piece's documents hold the job's columns, of
+    the right types (kd_ray.data.text checks every other document as it prepares it)."""
+    docs = first_documents(source, spec.data, field)
+    if not docs:
+        raise UserError(field, f"{storage.shown(source)} holds no documents; point {field} at data with at least one")
 
 
 def _tokenizer(spec: JobSpec):

@@ -107,6 +107,9 @@ class Classify:
         eval_reader = sources.open_source(data.eval_source, data, "data.eval_source") if data.eval_source else None
         return sources.open_source(data.source, data), eval_reader
 
+    def prepare(self, echo) -> None:
+        return None  # parquet row groups and arrays in memory are read as they are
+
     def transform(self, train: bool) -> dict:
         """Deterministic preprocessing (train and eval), random augmentation (train only)."""
         p, a = self.spec.data.preprocess, self.spec.data.augment
