@@ -17,9 +17,9 @@ the first document of each piece is counted beforehand (kd_ray.data.token_shards
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,8 +92,9 @@ def source_files(source: str, field: str) -> tuple[object, str, list[SourceFile]
         wild = next((i for i, c in enumerate(root) if c in GLOB), None)
         if wild is not None:
             base = root[:wild].rsplit("/", 1)[0] or "/"
+            match = glob_pattern(root)
             infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, root)]
+                     if i.type == pafs.FileType.File and match.fullmatch(i.path)]
             what = f"no file matches {storage.shown(source)}"
         else:
             info = fs.get_file_info(root)
@@ -112,6 +113,33 @@ def source_files(source: str, field: str) -> tuple[object, str, list[SourceFile]
     if not infos:
         raise UserError(field, f"{what}; point {field} at a file, a directory or a glob of them")
     return fs, root, [SourceFile(i.path, i.size, i.mtime.timestamp() if i.mtime else None) for i in sorted(infos, key=lambda i: i.path)]
+
+
+def glob_pattern(pattern: str) -> "re.Pattern":
+    """A glob as shells read it: `*` and `?` within a directory's name, `**/` any number of
+    directories, `[...]` a class of characters."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            out.append("[" + pattern[i + 1:end].replace("!", "^", 1 if pattern[i + 1] == "!" else 0) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def file_name(path: str, root: str) -> str:

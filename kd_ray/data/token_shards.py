@@ -305,6 +305,7 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
             pieces += _numbered(mine, fs_of[part])
     pieces = [replace(p, index=i) for i, p in enumerate(pieces)]
     if manifest is None:  # a preparation cut off before its manifest: its whole files are kept
+        _remove_leftovers(root, present)
         found = _found_pieces(root, present, pieces, verify)
         done, pieces_done = found, {f["piece"] for f in found}
     todo = [p for p in pieces if p.index not in pieces_done
@@ -326,6 +327,14 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
         echo(f"prepared {t['train']['tokens'] + t['eval']['tokens']:,} tokens ({t['train']['rows']:,} train rows, "
              f"{t['eval']['rows']:,} eval rows) in {time.time() - started:.1f}s")
     return Prepared(root, manifest)
+
+
+def _remove_leftovers(root: str, present: dict[str, int]) -> None:
+    """The temporary files of writes a killed preparation cut off (kd_ray.core.storage.replaced)."""
+    fs, base = storage.filesystem(root)
+    for name in [n for n in present if n.rsplit("/", 1)[-1].startswith(storage.TMP_PREFIX)]:
+        fs.delete_file(f"{base}/{name}")
+        del present[name]
 
 
 def _found_pieces(root: str, present: dict[str, int], pieces: list[Piece], verify: bool) -> list[dict]:

@@ -19,7 +19,7 @@ one class that fills the same slots.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, TYPE_CHECKING, Any, ClassVar, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
