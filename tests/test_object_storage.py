@@ -20,6 +20,7 @@ from test_fault_tolerance import (
     wait_for_checkpoints,
     wait_until_no_actor,
 )
+from test_token_shards import corpus  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,37 @@ def test_cache_and_parquet_data_and_teacher_in_a_bucket(ray_cluster, s3, s3_driv
     assert "cached outputs" in proc.stdout and "9 shards checked" in proc.stdout, proc.stdout[-3000:]
     summary = json.loads((tmp_path / "runs" / "from_bucket" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["student"]["accuracy"] > 0.5, summary
+
+
+def test_lm_documents_and_token_shards_in_a_bucket(ray_cluster, s3, s3_driver, corpus, tmp_path):
+    """A language model's documents (a prefix of JSON-lines files) and its token shards both in
+    the bucket: `kd-ray prepare` writes them there, they hold the rows a local preparation of the
+    same files holds, and a run trains from them."""
+    import numpy as np
+    from test_token_shards import _job, _prepare, _rows, _spec
+
+    from kd_ray.core import storage
+    from kd_ray.data.token_shards import Prepared
+
+    lines = corpus["lines"].splitlines(keepends=True)
+    local = tmp_path / "docs"
+    local.mkdir()
+    for i, part in enumerate((lines[:50], lines[50:120])):
+        (local / f"part-{i}.jsonl").write_text("".join(part))
+        storage.put(str(local / f"part-{i}.jsonl"), s3.uri(f"lm/docs/part-{i}.jsonl"))
+    job = _job(corpus, s3.uri("lm/docs"), s3.uri("lm/prepared"))
+    job["run"]["storage_path"] = str(tmp_path / "runs")
+    path = write_job(tmp_path / "lm.yaml", job)
+    proc = run_here(["prepare", path])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    digest = storage.listdir(s3.uri("lm/prepared"))
+    assert len(digest) == 1 and "token shards at s3://" in proc.stdout, proc.stdout
+    in_bucket = Prepared(s3.uri(f"lm/prepared/{digest[0]}"), bucket_json(s3.uri(f"lm/prepared/{digest[0]}/manifest.json")))
+    here = _prepare(_spec(tmp_path, _job(corpus, local, tmp_path / "prepared")))
+    for split in ("train", "eval"):
+        a, b = _rows(in_bucket, split), _rows(here, split)
+        assert len(a["id"]) and all(np.array_equal(a[k], b[k]) for k in a), split
+
+    proc = run_here(["run", path])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())["steps"] == 4
