@@ -62,7 +62,10 @@ def columns_of(data: "DataSpec") -> list[str]:
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-PIECE_BYTES = 32 << 20  # of a source's bytes (uncompressed parquet, or JSON lines) per piece
+# Of a source's bytes (uncompressed parquet, or JSON lines) per piece: about 2M tokens, 10 s of a
+# core's tokenizing, so that a corpus of tens of MB already keeps every core busy, while a task's
+# start (its tokenizer unpickled) stays a few percent of it. The whole KJV (4.5 MB) is one piece.
+PIECE_BYTES = 8 << 20
 GLOB = "*?["
 
 
@@ -235,16 +238,23 @@ def _line_ranges(fs, f: SourceFile) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:] + [f.size]))
 
 
-def _raw_lines(fs, piece: Piece) -> list[bytes]:
-    """The lines of a JSON-lines piece, as bytes."""
+def _raw_lines(fs, piece: Piece, head: int | None = None) -> list[bytes]:
+    """The lines of a JSON-lines piece, as bytes (`head`: only the whole lines of its first
+    `head` bytes)."""
     if _compressed(piece.path):
         with fs.open_input_stream(piece.path, compression="detect") as r:
-            return r.read().split(b"\n")
-    with fs.open_input_file(piece.path) as r:
-        r.seek(piece.start)
-        data = r.read(piece.stop - piece.start)
+            data = r.read() if head is None else r.read(head)
+        whole = head is None or len(data) < head
+    else:
+        with fs.open_input_file(piece.path) as r:
+            r.seek(piece.start)
+            size = piece.stop - piece.start
+            data = r.read(size if head is None else min(size, head))
+        whole = len(data) == size
+    if not whole and b"\n" not in data:  # a first line longer than `head`: read it all
+        return _raw_lines(fs, piece)
     lines = data.split(b"\n")
-    return lines[:-1] if data.endswith(b"\n") else lines
+    return lines[:-1] if data.endswith(b"\n") or not whole else lines
 
 
 def count_documents(fs, piece: Piece) -> tuple[int, int]:
@@ -258,15 +268,16 @@ def count_documents(fs, piece: Piece) -> tuple[int, int]:
     return piece.stop - piece.start, 0
 
 
-def piece_documents(fs, piece: Piece, data: "DataSpec") -> list[dict]:
+def piece_documents(fs, piece: Piece, data: "DataSpec", head: int | None = None) -> list[dict]:
     """The documents of a piece, in order, each with its id and the job's columns, every value
-    checked (a mistake names the file and the row, or the line)."""
+    checked (a mistake names the file and the row, or the line). `head`: only those in about its
+    first `head` bytes (a parquet piece's first row group)."""
     field = f"data.{piece.part}"
     if piece.kind == "builtin":
         return kjv_chapters()[piece.start:piece.stop]
     cols = columns_of(data) + ([data.id_column] if data.id_column else [])
     if piece.kind == "json":
-        records = _json_records(fs, piece, field)
+        records = _json_records(fs, piece, field, head)
     else:
         import pyarrow.parquet as pq
 
@@ -278,7 +289,8 @@ def piece_documents(fs, piece: Piece, data: "DataSpec") -> list[dict]:
                     col = missing[0]
                     raise UserError("data.id_column" if col == data.id_column else f"data.{field_of(data, col)}",
                                     f"no column '{col}' in {piece.name}; it has: {clip(', '.join(pf.schema_arrow.names), SHOWN_CHARS)}")
-                records = pf.read_row_groups(range(piece.start, piece.stop), columns=cols).to_pylist()
+                stop = piece.stop if head is None else min(piece.stop, piece.start + 1)
+                records = pf.read_row_groups(range(piece.start, stop), columns=cols).to_pylist()
         except UserError:
             raise
         except Exception as e:
@@ -297,9 +309,9 @@ def piece_documents(fs, piece: Piece, data: "DataSpec") -> list[dict]:
     return records
 
 
-def _json_records(fs, piece: Piece, field: str) -> list[dict]:
+def _json_records(fs, piece: Piece, field: str, head: int | None) -> list[dict]:
     records = []
-    for n, raw in enumerate(_raw_lines(fs, piece), piece.first_line + 1):
+    for n, raw in enumerate(_raw_lines(fs, piece, head), piece.first_line + 1):
         try:
             line = raw.decode("utf-8")  # per line: a bad byte is named by its line
             if not line.strip():
@@ -314,11 +326,15 @@ def _json_records(fs, piece: Piece, field: str) -> list[dict]:
     return records
 
 
+VALIDATED_BYTES = 1 << 20  # of a source that validation reads: its first documents
+
+
 def first_documents(source: str, data: "DataSpec", field: str) -> list[dict]:
-    """The documents of a source's first piece: what validation reads of it (every value
-    checked, as kd_ray.data.token_shards checks the others' as it prepares them)."""
+    """The documents in about the first megabyte of a source (a parquet file's first row group):
+    what validation reads of it, every value checked as kd_ray.data.token_shards checks all the
+    others' as it prepares them."""
     fs, pieces = plan_pieces(source, field.removeprefix("data."), field)
-    return piece_documents(fs, pieces[0], data) if pieces else []
+    return piece_documents(fs, pieces[0], data, VALIDATED_BYTES) if pieces else []
 
 
 def _token_ids(value) -> bool:
