@@ -1,7 +1,7 @@
 """A language model's teacher outputs in cache shards, per token (kd_ray.cache says how a cache
 is captured, checked and read; this module, what a causal-LM shard holds).
 
-A shard holds one unit of token rows (kd_ray.data.text.TokenRowReader: 16k tokens), one parquet
+A shard holds one unit of token rows (a row group of kd_ray.data.token_shards: 16k tokens), one parquet
 row per token row:
 
     id, row, input_digest   the row's stable id, its place in the unit, and a 64-bit digest of
