@@ -97,6 +97,18 @@ def test_pieces_number_documents_as_one_read_and_every_form_of_a_source_gives_th
     again: list[str] = []
     assert _prepare(_spec(tmp_path, _job(corpus, corpus["root"] / "kjv.jsonl", tmp_path / "one")), again).root == one.root and not again
 
+    # The source touched: prepared again (its identity is its files' sizes and times), to the same
+    # bytes, so the rows' identity (what a teacher cache is checked against) is unchanged.
+    from kd_ray.data.token_shards import TokenShardReader
+
+    touched = tmp_path / "touched.jsonl"
+    touched.write_text(corpus["lines"])
+    first = _prepare(_spec(tmp_path, _job(corpus, touched, tmp_path / "one")))
+    os.utime(touched, (1e9, 1e9))
+    second = _prepare(_spec(tmp_path, _job(corpus, touched, tmp_path / "one")))
+    assert first.root != second.root
+    assert TokenShardReader(first, "train", 0).identity() == TokenShardReader(second, "train", 0).identity()
+
     monkeypatch.setattr(text, "PIECE_BYTES", 60_000)  # cut on the driver: about 12 pieces
     cut = _prepare(_spec(tmp_path, _job(corpus, corpus["root"] / "kjv.jsonl", tmp_path / "cut")))
     assert len({f["piece"] for f in cut.manifest["files"]}) > 8

@@ -45,6 +45,7 @@ import numpy as np
 from kd_ray.core import storage
 from kd_ray.core.columns import DOCS, ID, TARGETS, TOKEN_POS, TOKENS
 from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, user_error_in
+from kd_ray.core.hashing import file_sha256, sha256
 from kd_ray.data.ids import is_eval
 from kd_ray.data.sources import gather
 from kd_ray.data.text import (
@@ -62,7 +63,7 @@ from kd_ray.spec import LM_ROW_FIELDS
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 COLUMNS = (TOKENS, TARGETS, DOCS, TOKEN_POS)  # besides the id; in the order of kd_ray.data.tokens.Rows
@@ -179,7 +180,7 @@ def prepare_piece(piece: Piece, fs, data, tokenizer, vocab: int, job: PieceJob) 
                    "row_groups": [min(per, n - a) for a in range(0, n, per)], "documents": len(part),
                    "tokens": int((rows.docs >= 0).sum()), "loss_tokens": int((rows.targets >= 0).sum())}
         payload = _parquet_bytes(table, per, summary)
-        summary["bytes"] = len(payload)
+        summary.update(bytes=len(payload), sha256=sha256(payload))
         storage.write_whole(out_fs, f"{out_root}/{summary['file']}", payload)
         out.append(summary)
     return out
@@ -356,9 +357,9 @@ def _found_pieces(root: str, present: dict[str, int], pieces: list[Piece], verif
                     summary = json.loads(pq.ParquetFile(f).schema_arrow.metadata[b"kd_ray"])
             except Exception:
                 break
-            summary["bytes"] = present[name]
             if summary.get("key") != keys[p.index] or (verify and _whole(root, summary)):
                 break
+            summary.update(bytes=present[name], sha256=file_sha256(storage.join(root, name)))
             entries.append(summary)
         if len(entries) == len(SPLITS):
             found += entries
@@ -400,7 +401,10 @@ class TokenShardReader:
     def __init__(self, prepared: Prepared, split: str, in_memory_tokens: int):
         m = prepared.manifest
         self.root, self.split, self.seq = prepared.root, split, m["max_seq_len"]
-        self.digest = digest_of(m["identity"])
+        # What the rows are: the digest of the split's files' contents, so that a source touched or
+        # copied (prepared again, to the same bytes) still matches a cache captured from it.
+        self.digest = hashlib.blake2b(json.dumps([(f["file"], f["sha256"]) for f in prepared.files(split)]).encode(),
+                                      digest_size=16).hexdigest()
         self.units: list[tuple[str, int, int, int, int]] = []  # (file, row group, rows, first row, piece)
         for f in prepared.files(split):
             first = 0
@@ -452,8 +456,7 @@ class TokenShardReader:
         return out
 
     def identity(self) -> str:
-        """The preparation's digest and the split: the rows are a function of them."""
-        return f"{self.digest}/{self.split}"
+        return self.digest
 
 
 def token_readers(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str) -> tuple[TokenShardReader, TokenShardReader]:
