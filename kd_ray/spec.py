@@ -115,6 +115,10 @@ class DataSpec(_Section):
     prompt: Optional[str] = Field(None, description="causal_lm: column of prompts (no loss), with data.response")
     response: Optional[str] = Field(None, description="causal_lm: column of responses (the loss covers these tokens)")
     tokens: Optional[str] = Field(None, description="causal_lm: column of token ids (list<int>), already tokenized")
+    messages: Optional[str] = Field(None, description="causal_lm: column of conversations (lists of {role, content}), rendered with "
+                                                      "the tokenizer's chat template; the loss covers the assistant's turns")
+    chat_template: bool = Field(False, description="causal_lm: render data.prompt + data.response as a user turn and an assistant "
+                                                   "turn with the tokenizer's chat template (as instruction-tuned models saw them)")
     tokenizer: Optional[str] = Field(None, description="causal_lm: a tokenizer.json, a directory holding one, or 'teacher'")
     max_seq_len: int = Field(512, ge=2, description="causal_lm: tokens per row; longer documents are cut")
     packing: Literal["pack", "pad"] = Field("pack", description="causal_lm: pack documents into rows, or one per row padded")
@@ -561,10 +565,10 @@ FIXED_ON_RESUME = (
 DISTILL_FIXED = ("loss", "temperature", "alpha")
 # A language model's documents: the data fields that name their columns, one list for the checks,
 # the reader and the cache.
-LM_COLUMN_FIELDS = ("text", "prompt", "response", "tokens")
+LM_COLUMN_FIELDS = ("text", "prompt", "response", "tokens", "messages")
 # How a language model's rows are made: its run (LM_FIXED_ON_RESUME) and its teacher-output cache
 # (kd_ray.cache.tokens) are functions of these data fields.
-LM_ROW_FIELDS = (*LM_COLUMN_FIELDS, "tokenizer", "max_seq_len", "packing", "max_documents")
+LM_ROW_FIELDS = (*LM_COLUMN_FIELDS, "chat_template", "tokenizer", "max_seq_len", "packing", "max_documents")
 # A language model's run is also a function of how its rows are made and what the teacher sends.
 LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "data.in_memory_tokens", "distill.beta", "distill.top_k")
 

@@ -26,6 +26,7 @@ from kd_ray.core.columns import (
     TOPK_INDICES,
     TOPK_VALUES,
 )
+from kd_ray.core.errors import UserError
 from kd_ray.data.tokens import IGNORE, PAD_DOC, cut, make_rows, pack, shift_targets
 from kd_ray.losses import (
     bucket_divergence,
@@ -296,6 +297,11 @@ MISTAKES = [
     ("an LM cache of full logits", lambda f, j: j["teacher"].update(mode="cached", cache={"path": "c", "format": "full"}), "teacher.cache.format"),
     ("a model that is not a language model", lambda f, j: j["student"].update(model="resnet18"), "student.model"),
     ("an unknown built-in text", lambda f, j: j["data"].update(source="builtin:bible"), "data.source"),
+    ("a chat template without prompt and response", lambda f, j: j["data"].update(chat_template=True), "data.chat_template"),
+    ("a chat template the tokenizer lacks", lambda f, j: j["data"].update(text=None, prompt="q", response="a", chat_template=True),
+     "data.chat_template"),
+    ("conversations and text at once", lambda f, j: j["data"].update(messages="text"), "data.messages"),
+    ("conversations that are text", lambda f, j: j["data"].update(text=None, messages="text"), "data.messages"),
 ]
 
 
@@ -359,3 +365,44 @@ def test_the_students_decoder_runs_in_the_jobs_precision_and_its_loss_sums_in_fp
     batch = _joined(_batches()[:2])
     terms = task.micro_step(model, batch, task.count(batch), torch.device("cpu"), None)
     assert seen == [dtype] and terms.kd_sum.dtype == torch.float32 and torch.isfinite(terms.loss)
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who made the heaven?"},
+                {"role": "assistant", "content": "God."}, {"role": "user", "content": "When?"},
+                {"role": "assistant", "content": "In the beginning."}]
+
+
+def test_conversations_carry_loss_on_the_assistants_turns_only():
+    """Rendered with the chat template of SmolLM2-Instruct's tokenizer (the LM quickstart's
+    teacher's): the loss mask covers each assistant turn and its end-of-turn tokens, nothing of
+    the system's or the user's; prompt + response with data.chat_template are the conversation of
+    a user turn and an assistant turn."""
+    from kd_ray.data.text import chat_tokens, tokenized
+    from kd_ray.models import lm as lms
+    from kd_ray.spec import DataSpec
+
+    tok = lms.load_tokenizer("smollm2-135m-instruct", None)
+    ids, mask = chat_tokens(tok, CONVERSATION, "document 0")
+    assert tok.decode(ids) == tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tok.decode(ids[mask]) == "God.<|im_end|>\nIn the beginning.<|im_end|>\n"
+    assert "Who made" in tok.decode(ids[~mask]) and "Be brief." in tok.decode(ids[~mask])
+
+    data = DataSpec(source="x.jsonl", prompt="q", response="a", chat_template=True)
+    [(_, ids, mask)] = tokenized([{"id": 0, "q": "Who made the heaven?", "a": "God."}], data, tok)
+    want = chat_tokens(tok, CONVERSATION[1:3], "document 0")
+    assert np.array_equal(ids, want[0]) and np.array_equal(mask, want[1])
+    assert tok.decode(ids[mask]) == "God.<|im_end|>\n"
+
+
+def test_conversations_are_checked_as_they_are_read(tmp_path):
+    import json
+
+    from kd_ray.data.text import first_documents
+    from kd_ray.spec import DataSpec
+
+    for bad, needle in (([{"role": "user", "content": "Hi"}], "at least one with role assistant"),
+                        ([{"role": "assistant", "content": 3}], "must be a list of {role, content}"), ("Hi", "holds 'Hi'")):
+        (tmp_path / "c.jsonl").write_text(json.dumps({"m": CONVERSATION}) + "\n" + json.dumps({"m": bad}) + "\n")
+        with pytest.raises(UserError) as e:
+            first_documents(str(tmp_path / "c.jsonl"), DataSpec(source="c.jsonl", messages="m"), "data.source")
+        assert e.value.field == "data.messages" and "row 1 of c.jsonl" in e.value.message and needle in e.value.message, e.value

@@ -266,3 +266,19 @@ def test_a_streamed_run_that_loses_a_worker_trains_every_row_once_per_epoch(ray_
     n = len(ids)
     assert sorted(stream[:n]) == sorted(ids)  # epoch 0: every row once
     assert len(set(stream[n:])) == len(stream[n:]) and set(stream[n:]) <= ids
+
+
+def test_conversations_prepare_with_loss_on_the_assistants_turns(ray_cluster, corpus, tmp_path):
+    from test_lm import CONVERSATION
+
+    from kd_ray.data.text import chat_tokens
+    from kd_ray.models import lm as lms
+
+    convs = [[*CONVERSATION[:2], {"role": "assistant", "content": c["text"][:200]}] for c in corpus["chapters"][:30]]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"m": c}) + "\n" for c in convs))
+    job = _job(corpus, tmp_path / "chat.jsonl", tmp_path / "prepared", text=None, messages="m", tokenizer="smollm2-135m-instruct",
+               eval_split=0.0)
+    got = _prepare(_spec(tmp_path, job))
+    tok = lms.load_tokenizer("smollm2-135m-instruct", None)
+    want = sum(int(chat_tokens(tok, c, "")[1].sum()) for c in convs)
+    assert got.manifest["totals"]["train"]["documents"] == 30 and got.manifest["totals"]["train"]["loss_tokens"] == want

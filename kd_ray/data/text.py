@@ -55,6 +55,8 @@ def columns_of(data: "DataSpec") -> list[str]:
     """The source columns a job reads, in the order documents are made of them."""
     if data.tokens:
         return [data.tokens]
+    if data.messages:
+        return [data.messages]
     if data.prompt or data.response:
         return [data.prompt, data.response]
     return [data.text or "text"]
@@ -357,10 +359,44 @@ def _check_value(record: dict, column: str, data: "DataSpec", where: str) -> Non
         ok, want = _token_ids(value), "a list of token ids (integers >= 0)"
     elif field == "id_column":
         ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer id"
+    elif field == "messages":
+        ok, want = _conversation(value), "a list of {role, content} messages (strings), at least one with role assistant"
     else:
         ok, want = isinstance(value, str), "text (a string)"
     if not ok:
         raise UserError(f"data.{field}", f"{where} holds {shown(value, 80)} in column '{column}'; it must be {want}")
+
+
+def _conversation(value) -> bool:
+    return (isinstance(value, (list, tuple)) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in value)
+            and any(m["role"] == "assistant" for m in value))
+
+
+def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def chat_tokens(tokenizer, messages: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A conversation through the tokenizer's chat template: its token ids, and a loss mask over
+    the assistant's turns (each from after its generation prompt to its end-of-turn tokens, as
+    the template renders them). A turn's span is the difference between the renderings of the
+    conversation up to it, so the template must render each turn the same in the whole as in
+    the prefix (a template that rewrites earlier turns, e.g. dropping their reasoning, is refused)."""
+    ids = _chat_ids(tokenizer, messages)
+    mask = np.zeros(len(ids), dtype=bool)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        upto = _chat_ids(tokenizer, messages[:i + 1])
+        if ids[:len(upto)] != upto or upto[:len(head)] != head:
+            raise UserError("data.messages", f"{where}: the tokenizer's chat template renders turn {i} differently inside the "
+                            "whole conversation than on its own, so its tokens cannot be told apart; use a template that keeps "
+                            "earlier turns as they are, or give data.prompt + data.response")
+        mask[len(head):len(upto)] = True
+    return np.asarray(ids, dtype=np.int64), mask
 
 
 def field_of(data: "DataSpec", column: str) -> str:
@@ -375,6 +411,13 @@ def tokenized(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[in
     cols = columns_of(data)
     if data.tokens:
         return [(r["id"], np.asarray(r[cols[0]], dtype=np.int64), np.ones(len(r[cols[0]]), dtype=bool)) for r in records]
+    if data.messages or data.chat_template:  # the template writes each turn's end: no end-of-text token is added
+        def turns(r):
+            if data.messages:
+                return r[data.messages]
+            return [{"role": "user", "content": r[data.prompt]}, {"role": "assistant", "content": r[data.response]}]
+
+        return [(r["id"], *chat_tokens(tokenizer, turns(r), f"document {r['id']}")) for r in records]
     eos = tokenizer.eos_token_id
     end = [eos] if eos is not None else []
     out = []

@@ -28,6 +28,10 @@ def check_lm(spec: JobSpec) -> None:
         raise UserError("data.tokenizer", "a job with no teacher needs a tokenizer: a tokenizer.json or a directory holding one")
     tokenizer = _tokenizer(spec)
     vocab = lms.vocab_size(tokenizer)
+    if (d.messages or d.chat_template) and not getattr(tokenizer, "chat_template", None):
+        field = "data.messages" if d.messages else "data.chat_template"
+        raise UserError(field, f"the tokenizer ({d.tokenizer or 'the teacher'}'s) has no chat template to render conversations with; "
+                        "use an instruction-tuned model's tokenizer, or give the data as data.text or data.prompt + data.response")
     if spec.distill.top_k > vocab:
         raise UserError("distill.top_k", f"{spec.distill.top_k} is more than the tokenizer's {vocab} tokens; use at most {vocab}")
     for name in ("teacher", "student"):
@@ -45,9 +49,13 @@ def _check_columns(spec: JobSpec) -> None:
     if (d.prompt is None) != (d.response is None):
         have, missing = ("prompt", "response") if d.response is None else ("response", "prompt")
         raise UserError(f"data.{missing}", f"data.{have} needs data.{missing} too: the loss covers the response tokens that follow each prompt")
-    given = [n for n, v in (("text", d.text), ("prompt", d.prompt), ("tokens", d.tokens)) if v is not None]
+    given = [n for n, v in (("text", d.text), ("prompt", d.prompt), ("messages", d.messages), ("tokens", d.tokens)) if v is not None]
     if len(given) > 1:
-        raise UserError(f"data.{given[1]}", f"give one of data.text, data.prompt + data.response or data.tokens, not {' and '.join(given)}")
+        raise UserError(f"data.{given[1]}", "give one of data.text, data.prompt + data.response, data.messages or data.tokens, "
+                        f"not {' and '.join(given)}")
+    if d.chat_template and d.prompt is None:
+        raise UserError("data.chat_template", "renders data.prompt + data.response as a conversation; give those columns (data.messages "
+                        "is rendered with the template anyway), or remove data.chat_template")
     if spec.data.augment.active:
         raise UserError("data.augment", "augmentation is for images; remove it for task: causal_lm")
 
