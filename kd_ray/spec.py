@@ -96,8 +96,11 @@ class AugmentSpec(_Section):
         return bool(self.noise_std or self.shift or self.hflip)
 
 
+Source = Union[str, Annotated[list[str], Field(min_length=1)]]  # a list of files: causal_lm (kd_ray.data.text)
+
+
 class DataSpec(_Section):
-    source: str
+    source: Source
     features: str = "x"
     labels: str = "y"
     id_column: Optional[str] = None
@@ -108,7 +111,7 @@ class DataSpec(_Section):
     shuffle: Literal["global", "local", "none"] = "global"
     shuffle_window: int = Field(4, ge=1, description="parquet row groups read and shuffled together")
     eval_split: float = Field(0.2, ge=0, lt=1)
-    eval_source: Optional[str] = None
+    eval_source: Optional[Source] = None
     # task: causal_lm (kd_ray.data.text): documents as text, prompt + response, or token ids, cut
     # and packed (or padded) into rows of max_seq_len tokens by data.tokenizer.
     text: Optional[str] = Field(None, description="causal_lm: column of plain text (every token carries loss)")
@@ -499,13 +502,24 @@ def _abs(path: str, job_dir: str) -> str:
     return os.path.normpath(os.path.join(job_dir, os.path.expanduser(path)))
 
 
+def _abs_source(source: str | list[str], job_dir: str) -> str | list[str]:
+    if isinstance(source, list):
+        return [_abs_source(s, job_dir) for s in source]
+    return source if source.startswith("builtin:") else _abs(source, job_dir)
+
+
+def source_paths(source: str | list[str] | None) -> list[str]:
+    """The files, directories or URIs a data source names (none for a built-in)."""
+    listed = source if isinstance(source, list) else [source] if source else []
+    return [s for s in listed if not s.startswith("builtin:")]
+
+
 def _resolve_paths(spec: JobSpec) -> None:
     jd = spec.job_dir or os.getcwd()
     spec.run.storage_path = _abs(spec.run.storage_path, jd)
-    if not spec.data.source.startswith("builtin:"):
-        spec.data.source = _abs(spec.data.source, jd)
+    spec.data.source = _abs_source(spec.data.source, jd)
     if spec.data.eval_source:
-        spec.data.eval_source = _abs(spec.data.eval_source, jd)
+        spec.data.eval_source = _abs_source(spec.data.eval_source, jd)
     if spec.data.prepared:
         spec.data.prepared = _abs(spec.data.prepared, jd)
     if spec.data.labels.endswith(".npy"):
@@ -523,10 +537,7 @@ def _resolve_paths(spec: JobSpec) -> None:
 def paths(spec: JobSpec) -> list[tuple[str, str]]:
     """(field, path) of every file or directory a job reads or writes, as resolved."""
     out = [("run.storage_path", spec.run.storage_path)]
-    if not spec.data.source.startswith("builtin:"):
-        out.append(("data.source", spec.data.source))
-    if spec.data.eval_source:
-        out.append(("data.eval_source", spec.data.eval_source))
+    out += [(field, path) for field in ("data.source", "data.eval_source") for path in source_paths(getattr(spec.data, field[5:]))]
     if spec.data.prepared:
         out.append(("data.prepared", spec.data.prepared))
     if spec.data.labels.endswith(".npy"):

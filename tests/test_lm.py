@@ -300,6 +300,7 @@ MISTAKES = [
     ("a chat template without prompt and response", lambda f, j: j["data"].update(chat_template=True), "data.chat_template"),
     ("a chat template the tokenizer lacks", lambda f, j: j["data"].update(text=None, prompt="q", response="a", chat_template=True),
      "data.chat_template"),
+    ("a list mixing files and a built-in text", lambda f, j: j["data"].update(source=[f["data"], "builtin:kjv"]), "data.source"),
     ("conversations and text at once", lambda f, j: j["data"].update(messages="text"), "data.messages"),
     ("conversations that are text", lambda f, j: j["data"].update(text=None, messages="text"), "data.messages"),
 ]
@@ -329,7 +330,10 @@ def test_a_classifier_refuses_lm_only_settings(tmp_path, capsys):
 
     from kd_ray.cli import main
 
-    for section, key, value, field in (("distill", "loss", "jsd", "distill.loss"), ("data", "text", "text", "data.text")):
+    for section, key, value, field in (("distill", "loss", "jsd", "distill.loss"), ("data", "text", "text", "data.text"),
+                                       ("data", "chat_template", True, "data.chat_template"),
+                                       ("data", "prepared", "p", "data.prepared"),
+                                       ("data", "source", ["builtin:digits"], "data.source")):
         job = digits_job(tmp_path, "c")
         job.setdefault(section, {})[key] = value
         assert main(["validate", write_job(tmp_path / "c.yaml", job)]) == 2

@@ -43,7 +43,7 @@ def corpus(tmp_path_factory) -> dict:
 
 def _job(corpus, source, prepared, **data) -> dict:
     return {"task": "causal_lm", "run": {"name": "lm", "storage_path": str(corpus["root"] / "runs"), "seed": 0, "deterministic": True},
-            "data": {"source": str(source), "text": "text", "tokenizer": corpus["tokenizer"], "max_seq_len": 128, "eval_split": 0.1,
+            "data": {"source": source if isinstance(source, list) else str(source), "text": "text", "tokenizer": corpus["tokenizer"], "max_seq_len": 128, "eval_split": 0.1,
                      "prepared": str(prepared), **data},
             "student": {"model": "llama", "kwargs": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                                      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}},
@@ -130,8 +130,9 @@ def test_pieces_number_documents_as_one_read_and_every_form_of_a_source_gives_th
     (forms / "dir" / "a.jsonl").write_text("".join(half[:100]))
     pq.write_table(table.slice(100), forms / "dir" / "nested" / "b.parquet", row_group_size=50)
     (forms / "dir" / "_SUCCESS").write_text("")
-    for source in ("kjv.jsonl.gz", "kjv.jsonl.zst", "kjv.parquet", "dir", "dir/**/*.*"):
-        got = _prepare(_spec(tmp_path, _job(corpus, forms / source, tmp_path / "forms_prepared")))
+    for source in ("kjv.jsonl.gz", "kjv.jsonl.zst", "kjv.parquet", "dir", "dir/**/*.*", ["dir/a.jsonl", "dir/nested/b.parquet"]):
+        given = [str(forms / s) for s in source] if isinstance(source, list) else forms / source
+        got = _prepare(_spec(tmp_path, _job(corpus, given, tmp_path / "forms_prepared")))
         for split in ("train", "eval"):
             assert got.manifest["totals"][split]["documents"] == one.manifest["totals"][split]["documents"], (source, split)
             assert np.array_equal(_tokens(_rows(got, split)), _tokens(_rows(one, split))), (source, split)

@@ -174,9 +174,16 @@ class Piece:
         return f"{self.part}:{self.name}:{self.start}-{self.stop}:{self.first_doc}"
 
 
-def plan_pieces(source: str, part: str, field: str) -> tuple[object, list[Piece]]:
-    """(filesystem, pieces) of a source, in source order, each piece's first document not yet
-    counted (kd_ray.data.token_shards counts them)."""
+def plan_pieces(source: str | list[str], part: str, field: str) -> tuple[object, list[Piece]]:
+    """(filesystem, pieces) of a source, in source order (a list's entries in the order given),
+    each piece's first document not yet counted (kd_ray.data.token_shards counts them)."""
+    if isinstance(source, list):
+        planned = [plan_pieces(s, part, field) for s in source]
+        systems = {type(fs).__name__ for fs, _ in planned if fs is not None}
+        if len(systems) > 1 or (systems and any(fs is None for fs, _ in planned)):
+            raise UserError(field, "the files of a list must all be on one storage (all local, or all in one bucket), and not "
+                            "mix a built-in text with files; prepare them as two jobs, or copy them to one place")
+        return (planned[0][0], [p for _, pieces in planned for p in pieces])
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN_TEXTS:

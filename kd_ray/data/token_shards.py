@@ -87,9 +87,11 @@ def prepared_root(spec: "JobSpec") -> str:
 # What a preparation is a function of
 
 
-def _source_identity(source: str | None, field: str) -> list | None:
+def _source_identity(source: str | list[str] | None, field: str) -> list | None:
     if source is None:
         return None
+    if isinstance(source, list):
+        return [_source_identity(s, field) for s in source]
     if source.startswith("builtin:"):
         from importlib.metadata import version
 

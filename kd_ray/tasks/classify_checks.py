@@ -21,9 +21,15 @@ from kd_ray.tasks.cache_checks import (
 
 
 def check_classifier(spec: JobSpec) -> None:
-    for name in (*LM_COLUMN_FIELDS, "tokenizer"):
+    for name in (*LM_COLUMN_FIELDS, "tokenizer", "prepared"):
         if getattr(spec.data, name) is not None:
             raise UserError(f"data.{name}", "only applies to task: causal_lm; remove it, or set task: causal_lm")
+    if spec.data.chat_template:
+        raise UserError("data.chat_template", "only applies to task: causal_lm; remove it, or set task: causal_lm")
+    for field in ("source", "eval_source"):
+        if isinstance(getattr(spec.data, field), list):
+            raise UserError(f"data.{field}", "a list of files is read by task: causal_lm; for a classifier give one parquet file, a "
+                            "directory of them, or a .npy/.npz file")
     if spec.distill.divergence != "forward":
         raise UserError("distill.loss", f"{spec.distill.loss} is for task: causal_lm; a classifier distills with hinton (forward KL)")
     facts = check_source(spec.data, spec.run.seed)
