@@ -98,12 +98,12 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
 def prepare_data(spec: JobSpec, verbose: bool = False, echo: Echo = print) -> None:
     """`kd-ray prepare`: the task's stored rows (a language model's token shards), prepared where
     missing, every file of a finished preparation read through (a damaged one prepared again)."""
+    task = task_for(spec)
+    if not task.prepares:
+        raise UserError("task", f"a {spec.task} job reads its data as it is, with nothing to prepare; run it with kd-ray run")
     ensure_ray(spec, verbose)
     quiet_data()
-    line = task_for(spec).prepare(echo)
-    if line is None:
-        raise UserError("task", f"a {spec.task} job reads its data as it is, with nothing to prepare; run it with kd-ray run")
-    echo(line)
+    echo(task.prepare(echo))
 
 
 def _sources(spec: JobSpec, task) -> Sources:

@@ -5,7 +5,7 @@ member; the code outside kd_ray/tasks/ calls these and never asks which task it 
 one class that fills the same slots.
 
     identity    name, unit (what the loss averages over: samples or tokens, and so which cache
-                codec stores its teacher signal: kd_ray.cache), fixed_count, SCORES, handle
+                codec stores its teacher signal: kd_ray.cache), fixed_count, prepares, SCORES, handle
     checks      check: the job's data, models, weights and cache block, before Ray starts
     rows        readers, transform
     models      build_student, fsdp_units, load_teacher
@@ -31,6 +31,7 @@ class Task(Protocol):
     name: ClassVar[str]
     unit: ClassVar[str]  # "samples" | "tokens": the loss's unit, and the cache codec of the teacher's signal
     fixed_count: ClassVar[bool]  # a micro-batch's loss units are known before it is read (samples)
+    prepares: ClassVar[bool]  # its rows are made once and stored (`kd-ray prepare`), not read from the source as they are
     # (score, format or None for the default, also shown for the teacher); the first is the headline
     SCORES: ClassVar[tuple[tuple[str, str | None, bool], ...]]
     spec: "JobSpec"
@@ -49,10 +50,9 @@ class Task(Protocol):
     def transform(self, train: bool) -> dict:
         """{'preprocess': ..., 'augment': ...} for kd_ray.data.chunks.read_chunk."""
 
-    def prepare(self, echo: Callable[[str], None]) -> str | None:
-        """`kd-ray prepare`: the rows made once and stored, every stored file read through (a
-        damaged one made again); a line saying what they are. None: the task reads its source as
-        it is, with nothing to prepare."""
+    def prepare(self, echo: Callable[[str], None]) -> str:
+        """`kd-ray prepare` (where `prepares`): the rows made once and stored, every stored file
+        read through (a damaged one made again); a line saying what they are."""
 
     # models
     def build_student(self, device: "torch.device") -> "torch.nn.Module": ...

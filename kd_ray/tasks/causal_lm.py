@@ -117,6 +117,7 @@ class CausalLM:
     name = "causal_lm"
     unit = "tokens"
     fixed_count = False  # loss tokens per micro-batch are known only once it is read
+    prepares = True  # token shards (kd_ray.data.token_shards)
     SCORES = (("perplexity", ".3f", True), ("accuracy", None, True), ("loss", None, False))
 
     def __init__(self, spec: JobSpec):

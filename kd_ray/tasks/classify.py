@@ -86,6 +86,7 @@ class Classify:
     name = "classify"
     unit = "samples"
     fixed_count = True  # a micro-batch's loss units are its samples: known before it is read
+    prepares = False  # parquet row groups and arrays in memory are read as they are
     SCORES = (("accuracy", None, True), ("loss", None, False))
 
     def __init__(self, spec: JobSpec):
@@ -107,8 +108,8 @@ class Classify:
         eval_reader = sources.open_source(data.eval_source, data, "data.eval_source") if data.eval_source else None
         return sources.open_source(data.source, data), eval_reader
 
-    def prepare(self, echo) -> None:
-        return None  # parquet row groups and arrays in memory are read as they are
+    def prepare(self, echo) -> str:
+        raise NotImplementedError("a classifier's sources are read as they are (prepares = False)")
 
     def transform(self, train: bool) -> dict:
         """Deterministic preprocessing (train and eval), random augmentation (train only)."""
