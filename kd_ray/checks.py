@@ -65,8 +65,7 @@ def check_teacher_placement(spec: JobSpec) -> None:
         raise UserError("teacher.placement", "colocated, the teacher runs on each train worker's one device, and "
                         f"teacher.pool.gpus_per_actor: {t.pool.gpus_per_actor:g} asks for a teacher across several GPUs; shard it "
                         "with train.strategy: fsdp instead, or use teacher.placement: pool")
-    on_gpu = spec.train.use_gpu if t.colocated else t.pool.gpus_per_actor
-    if t.precision == "fp16" and not on_gpu:
+    if t.precision == "fp16" and not spec.teacher_gpus:
         fix = "set train.use_gpu: true (a colocated teacher runs on the train workers' devices)" if t.colocated else \
               "set teacher.pool.gpus_per_actor > 0"
         raise UserError("teacher.precision", f"fp16 needs CUDA; {fix}, or use bf16 or fp32 on CPU")

@@ -134,7 +134,7 @@ def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, note: st
     workers = f"{low} workers" if low == high else f"{low} to {high} workers (elastic)"
     sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
-    if spec.runs_teacher_pool and (note := auto_note(spec.teacher.precision, spec.teacher.pool.gpus_per_actor)):
+    if spec.teacher is not None and not spec.teacher.cached and (note := auto_note(spec.teacher.precision, spec.teacher_gpus)):
         echo(note)
 
 

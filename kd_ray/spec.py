@@ -332,6 +332,13 @@ class JobSpec(_Section):
         """Whether each train worker runs the teacher itself (teacher.placement: colocated)."""
         return self.teacher is not None and self.teacher.colocated
 
+    @property
+    def teacher_gpus(self) -> float:
+        """GPUs the teacher runs on, per process: its pool actor's, or a train worker's when colocated."""
+        if self.teacher is None:
+            return 0
+        return float(self.train.use_gpu) if self.teacher.colocated else self.teacher.pool.gpus_per_actor
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
