@@ -16,7 +16,14 @@ import pathlib
 
 import pytest
 import torch
-from conftest import TEACHER_SPEC, assert_trained_alike, digits_job, spawn_gloo
+from conftest import (
+    TEACHER_SPEC,
+    assert_trained_alike,
+    digits_job,
+    kd_job,
+    spawn_gloo,
+    write_job,
+)
 from test_lm import VOCAB, _batches, _tiny_lm
 
 from kd_ray.core.columns import (
@@ -65,6 +72,44 @@ def test_colocated_run_equals_pool_run(ray_cluster, online_kd_run, tmp_path):
     assert_trained_alike(colocated, pool)
     assert colocated["teacher"]["loss"] == pytest.approx(pool["teacher"]["loss"], rel=1e-6)
     print(f"\nsamples/s: pool {pool['samples_per_second']}, colocated {colocated['samples_per_second']}")
+
+
+def test_sharded_colocated_run_resumes_exactly_and_trains_the_pool_runs_weights(ray_cluster, teacher_weights, tmp_path,
+                                                                                  background):
+    """The student and the colocated teacher sharded by FSDP2 over 2 workers, accumulation 4,
+    augmentation (which the teacher sees, as the pool's does), deterministic, and a real worker
+    death at step 15: the run finishes its plan from its step-10 checkpoint with every sample of
+    each epoch once, and ends with the weights of the same job run uninterrupted with a teacher
+    pool. The sharded teacher is not channels_last (FSDP2 shards contiguous parameters only), so
+    its logits may differ from the pool's in the last bits: 1e-5."""
+    from test_fault_tolerance import (
+        assert_exactly_once,
+        hooks,
+        run_to_end,
+        summary_of,
+        surviving_steps,
+        train_ids,
+        weights_of,
+    )
+
+    job = kd_job(tmp_path, "colocated_fsdp", teacher_weights, strategy="fsdp", micro_batch_size=8)
+    job["run"]["deterministic"] = True
+    job["data"]["augment"] = {"noise_std": 0.05}
+    job["checkpoint"] = {"every_steps": 10, "keep": 3, "poll_every_steps": 2}
+    job["teacher"]["placement"] = "colocated"
+    job["callbacks"] = hooks(tmp_path, die_at=(15,))
+    path = write_job(tmp_path / "colocated_fsdp.yaml", job)
+    pool = background(["run", path, "run.name=pool", "callbacks=[]", "teacher.placement=pool"], tmp_path / "pool.log")
+    code, out = run_to_end(["run", path])
+    assert code == 0, out[-4000:]
+    summary = summary_of(tmp_path, "colocated_fsdp")
+    assert summary["restarts"] == 1 and summary["accumulation"] == 4 and "from step 10" in out, (summary, out[-4000:])
+    assert_exactly_once(surviving_steps(tmp_path / "trace"), summary["steps"], train_ids(tmp_path))
+    assert pool.wait(timeout=900) == 0, (tmp_path / "pool.log").read_text()[-4000:]
+    mine, theirs = weights_of(tmp_path, "colocated_fsdp"), weights_of(tmp_path, "pool")
+    for name, value in theirs.items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert summary["teacher"]["accuracy"] == summary_of(tmp_path, "pool")["teacher"]["accuracy"]
 
 
 # ------------------------------------------------------------------------------ sharded teacher
