@@ -1,7 +1,8 @@
 """teacher.placement: colocated, the teacher inside each train worker.
 
 - A colocated run trains the weights the pool's run of the same deterministic job trains (CPU, fp32),
-  and starts no teacher pool.
+  and starts no teacher pool; sharded by FSDP2 with accumulation and augmentation, through a
+  worker's death, it resumes exactly and still trains the pool run's weights.
 - An FSDP2-sharded colocated teacher on 2 gloo workers sends the unsharded teacher's signal, for a
   classifier and for a language model.
 - What cannot work is one line naming teacher.placement.
