@@ -230,7 +230,8 @@ class Trainer:
                  loss=mix(kd, ce, alpha) / count, kd_loss=kd / count if has_teacher else None,
                  ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
                  grad_norm=float(grad_norm), samples_per_second=count / elapsed, unit=self.task.unit,
-                 data_wait_seconds=wait, teacher_seconds=teacher if self.spec.colocated_teacher else None, window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
+                 data_wait_seconds=wait, teacher_seconds=teacher if self.spec.colocated_teacher else None,
+                 window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
                  startup=self.logged_step == self.resumed_step)  # this window includes the stream's start
         if self.spec.checkpoint.poll_every_steps is None:
             self.poll_every = poll_every(elapsed, self.step - self.logged_step)
