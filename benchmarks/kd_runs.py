@@ -132,15 +132,17 @@ def capture_cache(cfg: dict, workdir: str, args) -> dict:
 
 
 def run_kd_ray(cfg: dict, workdir: str, args, mode: str = "kd_ray") -> dict:
-    """Mode kd_ray (online), cached or kd_student (the student alone through kd_ray: no teacher);
+    """Mode kd_ray (online, the teacher in a pool), colocated (the teacher in the train worker), cached
+    or kd_student (the student alone through kd_ray: no teacher);
     kd_ray_parquet and kd_student_parquet read the parquet copy of the data."""
     base = mode.removesuffix("_parquet")
     job_path, kd_warmup = write_job(cfg, workdir, args, teacher=base != "kd_student",
                                     source="parquet" if mode.endswith("_parquet") else "npz")
     forward_probe = _reset_probes(cfg, workdir)
     env, notes, own_ray_tmp = _kd_env()
-    cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + (["teacher.mode=cached"] if mode == "cached" else [])
-    if base != "kd_ray":  # no teacher actor on this machine: the student may have the cores mode 1 has
+    cmd = [sys.executable, "-m", "kd_ray", "run", job_path] + {"cached": ["teacher.mode=cached"],
+                                                               "colocated": ["teacher.placement=colocated"]}.get(mode, [])
+    if base != "kd_ray":  # no teacher actor on this machine: the student (and a colocated teacher) may have the cores mode 1 has
         cmd.append(f"train.cpus_per_worker={args.kd_cpus_per_worker_alone:g}")
     cmd.append("--fresh")
     started = time.time()

@@ -7,12 +7,12 @@ import sys
 
 from workloads import MODES
 
-KD_MODES = ("kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "cached")
+KD_MODES = ("kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "colocated", "cached")
 TABLE_LABELS = {"student": "1 student only (torch)", "reference": "2 reference KD (torch)",
                 "precomputed": "  plain KD, precomputed logits (torch)",
                 "kd_step": "  kd_ray step fns, no Ray", "kd_student": "  kd_ray, student alone",
                 "kd_student_parquet": "  kd_ray, student alone, parquet",
-                "kd_ray": "3 kd_ray online", "kd_ray_parquet": "3 kd_ray online, parquet",
+                "kd_ray": "3 kd_ray online", "kd_ray_parquet": "3 kd_ray online, parquet", "colocated": "3c kd_ray colocated",
                 "cached": "4 kd_ray cached"}
 
 
@@ -25,7 +25,8 @@ def ratio(v) -> str:
 
 
 def print_header(args, cfg: dict, host: dict, workdir: str) -> None:
-    print(f"kd_ray throughput benchmark, preset {args.preset}: {cfg['device']}, {host['cpus']} CPUs, torch {host['torch']}, "
+    print(f"kd_ray throughput benchmark, preset {args.preset}: {cfg['device']}, {host['cpus']} CPUs "
+          f"(torch.backends.cpu.get_cpu_capability() {host['cpu_capability']}), torch {host['torch']}, "
           f"ray {host['ray']}" + (f", {host['gpu']}" if host["gpu"] else "") + f"; load average {os.getloadavg()[0]:.2f}")
     print(f"workload: {cfg['image']} samples, {cfg['classes']} classes, {cfg['rows']} rows; teacher {cfg['teacher']}; student {cfg['student']}")
     print(f"          batch {cfg['batch_size']}, {cfg['precision']}, channels_last {cfg['channels_last']}, compile {cfg['compile']}; "
@@ -62,7 +63,8 @@ def print_table(results: dict, cfg: dict) -> None:
 
 # The ratios the issues set targets on: kd_ray's mode over its plain counterpart
 ROUND_PAIRS = (("kd_student", "student"), ("kd_student_parquet", "student"), ("kd_ray", "reference"),
-               ("kd_ray_parquet", "reference"), ("cached", "precomputed"), ("cached", "student"))
+               ("kd_ray_parquet", "reference"), ("colocated", "reference"), ("colocated", "kd_ray"), ("cached", "precomputed"),
+               ("cached", "student"))
 
 
 def round_ratios(results: dict) -> dict:
@@ -76,6 +78,25 @@ def round_ratios(results: dict) -> dict:
             known = sorted(v for v in each if v is not None)
             out[f"{a} / {b}"] = {"rounds": each, "median": known[(len(known) - 1) // 2] if known else None}
     return out
+
+
+def whole_runs(results: dict) -> dict:
+    """Each kd_ray mode's whole run, start-up included (summary.json's samples/s: every step, from the
+    workers' start to the last step), against the reference's steady rate."""
+    reference = results.get("reference", {}).get("samples_per_second")
+    out = {}
+    for key in KD_MODES:
+        whole = (results.get(key, {}).get("summary_json") or {}).get("samples_per_second")
+        if whole and reference:
+            out[key] = {"samples_per_second": whole, "vs_reference": whole / reference}
+    return out
+
+
+def print_whole_runs(results: dict) -> None:
+    runs = whole_runs(results)
+    if runs:
+        print("\nwhole runs (start-up included: summary.json's samples/s) against the reference's steady rate: "
+              + ", ".join(f"{TABLE_LABELS[k].strip()} {num(r['samples_per_second'])} ({ratio(r['vs_reference'])})" for k, r in runs.items()))
 
 
 def print_rounds(results: dict) -> None:
@@ -142,7 +163,7 @@ def print_details(results: dict, cfg: dict) -> None:
               f"{cost['timed_forward_ratio']:.1f}x timed eager forward "
               f"({cost['teacher_forward_ms']:.1f} vs {cost['student_forward_ms']:.1f} ms per batch of {cfg['batch_size']})")
     for key, label in (("kd_student", "student alone"), ("kd_student_parquet", "student alone, parquet"), ("kd_ray", "online"),
-                       ("kd_ray_parquet", "online, parquet"), ("cached", "cached")):
+                       ("kd_ray_parquet", "online, parquet"), ("colocated", "colocated"), ("cached", "cached")):
         kd = results.get(key)
         if not kd or "skipped" in kd:
             continue
@@ -255,4 +276,5 @@ def results_blob(argv: list[str] | None, host: dict, cfg: dict, args, results: d
     if "cached" in results:
         results["cached"]["vs_precomputed"] = vs_precomputed(results)
     blob["round_ratios"] = round_ratios(results)
+    blob["whole_runs"] = whole_runs(results)
     return blob

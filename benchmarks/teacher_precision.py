@@ -46,11 +46,11 @@ def child(precision: str, args) -> dict:
     r = make_rows(iter([(ids, np.ones(len(ids), bool))]), args.seq, "pack")
     batch = {TOKENS: r.tokens[: args.rows], TOKEN_POS: r.positions[: args.rows], TARGETS: r.targets[: args.rows]}
     cpu = torch.device("cpu")
-    task.teacher_columns(model, batch, cpu, precision)  # warm-up: oneDNN's kernels are made on first use
+    task.teacher_tensors(model, batch, cpu, precision)  # warm-up: oneDNN's kernels are made on first use
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        task.teacher_columns(model, batch, cpu, precision)
+        task.teacher_tensors(model, batch, cpu, precision)
         times.append(time.perf_counter() - start)
     tokens = int(r.tokens[: args.rows].size)
     return {"tokens_per_second": tokens / min(times), "seconds": min(times), "tokens": tokens}

@@ -11,6 +11,8 @@ Modes (each in a fresh process, so peak RSS and thread settings belong to that m
                  Hinton KL(T) + CE: the training step of seed 000, written plainly (no kd_ray code)
   3 kd_ray       the product path: a generated job file + .npz data, `python -m kd_ray run JOB`,
                  teacher in a Ray Data actor pool, student in a Ray Train worker
+  3c colocated   kd_ray with teacher.placement=colocated: the same job, the teacher inside the train
+                 worker (no pool; the worker reads its data itself and gets the cores mode 1 has)
   4 cached       kd_ray from a teacher-output cache: `python -m kd_ray cache JOB` once (its time
                  is reported apart), then the same job with teacher.mode=cached: no teacher runs
   (precomputed)  the reference step from teacher logits computed before the clock starts: what
@@ -60,6 +62,7 @@ from report import (  # noqa: E402
     print_details,
     print_header,
     print_rounds,
+    print_whole_runs,
     print_table,
     results_blob,
 )
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--modes",
-                   help="comma list of " + ", ".join(MODES) + " (default: the preset's; for cpu and gpu the four numbered "
+                   help="comma list of " + ", ".join(MODES) + " (default: the preset's; for cpu and gpu the numbered "
                         "modes; kd_step and kd_student split kd_ray's time further; a _parquet mode reads a parquet copy of the data)")
     p.add_argument("--teacher", help="bench_models arch, e.g. 'convnet:width=48,blocks=3' or 'resnet50'")
     p.add_argument("--student", help="e.g. 'convnet:width=16,blocks=2' or 'resnet18'")
@@ -178,7 +181,7 @@ def run_mode(mode: str, cfg: dict, workdir: str, args) -> dict:
         r = {"mode": "cached", "error": "the capture failed"} if capture.get("error") else run_kd_ray(cfg, workdir, args, "cached")
         r["capture"] = capture
         return r
-    if mode.removesuffix("_parquet") in ("kd_ray", "kd_student"):
+    if mode.removesuffix("_parquet") in ("kd_ray", "kd_student", "colocated"):
         return run_kd_ray(cfg, workdir, args, mode)
     return run_child(mode, {**cfg, "measure_cost": mode == "reference"}, workdir)
 
@@ -199,7 +202,7 @@ def host_info(cpus: int, gpus: int) -> dict:
     import ray
     import torch
 
-    return {"cpus": cpus, "torch": torch.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
+    return {"cpus": cpus, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
             "gpu": torch.cuda.get_device_name(0) if gpus else None, "load_average_at_start": os.getloadavg()}
 
 
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_begin = time.time()
     cfg, cpus = workload_config(args)
-    modes = [m.strip() for m in (args.modes or PRESETS[args.preset].get("modes", "student,reference,kd_ray,cached")).split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or PRESETS[args.preset].get("modes", "student,reference,kd_ray,colocated,cached")).split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes: {', '.join(sorted(unknown))}")
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_modes(modes, cfg, workdir, args)
     print_table(results, cfg)
+    print_whole_runs(results)
     print_rounds(results)
     print_details(results, cfg)
     ladder_out = ladder(cfg, workdir) if args.ladder else None

@@ -17,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # In the order they run. A `_parquet` mode reads the same rows from a parquet copy of the .npz.
-MODES = ("student", "reference", "precomputed", "kd_step", "kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "cached")
+MODES = ("student", "reference", "precomputed", "kd_step", "kd_student", "kd_student_parquet", "kd_ray", "kd_ray_parquet", "colocated",
+         "cached")
 
 
 PRESETS = {
@@ -38,7 +39,7 @@ PRESETS = {
         teacher="mlp:width=256,blocks=2", student="mlp:width=128,blocks=2",
         batch_size=100, warmup=200, window_steps=200, windows=5,
         precision="fp32", channels_last=False, compile=False, threads=1, forward_probe=False,
-        modes="student,reference,precomputed,kd_student,kd_student_parquet,kd_ray,cached",
+        modes="student,reference,precomputed,kd_student,kd_student_parquet,kd_ray,colocated,cached",
         kd_cpus_per_worker=1, kd_cpus_per_actor=1, kd_timeout=600, kd_warmup_steps=1000,
     ),
     # One or more CUDA GPUs: seed 000's anchor workload.

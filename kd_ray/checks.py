@@ -42,8 +42,8 @@ def _check(spec: JobSpec) -> None:
     check_world_sizes(spec.train.global_batch_size, spec.train.micro_batch_size, *spec.train.worker_range)
     if spec.train.precision == "fp16" and not spec.train.use_gpu:
         raise UserError("train.precision", "fp16 needs CUDA (GradScaler is CUDA-only); set train.use_gpu: true, or use bf16 or fp32 on CPU")
-    if spec.teacher is not None and spec.teacher.precision == "fp16" and not spec.teacher.pool.gpus_per_actor:
-        raise UserError("teacher.precision", "fp16 needs CUDA; set teacher.pool.gpus_per_actor > 0, or use bf16 or fp32 on CPU")
+    if spec.teacher is not None:
+        check_teacher_placement(spec)
     check_logging(spec)
     for i, callback in enumerate(spec.callbacks):
         try:
@@ -51,6 +51,24 @@ def _check(spec: JobSpec) -> None:
         except ModelNameError as e:
             raise UserError(f"callbacks.{i}.callable", str(e)) from None
     task_for(spec).check()
+
+
+def check_teacher_placement(spec: JobSpec) -> None:
+    """Where the teacher runs (teacher.placement) and what that placement can do. Whether a
+    colocated teacher fits its device is known only there (kd_ray.train.colocated.check_fits)."""
+    t = spec.teacher
+    if t.colocated and t.cached:
+        raise UserError("teacher.placement", "colocated runs the teacher in each train worker, and teacher.mode: cached runs no "
+                        "teacher at all (its outputs are read from teacher.cache); leave teacher.placement out (pool) with a cache, "
+                        "or set teacher.mode: online")
+    if t.colocated and t.pool.gpus_per_actor > 1:
+        raise UserError("teacher.placement", "colocated, the teacher runs on each train worker's one device, and "
+                        f"teacher.pool.gpus_per_actor: {t.pool.gpus_per_actor:g} asks for a teacher across several GPUs; shard it "
+                        "with train.strategy: fsdp instead, or use teacher.placement: pool")
+    if t.precision == "fp16" and not spec.teacher_gpus:
+        fix = "set train.use_gpu: true (a colocated teacher runs on the train workers' devices)" if t.colocated else \
+              "set teacher.pool.gpus_per_actor > 0"
+        raise UserError("teacher.precision", f"fp16 needs CUDA; {fix}, or use bf16 or fp32 on CPU")
 
 
 def check_storage(spec: JobSpec) -> None:

@@ -68,7 +68,8 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     _announce(spec, data, plan, note, resumed, echo)
     summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     try:  # the eval split's stream (or its cached outputs) may fail as the training stream may
-        teacher_scores = score_teacher(spec, task, data, echo, teacher_cache) if spec.teacher else None
+        # A colocated teacher is scored by the train workers themselves (kd_ray.train.loop.Trainer.score_teacher).
+        teacher_scores = score_teacher(spec, task, data, echo, teacher_cache) if spec.teacher and not spec.colocated_teacher else None
     except UserError:
         raise
     except Exception as e:
@@ -144,7 +145,7 @@ def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, note: st
     workers = f"{low} workers" if low == high else f"{low} to {high} workers (elastic)"
     sizes = " or ".join(f"{m} x {G // (m * w)} accumulation x {w}" for w in range(low, high + 1))
     echo(f"data: {data.train_rows} train / {data.eval_rows} eval samples; {workers}; global batch {G} = {sizes}; {plan.total_steps} steps")
-    if spec.runs_teacher_pool and (note := auto_note(spec.teacher.precision, spec.teacher.pool.gpus_per_actor)):
+    if spec.teacher is not None and not spec.teacher.cached and (note := auto_note(spec.teacher.precision, spec.teacher_gpus)):
         echo(note)
 
 
@@ -180,7 +181,7 @@ def _trainer(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp:
         # touches rows no step uses.
         per_block = batch_plan.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
         lone = spec.train.max_workers == 1  # nothing to deal round-robin: the worker cuts its micro-batches itself
-        pool = TeacherPool(spec, task) if spec.teacher is not None and cached is None else None
+        pool = TeacherPool(spec, task) if spec.runs_teacher_pool else None
         datasets["train"] = build_train(spec, data, end=(plan.total_steps + 1) * G, block_rows=None if lone else plan.micro_batch * per_block,
                                         control=control, board=board, cache=cached, pool=pool)
     ordered = DataConfig.default_ingest_options()

@@ -185,10 +185,17 @@ class TeacherSpec(ModelSpec):
     logits_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["online", "cached"] = Field("online", description="cached: read teacher.cache instead of running the teacher")
     cache: Optional[CacheSpec] = None
+    placement: Literal["pool", "colocated"] = Field(
+        "pool", description="pool: a Ray Data actor pool streams the teacher's signal to the train workers (teacher.pool); "
+        "colocated: each train worker runs the teacher itself, on its own micro-batches (FSDP2-sharded with train.strategy: fsdp)")
 
     @property
     def cached(self) -> bool:
         return self.mode == "cached"
+
+    @property
+    def colocated(self) -> bool:
+        return self.placement == "colocated"
 
 
 class DistillSpec(_Section):
@@ -329,8 +336,20 @@ class JobSpec(_Section):
 
     @property
     def runs_teacher_pool(self) -> bool:
-        """Whether a run starts the teacher's actor pool: a teacher that is not read from a cache."""
-        return self.teacher is not None and not self.teacher.cached
+        """Whether a run starts the teacher's actor pool: a teacher neither read from a cache nor colocated."""
+        return self.teacher is not None and not self.teacher.cached and not self.teacher.colocated
+
+    @property
+    def colocated_teacher(self) -> bool:
+        """Whether each train worker runs the teacher itself (teacher.placement: colocated)."""
+        return self.teacher is not None and self.teacher.colocated
+
+    @property
+    def teacher_gpus(self) -> float:
+        """GPUs the teacher runs on, per process: its pool actor's, or a train worker's when colocated."""
+        if self.teacher is None:
+            return 0
+        return float(self.train.use_gpu) if self.teacher.colocated else self.teacher.pool.gpus_per_actor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec, TeacherSpec
 
 
-def placed_teacher(spec: "JobSpec", task) -> tuple["torch.device", "torch.nn.Module", str]:
-    """The teacher where this process runs it: its device (a GPU where the pool asks for one),
-    the model built, loaded, frozen and placed, and its precision there (teacher.precision, with
-    `auto` resolved for this device). The same function serves the pool and the capture."""
+def placed_teacher(spec: "JobSpec", task, device: "torch.device | None" = None,
+                   before_placing=None, channels_last: bool = True) -> tuple["torch.device", "torch.nn.Module", str]:
+    """The teacher where this process runs it: its device (`device`, a train worker's for a
+    colocated teacher; else a GPU where the pool asks for one), the model built, loaded, frozen
+    and placed, and its precision there (teacher.precision, with `auto` resolved for this device).
+    `before_placing(model)` checks or shards the loaded model before it moves to the device; a
+    conv net goes channels_last unless `channels_last` is False (FSDP2 shards contiguous
+    parameters only). The same function serves the pool, the capture and the colocated teacher."""
     import torch
 
     from kd_ray.models import (  # torch: see the module's docstring
@@ -40,17 +44,27 @@ def placed_teacher(spec: "JobSpec", task) -> tuple["torch.device", "torch.nn.Mod
         precision,
     )
 
-    use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    if device is None:
+        use_cuda = torch.cuda.is_available() and spec.teacher.pool.gpus_per_actor > 0
+        device = torch.device("cuda") if use_cuda else torch.device("cpu")
     model = task.load_teacher(device)
-    model.eval().requires_grad_(False)
+    model.eval()
+    if before_placing is not None:
+        before_placing(model)
     if len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1:  # else placed across GPUs already
         model.to(device)
-    if is_conv_net(model):
+    if is_conv_net(model) and channels_last:
         model.to(memory_format=torch.channels_last)
+    model.requires_grad_(False)
     if spec.teacher.compile:
         model = torch.compile(model)
     return device, model, precision.resolve(spec.teacher.precision, device)
+
+
+def as_columns(tensors: dict) -> dict[str, np.ndarray]:
+    """The teacher's signal (Task.teacher_tensors) as the numpy columns a pool sends in a batch
+    (never bfloat16: a pool sends float16 top-k values and float32 or float16 logits)."""
+    return {k: v.cpu().numpy() for k, v in tensors.items()}
 
 
 class TeacherPredictor:
@@ -79,8 +93,8 @@ class TeacherPredictor:
         # each batch, a thread hand-off, the output buffer) cost a CPU pool actor several times its
         # model's time with 100-row batches (docs/performance.md, "Small students"). An empty
         # block still gets one (empty) call, for columns of the right types.
-        parts = [self.task.teacher_columns(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
-                                           self.device, self.precision)
+        parts = [as_columns(self.task.teacher_tensors(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
+                                                      self.device, self.precision))
                  for a in range(0, max(rows, 1), self.batch_size)]
         columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         # A new dict: the input batch (read-only zero-copy arrays) is left untouched.

@@ -39,9 +39,13 @@ def teacher_output(batch: dict[str, torch.Tensor], temperature: float) -> torch.
     return TopK(values_from_column(batch[TOPK_VALUES]), batch[TOPK_INDICES], batch[TAIL_LSE], (temperature,))
 
 
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A zero-copy tensor view of a (possibly read-only) numpy array column. We never write to it."""
+def as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A zero-copy tensor view of a (possibly read-only) numpy array column, or the tensor a
+    micro-batch already holds (a colocated teacher's input). We never write to it."""
     import warnings
+
+    if isinstance(array, torch.Tensor):
+        return array
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")

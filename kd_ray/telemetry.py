@@ -2,8 +2,9 @@
 
 The student side: every log line's window (seconds, seconds waiting for the next batch, optimizer
 steps). The teacher side: each pool actor's running totals (rows, seconds busy in the forward).
-From the two comes one verdict: the student, the teacher pool or the input pipeline is what
-holds the run back, with the setting that would help.
+A colocated teacher's side: the seconds its forwards took in the train workers. From these comes
+one verdict: the student, the teacher (pool or colocated) or the input pipeline is what holds the
+run back, with the setting that would help, the other teacher.placement included where it would.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from __future__ import annotations
 STARVED = 0.10
 # Teacher actors busy more than this fraction of the time means the pool is at its limit.
 SATURATED = 0.80
+# A colocated teacher taking more than this fraction of the student's time is what holds it back.
+TEACHER_HEAVY = 0.50
+# The other placement (teacher.placement), where it would help: a pool whose stream starves the
+# student pays its start-up and plumbing on the student's cores, which a colocated teacher does
+# not; a colocated teacher that takes most of each step is better given devices of its own.
+COLOCATE = ("; or, if the teacher fits beside the student, teacher.placement: colocated runs it in each train worker, "
+            "with no pool to start or feed (docs/performance.md, \"Where the teacher runs\")")
 
 
 def pool_window(before: dict[str, tuple[int, float]], now: dict[str, tuple[int, float]], seconds: float) -> dict:
@@ -64,17 +72,24 @@ def seconds_per_step(windows: list[dict]) -> float | None:
     return sum(w["window_seconds"] - w["data_wait_seconds"] for w in windows) / steps if steps else None
 
 
-def verdict(wait_fraction: float, teacher_busy: float | None) -> tuple[str, str]:
-    """(bottleneck, what to change)."""
+def verdict(wait_fraction: float, teacher_busy: float | None, teacher_share: float | None = None) -> tuple[str, str]:
+    """(bottleneck, what to change). `teacher_busy`: a pool's busy fraction (None: no pool
+    reported); `teacher_share`: the fraction of the student's time a colocated teacher took
+    (None: the teacher is not colocated)."""
     if wait_fraction < STARVED:
+        if teacher_share is not None and teacher_share >= TEACHER_HEAVY:
+            return "colocated teacher", (f"the teacher's forward takes {100 * teacher_share:.0f}% of the train workers' time: "
+                                         "teacher.placement: pool runs it on devices of its own (teacher.pool.gpus_per_actor) beside "
+                                         "the student, or cache its outputs (teacher.mode: cached)")
         return "student", ("the student rarely waits for data: a faster student step (bf16, compile, a larger "
                            "train.micro_batch_size) or more train.num_workers would speed the run")
-    if teacher_busy is not None and teacher_busy >= SATURATED:
+    pooled = teacher_busy is not None
+    if pooled and teacher_busy >= SATURATED:
         return "teacher pool", ("the student waits for teacher outputs and the teacher actors are busy: raise "
-                                "teacher.pool.max_actors (or gpus), or cache the teacher's outputs (teacher.mode: cached)")
+                                "teacher.pool.max_actors (or gpus), or cache the teacher's outputs (teacher.mode: cached)" + COLOCATE)
     return "input pipeline", ("the student waits for data but the teacher is not what is slow: reading and "
                               "preprocessing (in Ray Data's read tasks, or in the train workers for data held in memory) or the "
-                              "transfer is; give them more CPUs or raise train.prefetch_batches")
+                              "transfer is; give them more CPUs or raise train.prefetch_batches" + (COLOCATE if pooled else ""))
 
 
 def run_telemetry(events: list[dict]) -> dict:
@@ -107,5 +122,10 @@ def run_telemetry(events: list[dict]) -> dict:
             "rows_per_second": round(sum(w["rows_per_second"] * t for w, t in pooled) / span, 2),
             "busy_fraction": round(busy, 4),
         }
-    out["bottleneck"], out["advice"] = verdict(wait_fraction, busy)
+    colocated = [e for e in train_events if e.get("teacher_seconds") is not None]
+    share = None
+    if colocated and seconds - wait > 0:
+        share = sum(e["teacher_seconds"] for e in colocated) / (seconds - wait)
+        out["colocated_teacher_fraction"] = round(share, 4)
+    out["bottleneck"], out["advice"] = verdict(wait_fraction, busy, share)
     return out

@@ -235,6 +235,19 @@ def online_kd_run(ray_cluster, teacher_weights, tmp_path_factory) -> dict:
     return {"job": job, "path": path, "proc": run_here(["run", path]), "run_dir": tmp / "runs" / "kd_ddp"}
 
 
+def assert_trained_alike(summary: dict, reference: dict, atol: float = 1e-6) -> None:
+    """Two finished runs' summaries: the same student weights (to `atol`), scores and teacher accuracy."""
+    import torch
+
+    from kd_ray.models.weights import read_state_dict
+
+    mine = read_state_dict(summary["student_weights"])
+    for name, value in read_state_dict(reference["student_weights"]).items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=atol)
+    assert summary["student"] == reference["student"]
+    assert summary["teacher"]["accuracy"] == reference["teacher"]["accuracy"] > 0.9
+
+
 def _gloo_worker(rank: int, port: int, out_dir: str, cases, world: int, backend: str = "gloo") -> None:
     """One rank: join the process group (gloo, or NCCL for the CUDA tests), run each (name, thunk) of cases(rank) (a failure is kept as
     its traceback, and the ranks meet after each), save {name: result} to out_dir/rank{R}.pt."""

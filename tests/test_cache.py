@@ -239,11 +239,7 @@ def test_cached_run_equals_online_run(ray_cluster, online_kd_run, full_cache, tm
     assert cached["status"] == "finished", lines
     assert any("2 shards checked" in line for line in lines)
     online = json.load(open(online_kd_run["run_dir"] / "summary.json"))
-    from_cache = read_state_dict(cached["student_weights"])
-    for name, value in read_state_dict(online["student_weights"]).items():
-        torch.testing.assert_close(from_cache[name], value, rtol=0, atol=1e-6)
-    assert cached["student"] == online["student"]
-    assert cached["teacher"]["accuracy"] == online["teacher"]["accuracy"] > 0.9
+    conftest.assert_trained_alike(cached, online)
     print(f"\nsamples/s: online {online['samples_per_second']}, cached {cached['samples_per_second']}")
 
 

@@ -8,6 +8,8 @@
 - The LM step (chunked per-token loss, top-k teacher) at bf16 tracks fp32, and the teacher's
   signal at bf16 ranks the same tokens as at fp32.
 - FSDP2 with the bf16 mixed-precision policy on one NCCL rank gives DDP-free training's gradients.
+- A colocated teacher's forward queued on its own stream, overlapping the student's step, sends
+  what it sends when run in turn (kd_ray.train.colocated), and the student trains the same.
 - End to end (slow): `kd-ray run` with the teacher pool and the student on one GPU (0.5 each),
   bf16, compile, pinned batches from Ray Data, checkpoints, evaluation.
 """
@@ -258,6 +260,52 @@ def test_fsdp2_bf16_policy_on_nccl_gives_the_autocast_gradients(tmp_path):
         g, ref = got["grads"][name], p.grad.float().cpu()
         cos = torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0)
         assert cos > 0.98, (name, float(cos))
+
+
+# ---------------------------------------------------------------------------------------------- colocated teacher
+
+
+def test_colocated_teacher_on_a_side_stream_sends_what_it_sends_in_turn(teacher_weights):
+    """Each micro-batch's teacher forward runs on the side stream while the student's step on the one
+    before runs on the main stream; the student consumes the outputs and frees its own memory in
+    between, so a missing wait or record_stream would show as different logits or weights."""
+    from pathlib import Path
+
+    from conftest import TEACHER_SPEC, digits_job
+
+    from kd_ray.spec import parse
+    from kd_ray.tasks.classify import Classify
+    from kd_ray.train.colocated import ColocatedTeacher
+
+    job = digits_job(Path("unused"), "side_stream")
+    job["teacher"] = {**TEACHER_SPEC, "weights": teacher_weights, "placement": "colocated"}
+    job["train"].update(use_gpu=True, num_workers=1)
+    spec = parse(job)
+    teacher = ColocatedTeacher(spec, Classify(spec), CUDA)
+    g = torch.Generator().manual_seed(0)
+    batches = [{X: torch.rand(256, 1, 8, 8, generator=g).to(CUDA), Y: torch.randint(0, 10, (256,), generator=g).to(CUDA)}
+               for _ in range(8)]
+
+    def train(signal):
+        torch.manual_seed(0)
+        student = mlp(in_features=64, num_classes=10, hidden=2048, depth=3).to(CUDA)
+        optimizer = make_optimizer(student.parameters(), OPT, CUDA)
+        logits = []
+        for batch in signal:
+            micro_step(student, {**batch, X: batch[X].flatten(1)}, temperature=2.0, alpha=0.5, denominator=256.0,
+                       precision="fp32", device=CUDA, scaler=None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logits.append(batch[TEACHER].clone())
+        return logits, {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    overlapped, weights = train(teacher.signal(iter(batches)))
+    in_turn, reference = train(teacher(b) for b in batches)
+    assert len(overlapped) == len(in_turn) == len(batches)
+    for a, b in zip(overlapped, in_turn):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, w in weights.items():
+        torch.testing.assert_close(w, reference[name], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -194,7 +194,7 @@ def test_both_tasks_implement_the_whole_protocol():
     from kd_ray.tasks.classify import Classify
 
     members = {n for n in dir(Task) if not n.startswith("_")} | set(Task.__annotations__)
-    assert {"check", "micro_step", "teacher_columns", "SCORES", "handle", "export"} <= members
+    assert {"check", "micro_step", "teacher_tensors", "SCORES", "handle", "export"} <= members
     for cls in (Classify, CausalLM):
         missing = sorted(n for n in members if not hasattr(cls, n) and n not in ("spec",))
         assert missing == [], f"{cls.__name__} lacks {missing}"

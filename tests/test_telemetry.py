@@ -28,6 +28,20 @@ def test_pool_window_of_nothing():
 def test_verdict(wait, busy, expected):
     name, advice = verdict(wait, busy)
     assert name == expected and advice
+    assert ("teacher.placement: colocated" in advice) == (busy is not None and expected != "student")
+
+
+@pytest.mark.parametrize("share, expected", [(0.7, "colocated teacher"), (0.2, "student")])
+def test_verdict_of_a_colocated_teacher_suggests_the_pool_when_it_takes_most_of_the_step(share, expected):
+    name, advice = verdict(0.02, None, share)
+    assert name == expected and ("teacher.placement: pool" in advice) == (expected == "colocated teacher")
+
+
+def test_run_telemetry_of_a_colocated_teacher():
+    events = [{**event(10.0, 0.1, 10), "teacher_seconds": 6.0}, {**event(10.0, 0.1, 10), "teacher_seconds": 7.0}]
+    out = run_telemetry(events)
+    assert out["colocated_teacher_fraction"] == pytest.approx(13.0 / 19.8, abs=1e-4)
+    assert out["bottleneck"] == "colocated teacher" and "70%" not in out["advice"] and "66%" in out["advice"]
 
 
 def event(seconds, wait, steps, pool=None):

@@ -120,12 +120,14 @@ def _train_line(e: dict) -> str:
             + (f"  {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else "") + _clock(e))
 
 
-_LINES: dict[str, Callable[[dict], str]] = {
+_LINES: dict[str, Callable[[dict], str | None]] = {
     "start": _start_line,
     "warning": lambda e: f"warning: {e['message']}",
     "error": lambda e: f"warning: worker {e['rank']} failed: {e['message']}",
     "stopped": lambda e: f"stopped at step {e['step']} after a checkpoint",
     "train": _train_line,
+    # The driver says a pool's or a cache's teacher scores itself; a colocated teacher's come from the workers.
+    "teacher": lambda e: f"teacher on the eval split: {e['line']}" if "line" in e else None,
     "eval": lambda e: (f"eval  after epoch {e['epoch']} (step {e['step']}): student "
                        + (f"ppl {e['eval_perplexity']:.3f} " if "eval_perplexity" in e else "")
                        + f"acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"),

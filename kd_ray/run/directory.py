@@ -100,6 +100,13 @@ def _by_kind(events: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _scored_in_workers(teacher_events: list[dict]) -> dict | None:
+    """A colocated teacher's scores, from the record its workers made (kd_ray.train.loop.Trainer.score_teacher)."""
+    if not teacher_events:
+        return None
+    return {k: v for k, v in teacher_events[-1].items() if k not in ("kind", "step", "line", "time", "elapsed_seconds")}
+
+
 # The scores a summary shows (name, format, also the teacher's), the task's first: Task.SCORES,
 # recorded in each summary; a summary without them (a classifier's, from before they were) shows these.
 DEFAULT_SCORES = (("accuracy", None, True), ("loss", None, False))
@@ -132,7 +139,7 @@ def summarize(spec: JobSpec, task, result, events: list[dict], wall: float, plan
         "accumulation": starts[-1]["accumulation"],
         "student": {k.removeprefix("eval_"): v for k, v in last.items() if k in STUDENT_FIGURES} or
                    {"accuracy": None, "loss": None},
-        "teacher": teacher,
+        "teacher": teacher or _scored_in_workers(ev.get("teacher", [])),
         "student_weights": export(result, spec.run_dir) if done else None,
         "telemetry": telemetry.run_telemetry(ev["train"]),
         "scores_shown": [list(s) for s in task.SCORES],

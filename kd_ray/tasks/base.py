@@ -9,7 +9,8 @@ one class that fills the same slots.
     checks      check: the job's data, models, weights and cache block, before Ray starts
     rows        readers, transform
     models      build_student, fsdp_units, load_teacher
-    teacher     teacher_columns: the signal the pool (or a colocated teacher) sends, per batch
+    teacher     teacher_tensors: the signal the pool sends (as numpy columns) or a colocated teacher
+                adds to a micro-batch (as tensors), per batch: one function for both
     training    count, micro_step (forward, loss, scaled backward: the Trainer handles gradient
                 sync and the optimizer step)
     evaluation  eval_sums, teacher_eval_sums, figures, teacher_figures, teacher_line, run_figures
@@ -62,8 +63,10 @@ class Task(Protocol):
     def load_teacher(self, device: "torch.device") -> "torch.nn.Module": ...
 
     # teacher
-    def teacher_columns(self, model: "torch.nn.Module", batch: dict, device: "torch.device", precision: str) -> dict:
-        """The teacher's signal for a batch, as numpy columns (kd_ray.core.columns)."""
+    def teacher_tensors(self, model: "torch.nn.Module", batch: dict, device: "torch.device", precision: str) -> dict:
+        """The teacher's signal for a batch (numpy columns or tensors) as tensors on the teacher's
+        device, named and typed as the columns that travel (kd_ray.core.columns;
+        kd_ray.teacher_signal.as_columns makes them numpy)."""
 
     # training
     def count(self, batch: dict) -> "torch.Tensor":

@@ -195,15 +195,16 @@ class CausalLM:
             cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device), temperatures, dtype)
         return keep, cols
 
-    def teacher_columns(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+    def teacher_tensors(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
         """Per token that carries loss: top-k log-probs at T=1 (float16), their ids (int32), the
-        exact tail at the job's temperature, and log p(next token); zeros elsewhere."""
+        exact tail at the job's temperature, and log p(next token); zeros elsewhere (row-shaped,
+        as the pool sends them)."""
         keep, cols = self.teacher_signal(model, batch, device, precision, (float(self.spec.distill.temperature),))
         out = {}
         for name, values in cols.items():
             full = torch.zeros((*keep.shape, *values.shape[1:]), dtype=values.dtype, device=keep.device)
             full[keep] = values
-            out[name] = full.cpu().numpy()
+            out[name] = full
         return out
 
     def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head, temperatures: tuple[float, ...],

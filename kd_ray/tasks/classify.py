@@ -23,7 +23,7 @@ from kd_ray.tasks.base import TaskHandle, fmt_score
 from kd_ray.tasks.classify_checks import check_classifier
 from kd_ray.teacher_signal import as_tensor, teacher_output
 
-LOGITS_DTYPES = {"float32": np.float32, "float16": np.float16}
+LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def micro_step(
@@ -147,14 +147,14 @@ class Classify:
         load_into(model, t.weights)
         return model
 
-    def teacher_columns(self, model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
-        """Dense logits of the batch, in teacher.logits_dtype (what travels to the trainers)."""
+    def teacher_tensors(self, model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+        """Dense logits of the batch, on `device`, in teacher.logits_dtype (what the pool sends)."""
         x = as_tensor(batch[X]).to(device, non_blocking=True)
         if self._conv_net(model) and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(precision, device):
             logits = model(x)
-        return {TEACHER: logits.float().cpu().numpy().astype(LOGITS_DTYPES[self.spec.teacher.logits_dtype], copy=False)}
+        return {TEACHER: logits.float().to(LOGITS_DTYPES[self.spec.teacher.logits_dtype])}
 
     # ---------------------------------------------------------------- training
 

@@ -3,8 +3,9 @@
     set up      build the student, wrap it (DDP / FSDP2), compile, optimizer, schedule, scaler
     restore     the newest whole checkpoint; the data cursor set, every rank agreeing on it
     for each micro-batch of this rank's stream (kd_ray.train.batches), in the planned order:
-        step    teacher signal in -> loss -> scaled backward; on the accumulation boundary,
-                clip and step the optimizer
+        step    teacher signal in (in the batch already, or from the teacher colocated in this
+                worker: kd_ray.train.colocated) -> loss -> scaled backward; on the accumulation
+                boundary, clip and step the optimizer
         log     one all-reduce per log line; evaluate at the end of each epoch
         save    every N steps or M minutes; poll for a preemption notice or a stop request
     finish      the final checkpoint (the driver exports its student)
@@ -34,6 +35,7 @@ from kd_ray.spec import JobSpec
 from kd_ray.telemetry import POLL_STEPS, poll_every
 from kd_ray.train import checkpoint
 from kd_ray.train.batches import rank_batches
+from kd_ray.train.colocated import teacher_in_trainer
 from kd_ray.train.meter import Meter, Timer
 from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, grad_sync, sync_buffers, wrap
@@ -94,6 +96,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), t.optimizer.model_dump(), self.device)
         self.scheduler = make_scheduler(self.optimizer, t.schedule.model_dump(), self.plan.total_steps)
         self.scaler = grad_scaler(t.precision, self.device)
+        self.teacher = teacher_in_trainer(self.spec, self.task, self.device)
 
     def restore(self) -> bool:
         """Load the newest whole checkpoint, if any; set the data cursor. Returns whether it resumed."""
@@ -140,6 +143,7 @@ class Trainer:
         batches = rank_batches(self.config.get("local_stream"), self.position, self.rank, self.world, self.plan.micro_batch,
                                per_block, t.prefetch_batches, self.device)
         self.order = batches.order
+        self.score_teacher()
         self.logged_step = self.step
         self.profiler = StepProfiler(self.spec.profile, self.spec.run_dir, self.rank, self.device, self.step)
         try:
@@ -154,7 +158,8 @@ class Trainer:
 
     def train(self, batches) -> bool:
         """Micro-steps until the plan's last step; True if a stop request ended it first."""
-        for batch, denominator in self.step_batches(self.meter.timed(batches)):
+        # The teacher's time is the step's, not a wait for data: it runs outside the meter's clock.
+        for batch, denominator in self.step_batches(self.teacher.signal(self.meter.timed(batches), self.meter)):
             if not self.micro_step(batch, denominator):
                 continue
             lr, grad_norm = self.optimizer_step()
@@ -217,7 +222,7 @@ class Trainer:
     # ---------------------------------------------------------------------------- log, evaluate
 
     def log(self, lr: float, grad_norm: torch.Tensor) -> None:
-        kd, ce, correct, count, wait, elapsed = self.meter.collect(self.world)  # the one sync per log line
+        kd, ce, correct, count, wait, teacher, elapsed = self.meter.collect(self.world)  # the one sync per log line
         has_teacher = self.spec.teacher is not None
         alpha = self.spec.distill.alpha if has_teacher else 0.0
         p = self.plan
@@ -225,11 +230,21 @@ class Trainer:
                  loss=mix(kd, ce, alpha) / count, kd_loss=kd / count if has_teacher else None,
                  ce_loss=ce / count, train_accuracy=correct / count, lr=lr,
                  grad_norm=float(grad_norm), samples_per_second=count / elapsed, unit=self.task.unit,
-                 data_wait_seconds=wait, window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
+                 data_wait_seconds=wait, teacher_seconds=teacher if self.spec.colocated_teacher else None,
+                 window_seconds=elapsed, window_steps=self.step - self.logged_step, samples=self.samples,
                  startup=self.logged_step == self.resumed_step)  # this window includes the stream's start
         if self.spec.checkpoint.poll_every_steps is None:
             self.poll_every = poll_every(elapsed, self.step - self.logged_step)
         self.logged_step = self.step
+
+    def score_teacher(self) -> None:
+        """A teacher colocated in the workers is scored on the eval split here, at each start of
+        the group, as the driver scores a pool's (kd_ray.job.score_teacher) with the same sums."""
+        batches = ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=self.spec.eval.batch_size, device=self.device)
+        sums = self.teacher.scores(batches, self.task, self.device)
+        if sums is not None:
+            scores = self.task.teacher_figures(all_reduce_sum(sums).tolist())
+            self.say("teacher", step=self.step, line=self.task.teacher_line(scores), **scores)
 
     def evaluate(self) -> None:
         sync_buffers(self.model, self.spec.train.strategy)

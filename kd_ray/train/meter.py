@@ -38,6 +38,7 @@ class Meter:
         self.terms: list = []  # (kd_sum, ce_sum, correct, count tensor or None) per micro-step
         self.count = 0  # loss units given as numbers (samples: known without looking at the batch)
         self.wait = 0.0
+        self.teacher = 0.0  # seconds in a colocated teacher's forward (kd_ray.train.colocated)
         self.start = time.perf_counter()
 
     def timed(self, batches):
@@ -74,13 +75,14 @@ class Meter:
 
     def collect(self, world: int) -> tuple:
         """All-reduce the window over ranks and reset it: (kd, ce, correct, count, mean data wait,
-        mean seconds). Every rank gets the same figures (the poll interval is drawn from them)."""
+        mean seconds in a colocated teacher, mean seconds). Every rank gets the same figures (the
+        poll interval is drawn from them)."""
         self._fold()
         self.sums[3] += self.count
-        clocks = [self.wait, time.perf_counter() - self.start]
+        clocks = [self.wait, self.teacher, time.perf_counter() - self.start]
         packed = torch.cat([self.sums, torch.tensor(clocks, dtype=torch.float64, device=self.device)])
-        kd, ce, correct, count, wait, elapsed = all_reduce_sum(packed).tolist()
-        out = (kd, ce, correct, count, wait / world, elapsed / world)
+        kd, ce, correct, count, wait, teacher, elapsed = all_reduce_sum(packed).tolist()
+        out = (kd, ce, correct, count, wait / world, teacher / world, elapsed / world)
         self.sums.zero_()
-        self.count, self.wait, self.start = 0, 0.0, time.perf_counter()
+        self.count, self.wait, self.teacher, self.start = 0, 0.0, 0.0, time.perf_counter()
         return out

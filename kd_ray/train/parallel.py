@@ -38,6 +38,19 @@ def wrap(model: nn.Module, strategy: str, precision: str, device: torch.device, 
     return model
 
 
+def shard_frozen(model: nn.Module, units: list[nn.Module]) -> None:
+    """FSDP2 over a frozen model (a colocated teacher, seed 000's strategy table), in place: each of
+    `units` (the task's blocks) holds 1/world of its parameters and gathers them for its forward
+    only (reshard_after_forward); no gradients, so no reduce-scatter and no optimizer state. The
+    root is left unsharded (its own few parameters, a language model's embeddings and head, stay
+    whole on every rank): a task may call the teacher's parts, not its root (a decoder, then a
+    head sliced to the vocabulary), and FSDP2 gathers a root's parameters only in its forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=True)
+
+
 def checkpoint_units(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     """Put each unit behind torch's (non-reentrant) activation checkpoint wrapper, in place;
     returns the wrappers. Their state-dict keys gain a prefix that kd_ray.models.weights.clean_key drops."""
