@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
