@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,35 @@ from kd_ray.models import mlp
 
 def not_a_module(**kwargs):
     return "a string"
+"""
+
+
+HOOKS_PY = """\
+from kd_ray.callbacks import Callback
+
+
+class Every(Callback):
+    def __init__(self, every: int = 1):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+
+
+class Exits(Callback):
+    def __init__(self):
+        raise SystemExit(4)
+
+
+class Loose:
+    def on_start(self, info):
+        pass
+
+
+def not_a_callback():
+    return 42
+
+
+NOT_CALLABLE = 3
 """
 
 
@@ -87,6 +117,7 @@ def world(tmp_path, monkeypatch):
     weights.save(convnet(**TEACHER_KWARGS).state_dict(), str(tmp_path / "teacher.safetensors"))
     (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(500))
     (tmp_path / "models.py").write_text(MODELS_PY)
+    (tmp_path / "hooks.py").write_text(HOOKS_PY)
     (tmp_path / "exiting_models.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "a_file").write_text("not a directory\n")
     (tmp_path / "weights_dir").mkdir()
@@ -193,8 +224,54 @@ OVERRIDES = [
 ]
 
 
+# Bad inputs II (issue 30): switches, unused fields, callbacks built at validate, storage URIs.
+# "{world}" in an override is the job's directory.
+OVERRIDES_II = [
+    # a switch given anything but true or false: pydantic would read "no" and 0 as it likes
+    ("report-yes-quoted", ['logging.report="yes"'], "logging.report", ["must be true or false", "'yes'"]),
+    ("report-no-quoted", ['logging.report="no"'], "logging.report", ["must be true or false", "'no'"]),
+    ("tensorboard-one", ["logging.tensorboard=1"], "logging.tensorboard", ["must be true or false", "not 1"]),
+    ("use-gpu-string", ['train.use_gpu="false"'], "train.use_gpu", ["must be true or false"]),
+    ("hflip-string", ['data.augment.hflip="on"'], "data.augment.hflip", ["must be true or false"]),
+    ("deterministic-zero", ["run.deterministic=0"], "run.deterministic", ["must be true or false"]),
+    # fields the job's loss or task never reads
+    ("beta-with-hinton", ["distill.beta=0.3"], "distill.beta", ["only applies to loss: jsd", "hinton"]),
+    ("top-k-for-a-classifier", ["distill.top_k=5"], "distill.top_k", ["only applies to task: causal_lm"]),
+    ("chunk-tokens-for-a-classifier", ["distill.chunk_tokens=64"], "distill.chunk_tokens", ["only applies to task: causal_lm"]),
+    # callbacks, built once at validate as every worker will build them
+    ("callback-unknown-kwarg", ["callbacks=[{callable: hooks:Every, kwargs: {evry: 3}}]"], "callbacks.0.kwargs",
+     ["does not accept", "it takes: every"]),
+    ("callback-constructor-raises", ["callbacks=[{callable: hooks:Every, kwargs: {every: 0}}]"], "callbacks.0.kwargs",
+     ["failed: ValueError: every must be >= 1, got 0"]),
+    ("callback-constructor-exits", ["callbacks=[{callable: hooks:Exits}]"], "callbacks.0.kwargs", ["failed: SystemExit"]),
+    ("callback-returns-a-number", ["callbacks=[{callable: hooks:not_a_callback}]"], "callbacks.0.callable",
+     ["returned int", "subclass of kd_ray.callbacks.Callback"]),
+    ("callback-without-hooks", ["callbacks=[{callable: hooks:Loose}]"], "callbacks.0.callable", ["has no on_batch"]),
+    ("callback-not-callable", ["callbacks=[{callable: hooks:NOT_CALLABLE}]"], "callbacks.0.callable", ["has no callable 'NOT_CALLABLE'"]),
+    ("callback-module-missing", ["callbacks=[{callable: no_such_hooks:Every}]"], "callbacks.0.callable", ["cannot import module"]),
+    ("second-callback-wrong", ["callbacks=[{callable: hooks:Every}, {callable: hooks:Every, kwargs: {every: -2}}]"],
+     "callbacks.1.kwargs", ["every must be >= 1, got -2"]),
+    # storage URIs: no bucket, a local file:// path that cannot be a directory
+    ("storage-s3-no-bucket", ["run.storage_path=s3://"], "run.storage_path", ["s3:// names no bucket", "s3://BUCKET/PATH"]),
+    ("storage-s3-empty-bucket", ["run.storage_path=s3:///runs"], "run.storage_path", ["names no bucket"]),
+    ("storage-gs-no-bucket", ["run.storage_path=gs://?endpoint_override=localhost:1"], "run.storage_path", ["gs:// names no bucket"]),
+    ("storage-file-uri-under-a-file", ["run.storage_path=file://{world}/a_file/runs"], "run.storage_path",
+     ["a_file is a file", "choose another path"]),
+    ("cache-path-s3-no-bucket", CACHED + ["teacher.cache.path=s3:///cache"], "teacher.cache.path", ["names no bucket"]),
+    ("weights-s3-no-bucket", ["student.weights=s3:///w.safetensors"], "student.weights", ["names no bucket"]),
+    ("weights-file-uri-missing", ["student.weights=file:///nonexistent/x.safetensors"], "student.weights",
+     ["/nonexistent/x.safetensors does not exist"]),
+]
+
+
 def test_cases_are_distinct():
-    assert len({c[0] for c in OVERRIDES}) == len(OVERRIDES) and len({tuple(c[1]) for c in OVERRIDES}) == len(OVERRIDES)
+    for cases in (OVERRIDES, OVERRIDES_II):
+        assert len({c[0] for c in cases}) == len(cases) and len({tuple(c[1]) for c in cases}) == len(cases)
+
+
+@pytest.mark.parametrize("overrides, field, needles", [c[1:] for c in OVERRIDES_II], ids=[c[0] for c in OVERRIDES_II])
+def test_each_mistake_of_the_second_probe_is_one_line(world, capsys, overrides, field, needles):
+    _refused(capsys, ["run", str(world / "job.yaml"), *[o.replace("{world}", str(world)) for o in overrides]], field, needles, world)
 
 
 @pytest.mark.parametrize("overrides, field, needles", [c[1:] for c in OVERRIDES], ids=[c[0] for c in OVERRIDES])
@@ -391,7 +468,47 @@ def lm(lm_files, tmp_path, monkeypatch):
     monkeypatch.setattr(kd_ray.job, "ensure_ray", lambda *a, **k: pytest.fail("Ray was about to start"))
     (tmp_path / "no_tokenizer").mkdir()
     (tmp_path / "random.json").write_bytes(np.random.default_rng(2).bytes(200))
+    _lm_mistake_files(tmp_path, lm_files)
     return {**lm_files, "tmp": tmp_path}
+
+
+LM_MODELS_PY = """\
+from kd_ray.models.lm import llama
+
+
+def tiny(width: int = 16):
+    return llama(vocab_size=400, hidden_size=width, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=128)
+
+
+def not_a_model():
+    return "a string"
+"""
+
+
+def _lm_mistake_files(d, files) -> None:
+    """Broken teacher files, weights of other models and documents of the wrong types."""
+    import shutil
+
+    from kd_ray.models.lm import llama
+
+    rng = np.random.default_rng(3)
+    (d / "bad.gguf").write_bytes(rng.bytes(400))
+    shutil.copytree(files["teacher"], d / "cut_teacher")
+    config = (d / "cut_teacher" / "config.json").read_text()
+    (d / "cut_teacher" / "config.json").write_text(config[: len(config) // 2])
+    (d / "no_config").mkdir()
+    other = llama(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    weights.save(other.state_dict(), str(d / "other_lm.safetensors"))
+    (d / "lm_models.py").write_text(LM_MODELS_PY)
+    lines = {"array": "[1, 2]", "number-text": '{"text": 3}', "null-text": '{"text": null}', "list-text": '{"text": ["a", "b"]}',
+             "float-tokens": '{"t": [1.5, 2]}', "nested-tokens": '{"t": [[1], [2]]}', "string-tokens": '{"t": "1 2 3"}'}
+    for name, line in lines.items():
+        (d / f"{name}.jsonl").write_text(line + "\n" + '{"text": "a", "t": [1]}\n')
+    pq.write_table(pa.table({"text": list(range(10))}), d / "int_text.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), d / "no_rows.parquet")
+    pq.write_table(pa.table({"t": [[0.5, 1.0]] * 10}), d / "float_tokens.parquet")
+    (d / "empty_source").mkdir()
 
 
 LM_JOBS = [
@@ -406,6 +523,73 @@ LM_JOBS = [
     ("beta-nan", lambda f, j: j["distill"].update(beta=float("nan")), "distill.beta", ["finite number"]),
     ("jsonl-not-json", lambda f, j: j["data"].update(source=str(f["tmp"] / "random.json")), "data.source", ["cannot read"]),
     ("cached-without-cache", lambda f, j: j["teacher"].update(mode="cached"), "teacher.cache", ["add teacher.cache"]),
+    # Bad inputs II (issue 30). The models, built on the meta device at validate: every kwarg used,
+    # heads in groups, weights that fit the architecture, and pretrained models taking no kwargs.
+    ("student-kwargs-typo", lambda f, j: j["student"]["kwargs"].update(hiden_size=64), "student.kwargs",
+     ["'hiden_size' is not a field", "did you mean 'hidden_size'?"]),
+    ("student-kwargs-made-up", lambda f, j: j["student"]["kwargs"].update(depth=4), "student.kwargs", ["'depth' is not a field"]),
+    ("kv-heads-do-not-divide", lambda f, j: j["student"]["kwargs"].update(num_key_value_heads=3, num_attention_heads=4, hidden_size=32),
+     "student.kwargs", ["num_key_value_heads 3 does not divide num_attention_heads 4"]),
+    ("kv-heads-more-than-heads", lambda f, j: j["student"]["kwargs"].update(num_key_value_heads=4), "student.kwargs",
+     ["num_key_value_heads 4 does not divide num_attention_heads 2"]),
+    ("unknown-activation", lambda f, j: j["student"]["kwargs"].update(hidden_act="gelu_nope"), "student.kwargs",
+     ["cannot build llama", "gelu_nope"]),
+    ("teacher-kwargs-for-pretrained", lambda f, j: j["teacher"].update(kwargs={"hidden_size": 64}), "teacher.kwargs",
+     ["is a pretrained model", "remove teacher.kwargs"]),
+    ("student-weights-of-the-teacher", lambda f, j: j["student"].update(weights=str(Path(f["teacher"]) / "model.safetensors")),
+     "student.weights", ["does not fit llama"]),
+    ("student-weights-of-another-llama", lambda f, j: j["student"].update(weights=str(f["tmp"] / "other_lm.safetensors")),
+     "student.weights", ["other_lm.safetensors does not fit llama", "shape mismatch"]),
+    ("teacher-weights-of-another-model", lambda f, j: j["teacher"].update(weights=str(f["tmp"] / "other_lm.safetensors")),
+     "teacher.weights", ["does not fit"]),
+    ("student-weights-random-bytes", lambda f, j: j["student"].update(weights=str(f["tmp"] / "random.json")), "student.weights",
+     ["use a .safetensors or .pt state dict"]),
+    ("student-weights-missing", lambda f, j: j["student"].update(weights=str(f["tmp"] / "nope.safetensors")), "student.weights",
+     ["nope.safetensors does not exist"]),
+    ("student-weights-a-directory", lambda f, j: j["student"].update(weights=str(f["tmp"] / "no_config")), "student.weights",
+     ["is a directory, not a file"]),
+    ("import-model-unknown-kwarg", lambda f, j: j["student"].update(model="lm_models:tiny", kwargs={"widht": 8}), "student.model",
+     ["does not accept", "it takes: width"]),
+    ("import-model-not-a-model", lambda f, j: j["student"].update(model="lm_models:not_a_model", kwargs={}), "student.model",
+     ["returned str, not a torch.nn.Module"]),
+    # the teacher's broken files are the teacher's, not data.tokenizer's
+    ("teacher-gguf-missing", lambda f, j: j["teacher"].update(model=str(f["tmp"] / "nope.gguf")), "teacher.model",
+     ["nope.gguf does not exist", "fix the path"]),
+    ("teacher-gguf-not-gguf", lambda f, j: j["teacher"].update(model=str(f["tmp"] / "bad.gguf")), "teacher.model",
+     ["cannot load", "bad.gguf", "fix or replace the model's files"]),
+    ("teacher-config-cut-off", lambda f, j: j["teacher"].update(model=str(f["tmp"] / "cut_teacher")), "teacher.model",
+     ["cannot load", "cut_teacher"]),
+    ("teacher-dir-without-config", lambda f, j: j["teacher"].update(model=str(f["tmp"] / "no_config")), "teacher.model",
+     ["is a directory without config.json"]),
+    ("teacher-path-missing", lambda f, j: j["teacher"].update(model=str(f["tmp"] / "models" / "llama-8b")), "teacher.model",
+     ["llama-8b does not exist"]),
+    # documents and columns of the wrong type, from the schema or the first document
+    ("jsonl-first-line-an-array", lambda f, j: j["data"].update(source=str(f["tmp"] / "array.jsonl")), "data.source",
+     ["first line of", "is a JSON list, not an object"]),
+    ("text-a-number", lambda f, j: j["data"].update(source=str(f["tmp"] / "number-text.jsonl")), "data.text",
+     ["holds 3 in column 'text'", "must hold text"]),
+    ("text-null", lambda f, j: j["data"].update(source=str(f["tmp"] / "null-text.jsonl")), "data.text", ["holds None"]),
+    ("text-a-list", lambda f, j: j["data"].update(source=str(f["tmp"] / "list-text.jsonl")), "data.text", ["holds ['a', 'b']"]),
+    ("tokens-floats", lambda f, j: j["data"].update(source=str(f["tmp"] / "float-tokens.jsonl"), text=None, tokens="t"), "data.tokens",
+     ["[1.5, 2]", "list of token ids"]),
+    ("tokens-nested", lambda f, j: j["data"].update(source=str(f["tmp"] / "nested-tokens.jsonl"), text=None, tokens="t"), "data.tokens",
+     ["list of token ids"]),
+    ("tokens-a-string", lambda f, j: j["data"].update(source=str(f["tmp"] / "string-tokens.jsonl"), text=None, tokens="t"),
+     "data.tokens", ["'1 2 3'"]),
+    ("parquet-text-integers", lambda f, j: j["data"].update(source=str(f["tmp"] / "int_text.parquet")), "data.text",
+     ["of type int64", "must hold text"]),
+    ("parquet-tokens-floats", lambda f, j: j["data"].update(source=str(f["tmp"] / "float_tokens.parquet"), text=None, tokens="t"),
+     "data.tokens", ["list<element: double>"]),
+    ("parquet-no-rows", lambda f, j: j["data"].update(source=str(f["tmp"] / "no_rows.parquet")), "data.source", ["holds no documents"]),
+    ("source-empty-directory", lambda f, j: j["data"].update(source=str(f["tmp"] / "empty_source")), "data.source",
+     ["holds no documents"]),
+    # fields an LM job never reads
+    ("beta-with-forward-kl", lambda f, j: j["distill"].update(loss="forward_kl", beta=0.2), "distill.beta", ["only applies to loss: jsd"]),
+    ("classifier-shape", lambda f, j: j["data"].update(shape=[8]), "data.shape", ["only applies to task: classify"]),
+    ("classifier-num-classes", lambda f, j: j["data"].update(num_classes=10), "data.num_classes", ["only applies to task: classify"]),
+    ("lm-report-quoted", lambda f, j: j.update(logging={"report": "yes"}), "logging.report", ["must be true or false"]),
+    ("lm-callback-kwargs", lambda f, j: j.update(callbacks=[{"callable": "lm_models:tiny", "kwargs": {"width": 8}}]),
+     "callbacks.0.callable", ["returned LlamaForCausalLM", "has no on_start"]),
 ]
 
 

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from typing import Iterator
 
@@ -72,12 +73,25 @@ def need_file(path: str, field: str, fix: str) -> None:
         raise UserError(field, f"{path} does not exist; {fix}")
 
 
+# How long kd_ray waits for a storage endpoint: pyarrow's GCS client retries for 15 minutes by
+# default, and a bucket that does not answer must become one line naming the field, not a hang.
+GCS_RETRY_SECONDS = 10
+CONTACT_SECONDS = 30
+
+
+def _with_deadline(uri: str) -> str:
+    """A gs:// URI with a retry limit, unless the user gave one (the query pyarrow reads)."""
+    if uri.split("://", 1)[0].lower() not in ("gs", "gcs") or "retry_limit_seconds=" in uri:
+        return uri
+    return uri + ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_SECONDS}"
+
+
 def filesystem(path: str):
     """(pyarrow filesystem, path within it) for a local path or a URI; no trailing slash."""
     import pyarrow.fs as pafs
 
     if is_remote(path):
-        fs, root = pafs.FileSystem.from_uri(path)
+        fs, root = pafs.FileSystem.from_uri(_with_deadline(path))
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
     return fs, root.rstrip("/")
@@ -218,16 +232,56 @@ def local_copy(path: str) -> Iterator[str]:
         yield local
 
 
-def check_reachable(path: str, field: str, write: bool = False) -> None:
-    """A URI whose filesystem answers, whose bucket exists and (`write`) takes a file, or a
-    UserError naming `field`: the mistakes of a bucket are found before anything starts."""
-    import pyarrow.fs as pafs
+def need_writable_dir(path: str, field: str) -> None:
+    """A local directory that exists or can be made, by this user: its nearest existing ancestor
+    is a directory they can write in."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(field, f"{existing} is a file, so {path} cannot be a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(field, f"cannot write in {existing} (permission denied); choose a directory you can write in")
 
+
+def check_reachable(path: str, field: str, write: bool = False) -> None:
+    """A URI whose filesystem answers (within CONTACT_SECONDS), whose bucket exists and (`write`)
+    takes a file, or a UserError naming `field`: the mistakes of a bucket are found before
+    anything starts."""
     where = shown(path)
     scheme = path.split("://", 1)[0].lower()
     if scheme in ("http", "https", "ftp"):
         raise UserError(field, f"{where} is a URL, not storage kd_ray reads: download it and give its local path, "
                                "or put it in a bucket (s3://, gs://)")
+    if scheme == "file":  # a local path written as a URI: no bucket, the local checks
+        local = where.split("://", 1)[1]
+        if write:
+            need_writable_dir(local, field)
+        return
+    if not where.split("://", 1)[1].split("/", 1)[0]:
+        raise UserError(field, f"{where} names no bucket; write {scheme}://BUCKET/PATH")
+    done: dict = {}
+
+    def probe():
+        try:
+            _probe(path, field, write)
+        except BaseException as e:  # handed to the caller's thread
+            done["error"] = e
+        done["finished"] = True
+
+    thread = threading.Thread(target=probe, daemon=True)  # a client stuck in a connect is left behind, not waited for
+    thread.start()
+    thread.join(CONTACT_SECONDS)
+    if "finished" not in done:
+        raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
+                        "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials")
+    if "error" in done:
+        raise done["error"]
+
+
+def _probe(path: str, field: str, write: bool) -> None:
+    import pyarrow.fs as pafs
+
     try:
         fs, root = filesystem(path)
         bucket = root.split("/", 1)[0]
@@ -241,7 +295,7 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(field, f"cannot use {where}: {_why(str(e))}") from None
+        raise UserError(field, f"cannot use {shown(path)}: {_why(str(e))}") from None
 
 
 def need_object(uri: str, field: str, fix: str) -> None:
@@ -256,6 +310,9 @@ def _why(error: str) -> str:
     if "NETWORK_CONNECTION" in error or "curlCode" in error:
         return ("the storage endpoint does not answer; check endpoint_override=HOST:PORT (and scheme=http for a server "
                 "without TLS) in the URI, or AWS_ENDPOINT_URL")
+    if "Retry policy exhausted" in error or "OAuth2 access token" in error:
+        return (f"no answer within {GCS_RETRY_SECONDS} s (no Google Cloud credentials found, or the endpoint cannot be "
+                "reached); set GOOGLE_APPLICATION_CREDENTIALS or run on a node with a service account, and check the network")
     if any(k in error for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")):
         return ("access denied: check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's instance "
                 "profile) and that they may read and write this bucket")
