@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kd_ray.core import storage
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as e:
         print(f"kd-ray: error: {e.line()}", file=sys.stderr)
+        if argv is None and storage.left_behind():  # the process's own command line: end it now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except Failed as e:
         print(f"kd-ray: {e.what} failed: {e}", file=sys.stderr)
@@ -102,7 +107,20 @@ def _report(run_dirs: list[str], out: str | None) -> int:
     except ImportError:
         raise UserError("report", report.NO_MATPLOTLIB.removeprefix("no picture of the run: ")) from None
     for d in run_dirs:  # a directory, or a run's URI on object storage
-        if not storage.exists(storage.join(d, "metrics.jsonl")):
+        metrics = storage.join(d, "metrics.jsonl")
+        if not storage.exists(metrics) or storage.is_dir(metrics):
             raise UserError("report", f"{d} has no metrics.jsonl: give the directory of a kd_ray run (run.storage_path/run.name)")
+    if out is not None:
+        _check_out(out)
     print(report.draw(run_dirs, out))
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Where the picture goes: a file whose directory exists or can be made, before any drawing."""
+    if storage.is_remote(out):
+        storage.check_reachable(out, "--out", write=True)
+        return
+    if os.path.isdir(out):
+        raise UserError("--out", f"{out} is a directory; give the picture's file name, e.g. {os.path.join(out, 'compare.png')}")
+    storage.need_writable_dir(os.path.dirname(os.path.abspath(out)), "--out")

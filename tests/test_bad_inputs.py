@@ -648,3 +648,119 @@ def test_token_ids_beyond_the_tokenizer(tmp_path):
     assert e.value.field == "data.tokens" and "document 7 holds token id 50" in e.value.message and "0..49" in e.value.message
     _refuse_unknown_tokens(docs[:1], 50)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs II: the CLI's own arguments and environment
+
+
+@pytest.fixture
+def runs_to_report(tmp_path):
+    """Two runs with a metrics.jsonl each (what `kd-ray report` reads), a file and a directory."""
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text('{"kind": "start", "step": 0}\n')
+    (tmp_path / "runs" / "empty").mkdir()
+    (tmp_path / "runs" / "odd" / "metrics.jsonl").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("a regular file\n")
+    (tmp_path / "pictures").mkdir()
+    return tmp_path
+
+
+REPORTS = [
+    ("out-under-a-regular-file", ["--out", "{d}/notes.txt/compare.png"], "--out", ["notes.txt is a file", "choose another path"]),
+    ("out-two-below-a-file", ["--out", "{d}/notes.txt/x/compare.png"], "--out", ["notes.txt is a file"]),
+    ("out-an-existing-directory", ["--out", "{d}/pictures"], "--out", ["pictures is a directory", "pictures/compare.png"]),
+    ("out-a-bucket-without-name", ["--out", "s3:///compare.png"], "--out", ["names no bucket"]),
+    ("run-dir-without-metrics", [], "report", ["has no metrics.jsonl"]),
+    ("metrics-a-directory", [], "report", ["has no metrics.jsonl"]),
+    ("run-without-training-records", [], "report", ["has no training records", "train.log_every"]),
+]
+REPORTED = {"run-dir-without-metrics": ["a", "empty"], "metrics-a-directory": ["odd"], "run-without-training-records": ["a", "b"]}
+
+
+@pytest.mark.parametrize("extra, field, needles", [c[1:] for c in REPORTS], ids=[c[0] for c in REPORTS])
+def test_report_mistakes_are_one_line_and_write_nothing(runs_to_report, capsys, request, extra, field, needles):
+    d = runs_to_report
+    runs = REPORTED.get(request.node.callspec.id, ["a", "b"])
+    before = _tree(d)
+    _refused(capsys, ["report", *[str(d / "runs" / r) for r in runs], *[e.replace("{d}", str(d)) for e in extra]], field, needles)
+    assert _tree(d) == before, "a file was written (a stray temporary file?)"
+
+
+def _no_ray_init(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called with an address that does not answer"))
+
+
+ADDRESSES = [
+    ("closed-port", "127.0.0.1:{port}", ["nothing answers at 127.0.0.1:", "connection refused", "ray start --head"]),
+    ("client-closed-port", "ray://127.0.0.1:{port}", ["nothing answers at ray://127.0.0.1:"]),
+    ("unknown-host", "no-such-host.invalid:6379", ["nothing answers at no-such-host.invalid:6379", "unset RAY_ADDRESS"]),
+    ("port-not-a-number", "127.0.0.1:abc", ["is not HOST:PORT"]),
+    ("dashboard-url", "http://127.0.0.1:8265", ["http:// is for `ray job submit --address`"]),
+]
+
+
+@pytest.mark.parametrize("address, needles", [c[1:] for c in ADDRESSES], ids=[c[0] for c in ADDRESSES])
+def test_an_unreachable_ray_address_is_one_line_at_once(world, capsys, monkeypatch, address, needles):
+    """RAY_ADDRESS is tried with a deadline before Ray is asked to join it (ray.init used to retry
+    for a quarter of an hour), and the finished run beside the job stays where it was."""
+    import time
+
+    from conftest import free_port
+
+    import kd_ray.cluster
+    import kd_ray.job
+
+    monkeypatch.setattr(kd_ray.job, "ensure_ray", kd_ray.cluster.ensure_ray)
+    monkeypatch.setattr(kd_ray.cluster.ray, "is_initialized", lambda: False)
+    _no_ray_init(monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", address.replace("{port}", str(free_port())))
+    started = time.time()
+    _refused(capsys, ["run", str(world / "job.yaml")], "RAY_ADDRESS", needles, world)
+    assert time.time() - started < kd_ray.cluster.CONNECT_SECONDS + 30
+
+
+def test_an_unwritable_kd_ray_home_is_named_before_a_gguf_is_converted(lm, capsys, monkeypatch):
+    """A .gguf teacher is converted once into KD_RAY_HOME: a home that cannot be written is said
+    at once, naming KD_RAY_HOME (it used to be blamed on data.tokenizer after the conversion)."""
+    import copy
+
+    from conftest import write_job as write_yaml
+    from test_lm import _lm_job
+
+    (lm["tmp"] / "a_file").write_text("not a directory\n")
+    monkeypatch.setenv("KD_RAY_HOME", str(lm["tmp"] / "a_file" / "home"))
+    job = copy.deepcopy(_lm_job(lm))
+    job["teacher"]["model"] = str(lm["tmp"] / "bad.gguf")
+    _refused(capsys, ["validate", write_yaml(lm["tmp"] / "job.yaml", job)], "KD_RAY_HOME", ["a_file is a file", "set KD_RAY_HOME"])
+
+
+def test_a_storage_endpoint_that_never_answers_is_one_line_within_the_deadline(tmp_path):
+    """An S3 endpoint that takes the connection and never answers (a proxy, a firewall): the
+    run's storage is refused within the deadline, naming run.storage_path, and the process ends
+    then (pyarrow's client, still retrying, is not waited for)."""
+    import socket
+    import threading
+    import time
+
+    from conftest import run_cli, write_job
+
+    from kd_ray.core.storage import CONTACT_SECONDS
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    port = server.getsockname()[1]
+    job = write_job(tmp_path / "job.yaml", {**BASE, "run": {"name": "t", "storage_path": f"s3://b/runs?endpoint_override=127.0.0.1:{port}&scheme=http"}})
+    started = time.time()
+    done = run_cli(["validate", job], timeout=CONTACT_SECONDS + 120)
+    took = time.time() - started
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith("kd-ray: error: run.storage_path: s3://b/runs: the storage endpoint did not answer within"), lines[0]
+    assert took < CONTACT_SECONDS + 45, took  # the deadline, and the interpreter's start; not the client's retries

@@ -244,6 +244,15 @@ def need_writable_dir(path: str, field: str) -> None:
         raise UserError(field, f"cannot write in {existing} (permission denied); choose a directory you can write in")
 
 
+_LEFT_BEHIND: list[threading.Thread] = []
+
+
+def left_behind() -> bool:
+    """Whether a storage client is still stuck past its deadline: pyarrow would hold the
+    interpreter's exit until its requests give up (minutes, retrying a silent endpoint)."""
+    return any(t.is_alive() for t in _LEFT_BEHIND)
+
+
 def check_reachable(path: str, field: str, write: bool = False) -> None:
     """A URI whose filesystem answers (within CONTACT_SECONDS), whose bucket exists and (`write`)
     takes a file, or a UserError naming `field`: the mistakes of a bucket are found before
@@ -273,6 +282,7 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
     thread.start()
     thread.join(CONTACT_SECONDS)
     if "finished" not in done:
+        _LEFT_BEHIND.append(thread)
         raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
                         "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials")
     if "error" in done:

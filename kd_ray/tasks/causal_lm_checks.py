@@ -16,7 +16,6 @@ from kd_ray.tasks.cache_checks import (
 )
 from kd_ray.tasks.causal_lm_models import check_lm_model
 
-
 # A classifier's data fields, which a language model's reader never looks at.
 CLASSIFIER_DATA_FIELDS = ("features", "labels", "shape", "num_classes", "preprocess")
 
