@@ -53,10 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as e:
         print(f"kd-ray: error: {e.line()}", file=sys.stderr)
-        if argv is None and storage.left_behind():  # the process's own command line: end it now
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(e.exit_code)
         return e.exit_code
     except Failed as e:
         print(f"kd-ray: {e.what} failed: {e}", file=sys.stderr)
@@ -78,8 +74,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "cache":
         from kd_ray.cache.capture import capture
+        from kd_ray.run.console import say
 
-        capture(spec, verbose=args.verbose)
+        capture(spec, echo=say, verbose=args.verbose)
         return 0
     if args.command == "eval":
         from kd_ray.evaluate import evaluate_student

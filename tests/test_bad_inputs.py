@@ -764,3 +764,68 @@ def test_a_storage_endpoint_that_never_answers_is_one_line_within_the_deadline(t
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[0].startswith("kd-ray: error: run.storage_path: s3://b/runs: the storage endpoint did not answer within"), lines[0]
     assert took < CONTACT_SECONDS + 45, took  # the deadline, and the interpreter's start; not the client's retries
+
+
+WORKER_HOOKS_PY = """\
+from torch import nn
+
+from kd_ray.callbacks import Callback
+from kd_ray.core.errors import UserError
+
+
+class NeedsWorkers(Callback):
+    def __init__(self, at_least: int):
+        self.at_least = at_least
+
+    def on_start(self, info):  # what only a worker knows: the world size it got
+        if info.world_size < self.at_least:
+            raise UserError("callbacks.0.kwargs", f"at_least: {self.at_least} needs that many workers, the run has "
+                            f"{info.world_size}; lower it, or raise train.num_workers")
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)).detach()  # a student that cannot learn: its first backward fails
+
+
+def detached():
+    return Detached()
+"""
+
+
+def test_a_finished_run_stays_until_the_new_run_has_taken_its_first_step(ray_cluster, tmp_path, capsys):
+    """Mistakes only a worker meets, after every check on the driver has passed: a callback that
+    raises the user's error in on_start (one line, exit 2, naming its field, not Ray's traceback)
+    and a student whose first backward fails (exit 1). Each time the finished run is where it was,
+    byte for byte, with no NAME.<timestamp>/ beside it; a run that works then moves it aside."""
+    from conftest import digits_job
+    from conftest import write_job as write_yaml
+
+    (tmp_path / "worker_hooks.py").write_text(WORKER_HOOKS_PY)
+    run = tmp_path / "runs" / "t"
+    (run / "checkpoint_000000").mkdir(parents=True)
+    (run / "checkpoint_000000" / "resume.json").write_text('{"step": 22}')
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "steps": 22}))
+    (run / "student.safetensors").write_bytes(b"\x00student weights\x01")
+    job = digits_job(tmp_path, "t")
+    job["run"]["max_failures"] = 0
+    job["train"].update(num_workers=1, max_steps=2, global_batch_size=32, micro_batch_size=16)
+    job["callbacks"] = [{"callable": "worker_hooks:NeedsWorkers", "kwargs": {"at_least": 2}}]
+    path = write_yaml(tmp_path / "job.yaml", job)
+    _refused(capsys, ["run", path], "callbacks.0.kwargs", ["at_least: 2 needs that many workers, the run has 1"], tmp_path)
+
+    before = _tree(tmp_path / "runs")
+    rc = main(["run", path, "callbacks=[]", "student.model=worker_hooks:detached", "student.kwargs={}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.splitlines()[-1].startswith("kd-ray: run failed: ") and "Traceback" not in err, err[-3000:]
+    assert _tree(tmp_path / "runs") == before and os.listdir(tmp_path / "runs") == ["t"]
+
+    assert main(["run", path, "callbacks=[]"]) == 0
+    out = capsys.readouterr().out
+    moved = [n for n in os.listdir(tmp_path / "runs") if n.startswith("t.")]
+    assert len(moved) == 1 and f"previous run moved to {tmp_path / 'runs' / moved[0]}" in out, out[-3000:]
+    assert (tmp_path / "runs" / moved[0] / "student.safetensors").read_bytes() == b"\x00student weights\x01"

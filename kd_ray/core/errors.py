@@ -72,6 +72,14 @@ def user_error_in(e: BaseException) -> UserError | None:
     return None
 
 
+def raise_users(e: BaseException) -> None:
+    """Raise the user's mistake a failure comes from (user_error_in) as a plain UserError, its
+    one line without Ray's wrappers and their tracebacks; return if it is not the user's."""
+    found = user_error_in(e)
+    if found is not None:
+        raise found from None
+
+
 class Failed(Exception):
     """A run or a capture that started and then failed for a reason only running it revealed:
     `what` ("run", "cache") failed, the message says why in one line. Exit 1."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import uuid
 from typing import Iterator
 
@@ -193,6 +194,16 @@ def move(src: str, dest: str) -> None:
     fs.delete_dir(root)
 
 
+def delete_dir(path: str) -> None:
+    """Remove a directory and everything under it (a prefix, on object storage); nothing there is fine."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, root = filesystem(path)
+    if exists(path):
+        fs.delete_dir(root)
+
+
 def copy_out(local_dir: str, dest: str) -> None:
     """Copy a local directory's files to `dest`, a local path or a URI."""
     import pyarrow.fs as pafs
@@ -244,13 +255,22 @@ def need_writable_dir(path: str, field: str) -> None:
         raise UserError(field, f"cannot write in {existing} (permission denied); choose a directory you can write in")
 
 
-_LEFT_BEHIND: list[threading.Thread] = []
-
-
-def left_behind() -> bool:
-    """Whether a storage client is still stuck past its deadline: pyarrow would hold the
-    interpreter's exit until its requests give up (minutes, retrying a silent endpoint)."""
-    return any(t.is_alive() for t in _LEFT_BEHIND)
+# What check_reachable runs in a process of its own: a client stuck on a silent endpoint ends with
+# that process at the deadline (in this one, pyarrow would hold the interpreter's exit for minutes
+# until its retries gave up). Exit 3: no such bucket; 1: pyarrow's error last on stderr.
+_PROBE = """
+import sys
+import pyarrow.fs as pafs
+uri, write = sys.argv[1], sys.argv[2] == "1"
+fs, root = pafs.FileSystem.from_uri(uri)
+root = root.rstrip("/")
+if fs.get_file_info(root.split("/", 1)[0]).type == pafs.FileType.NotFound:
+    sys.exit(3)
+if write:
+    with fs.open_output_stream(root + "/.kd_ray_write_check") as f:
+        f.write(b"")
+    fs.delete_file(root + "/.kd_ray_write_check")
+"""
 
 
 def check_reachable(path: str, field: str, write: bool = False) -> None:
@@ -267,45 +287,20 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
         if write:
             need_writable_dir(local, field)
         return
-    if not where.split("://", 1)[1].split("/", 1)[0]:
+    bucket = where.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
         raise UserError(field, f"{where} names no bucket; write {scheme}://BUCKET/PATH")
-    done: dict = {}
-
-    def probe():
-        try:
-            _probe(path, field, write)
-        except BaseException as e:  # handed to the caller's thread
-            done["error"] = e
-        done["finished"] = True
-
-    thread = threading.Thread(target=probe, daemon=True)  # a client stuck in a connect is left behind, not waited for
-    thread.start()
-    thread.join(CONTACT_SECONDS)
-    if "finished" not in done:
-        _LEFT_BEHIND.append(thread)
-        raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
-                        "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials")
-    if "error" in done:
-        raise done["error"]
-
-
-def _probe(path: str, field: str, write: bool) -> None:
-    import pyarrow.fs as pafs
-
     try:
-        fs, root = filesystem(path)
-        bucket = root.split("/", 1)[0]
-        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise UserError(field, f"bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URI")
-        if write:
-            probe = f"{root}/.kd_ray_write_check"
-            with fs.open_output_stream(probe) as f:
-                f.write(b"")
-            fs.delete_file(probe)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(field, f"cannot use {shown(path)}: {_why(str(e))}") from None
+        done = subprocess.run([sys.executable, "-c", _PROBE, _with_deadline(path), "1" if write else "0"],
+                              capture_output=True, text=True, timeout=CONTACT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
+                        "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials") from None
+    if done.returncode == 3:
+        raise UserError(field, f"bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URI")
+    if done.returncode:
+        error = next((ln for ln in reversed(done.stderr.splitlines()) if ln.strip()), f"exit {done.returncode}")
+        raise UserError(field, f"cannot use {where}: {_why(error.split(': ', 1)[-1])}")
 
 
 def need_object(uri: str, field: str, fix: str) -> None:

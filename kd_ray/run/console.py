@@ -4,6 +4,7 @@ per event, the failure lines, and the summary table at the end."""
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -14,6 +15,12 @@ from kd_ray import telemetry
 from kd_ray.run.directory import DEFAULT_SCORES
 from kd_ray.run.metrics import MetricsLog
 from kd_ray.tasks.base import fmt_score as fmt
+
+
+def say(line: str) -> None:
+    """A line for the user: a warning to stderr, where it is seen even when the progress is
+    piped away, and everything else to stdout."""
+    print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
 
 @ray.remote(num_cpus=0)

@@ -25,7 +25,7 @@ from ray.train.collective import broadcast_from_rank_zero
 
 from kd_ray import batch_plan
 from kd_ray.callbacks import Callbacks, StartInfo
-from kd_ray.core.errors import reason
+from kd_ray.core.errors import UserError, reason
 from kd_ray.core.imports import make_importable
 from kd_ray.core.seeds import seed_torch, step_seed
 from kd_ray.losses import mix
@@ -40,12 +40,19 @@ from kd_ray.train.parallel import all_reduce_sum, grad_sync, sync_buffers, wrap
 from kd_ray.train.profile import StepProfiler
 from kd_ray.train.step import global_denominator, optimizer_step
 
+# The event rank 0 sends after an attempt's first optimizer step: the run is known to work (its
+# models built, its data read, a backward and a step taken), and a previous run moved aside for it
+# stays aside (kd_ray.run.directory.Aside).
+FIRST_STEP = "first_step"
+
 
 def train_loop_per_worker(config: dict) -> None:
     """config: spec (JobSpec), task (its kd_ray.tasks object), board (console), control (cursor, stop), train_rows, fingerprint,
     local_stream (a LocalStream, or None for the Ray Data stream)."""
     try:
         Trainer(config).run()
+    except UserError:
+        raise  # the user's mistake: the driver ends the run with its one line (a restart meets it again)
     except Exception as e:
         # Ray restarts the group up to run.max_failures times (forever with -1) and says why only
         # after the last: the driver shows each failure's reason as it happens.
@@ -194,6 +201,8 @@ class Trainer:
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.spec.train.grad_clip)
         self.step += 1
         self.samples += self.plan.global_batch
+        if self.step == self.resumed_step + 1:
+            self.say(FIRST_STEP, step=self.step)
         self.callbacks.on_step_end(self.step)
         self.profiler.after_step(self.step)
         return lr, grad_norm
