@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return _dispatch(args)
     except UserError as e:
@@ -60,6 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd-ray: interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(argv: list[str] | None):
+    """The arguments, overrides given after a flag too (`run job.yaml --fresh train.epochs=3`):
+    argparse stops a positional list at the first flag, and would call the rest unrecognized."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _dispatch(args) -> int:

@@ -829,3 +829,51 @@ def test_a_finished_run_stays_until_the_new_run_has_taken_its_first_step(ray_clu
     moved = [n for n in os.listdir(tmp_path / "runs") if n.startswith("t.")]
     assert len(moved) == 1 and f"previous run moved to {tmp_path / 'runs' / moved[0]}" in out, out[-3000:]
     assert (tmp_path / "runs" / moved[0] / "student.safetensors").read_bytes() == b"\x00student weights\x01"
+
+
+CLI_LINES = [
+    ("override-after-a-flag", ["run", "{job}", "--fresh", "train.epochs=true"], "train.epochs", ["must be a number, not true"]),
+    ("override-after-verbose", ["run", "{job}", "--verbose", "logging.report=\"no\""], "logging.report", ["must be true or false"]),
+    ("stray-word-after-a-flag", ["run", "{job}", "--fresh", "epochs"], "unrecognized arguments", ["epochs", "kd-ray --help"]),
+    ("unknown-flag", ["validate", "{job}", "--dry-run"], "unrecognized arguments", ["--dry-run"]),
+    ("cache-callback-kwargs", ["cache", "{job}", *CACHED, "teacher.cache.path=cache2", "callbacks=[{callable: hooks:Every, kwargs: {n: 1}}]"],
+     "callbacks.0.kwargs", ["does not accept"]),
+    ("eval-beta-unused", ["eval", "{job}", "distill.beta=0.9"], "distill.beta", ["only applies to loss: jsd"]),
+]
+
+
+@pytest.mark.parametrize("argv, field, needles", [c[1:] for c in CLI_LINES], ids=[c[0] for c in CLI_LINES])
+def test_command_line_mistakes_are_one_line(world, capsys, argv, field, needles):
+    argv = [a.replace("{job}", str(world / "job.yaml")) for a in argv]
+    if field == "unrecognized arguments":  # argparse's own exit, with the same one line
+        before = _tree(world / "runs")
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"kd-ray: error: {field}: "), err
+        assert all(n in err for n in needles) and _tree(world / "runs") == before, err
+        return
+    _refused(capsys, argv, field, needles, world)
+
+
+def test_lm_cache_refuses_a_teacher_of_other_weights_before_ray(lm, capsys):
+    """`kd-ray cache` with a teacher given another model's weights: one line naming
+    teacher.weights before any actor loads it (it used to be ~95 lines of Ray's traceback)."""
+    import copy
+
+    from conftest import write_job as write_yaml
+    from test_lm import _lm_job
+
+    job = copy.deepcopy(_lm_job(lm))
+    job["teacher"].update(weights=str(lm["tmp"] / "other_lm.safetensors"), cache={"path": str(lm["tmp"] / "cache")})
+    _refused(capsys, ["cache", write_yaml(lm["tmp"] / "job.yaml", job)], "teacher.weights", ["does not fit"])
+    assert not os.path.exists(lm["tmp"] / "cache")
+
+
+def test_warnings_go_to_stderr_and_progress_to_stdout(capsys):
+    from kd_ray.run.console import format_event, say
+
+    say(format_event({"kind": "warning", "message": "checkpoint_000002 cannot be used"}))
+    say("kd-ray: run t -> runs/t")
+    out, err = capsys.readouterr()
+    assert err == "warning: checkpoint_000002 cannot be used\n" and out == "kd-ray: run t -> runs/t\n"

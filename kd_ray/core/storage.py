@@ -292,7 +292,7 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
         raise UserError(field, f"{where} names no bucket; write {scheme}://BUCKET/PATH")
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE, _with_deadline(path), "1" if write else "0"],
-                              capture_output=True, text=True, timeout=CONTACT_SECONDS)
+                              capture_output=True, text=True, timeout=CONTACT_SECONDS, check=False)
     except subprocess.TimeoutExpired:
         raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
                         "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials") from None
