@@ -119,13 +119,16 @@ def _worker_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def quiet_data() -> None:
+def quiet_data(verbose: bool = False) -> None:
+    """No progress bars or start lines from Ray Data; and, unless `verbose`, none of its error
+    lines either: a failed task is reported by kd_ray (the user's mistake as its one line, any
+    other failure's reason), and its stack trace stays in the actor's log."""
     import logging
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR if verbose else logging.CRITICAL)
 
 
 def missing_resources(spec: JobSpec, have: dict, train: bool = True, teacher_pool: bool | None = None) -> list[tuple[str, str, float]]:

@@ -18,7 +18,14 @@ from kd_ray.cache.reader import open_for_training
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
 from kd_ray.core import storage
 from kd_ray.core.columns import X
-from kd_ray.core.errors import Failed, UserError, raise_users, reason, user_error_in
+from kd_ray.core.errors import (
+    Failed,
+    UserError,
+    as_users,
+    raise_users,
+    reason,
+    user_error_in,
+)
 from kd_ray.data.chunks import Sources
 from kd_ray.data.local import local_stream
 from kd_ray.data.streams import build_eval, build_train
@@ -52,10 +59,10 @@ class RunStopped(Exception):
 def run(spec: JobSpec, fresh: bool = False, echo: Echo = say, verbose: bool = False) -> dict:
     action = run_dir_action(spec, fresh)
     ensure_ray(spec, verbose)
-    quiet_data()
+    quiet_data(verbose)
     check_cluster(spec, echo)
     task = task_for(spec)  # built once, passed down to the sources, the teacher pool and the Trainer
-    data = _sources(spec, task)
+    data = as_users(lambda: Sources(spec, task))  # a language model's documents are tokenized in Ray Data tasks
     teacher_cache = _open_cache(spec, task, data, echo) if spec.teacher and spec.teacher.cached else None
     _refuse_empty_splits(spec, data)
     # Steps depend on the data and the global batch only, never on the world size.
@@ -110,16 +117,6 @@ def _train(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp: d
         echo(draw_finished_run(spec.run_dir))
     trackers.close(summary)
     return summary
-
-
-def _sources(spec: JobSpec, task) -> Sources:
-    """The job's data, opened on the driver (a language model's documents are tokenized in Ray
-    Data tasks: a data mistake found there comes back wrapped by Ray)."""
-    try:
-        return Sources(spec, task)
-    except Exception as e:
-        raise_users(e)
-        raise
 
 
 def _refuse_empty_splits(spec: JobSpec, data: Sources) -> None:

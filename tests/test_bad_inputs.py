@@ -783,6 +783,16 @@ class NeedsWorkers(Callback):
                             f"{info.world_size}; lower it, or raise train.num_workers")
 
 
+class RefuseShards(Callback):
+    def __init__(self, most: int):
+        self.most, self.written = most, 0
+
+    def on_shard_written(self, shard):  # what only a capture actor knows: the shards it wrote
+        self.written += 1
+        if self.written > self.most:
+            raise UserError("callbacks.0.kwargs", f"most: {self.most} shards per actor, and this one wrote more; raise it")
+
+
 class Detached(nn.Module):
     def __init__(self):
         super().__init__()
@@ -877,3 +887,26 @@ def test_warnings_go_to_stderr_and_progress_to_stdout(capsys):
     say("kd-ray: run t -> runs/t")
     out, err = capsys.readouterr()
     assert err == "warning: checkpoint_000002 cannot be used\n" and out == "kd-ray: run t -> runs/t\n"
+
+
+def test_a_mistake_raised_in_a_capture_actor_is_one_line(ray_cluster, teacher_weights, tmp_path):
+    """`kd-ray cache`: a UserError raised in the teacher pool's actor (a callback's on_shard_written)
+    reaches the console as its one line, not as Ray's traceback, and the cache beside the job is
+    untouched."""
+    from conftest import kd_job, run_cli
+    from conftest import write_job as write_yaml
+
+    (tmp_path / "worker_hooks.py").write_text(WORKER_HOOKS_PY)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text('{"kd_ray_cache": 1}')
+    (tmp_path / "runs").mkdir()
+    job = kd_job(tmp_path, "t", teacher_weights)
+    job["teacher"].update(pool={"min_actors": 1, "max_actors": 1, "batch_size": 64}, cache={"path": str(tmp_path / "new_cache")})
+    job["callbacks"] = [{"callable": "worker_hooks:RefuseShards", "kwargs": {"most": 0}}]
+    before = _tree(tmp_path / "cache")
+    # A process of its own, as a user runs it: what Ray and Ray Data print there is what they see.
+    done = run_cli(["cache", write_yaml(tmp_path / "job.yaml", job)], ray_cluster)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[0].startswith("kd-ray: error: callbacks.0.kwargs: most: 0 shards per actor"), lines[0]
+    assert _tree(tmp_path / "cache") == before

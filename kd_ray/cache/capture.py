@@ -23,7 +23,7 @@ from kd_ray.cache.manifest import (
 )
 from kd_ray.callbacks import Callbacks
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data
-from kd_ray.core.errors import Failed, UserError, raise_users, reason
+from kd_ray.core.errors import Failed, UserError, as_users, raise_users, reason
 from kd_ray.core.hashing import sha256
 from kd_ray.core.imports import make_importable
 from kd_ray.data.chunks import Sources
@@ -48,9 +48,9 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
                         "with cache: {path: DIR} (format: full, or topk with k)")
     refuse_augmentation(spec)
     ensure_ray(spec, verbose, teacher_pool=True)  # before the rows: a language model's are tokenized in Ray Data tasks
-    quiet_data()
+    quiet_data(verbose)
     task = task_for(spec)  # built once, passed down to the sources and the capture's pool
-    data = Sources(spec, task)
+    data = as_users(lambda: Sources(spec, task))  # a language model's documents are tokenized in Ray Data tasks
     store = Store(spec.teacher.cache.path)
     job, planned = identity(spec, task, data)
     codec = codec_for(task, job["outputs"])

@@ -130,7 +130,9 @@ def _train_line(e: dict) -> str:
 _LINES: dict[str, Callable[[dict], str]] = {
     "start": _start_line,
     "warning": lambda e: f"warning: {e['message']}",
-    "error": lambda e: f"warning: worker {e['rank']} failed: {e['message']}",
+    # An attempt's failure is the run's progress (Ray Train restarts the workers, up to
+    # run.max_failures), on stdout; the run's verdict is the one line on stderr.
+    "error": lambda e: f"worker {e['rank']} failed: {e['message']}",
     "stopped": lambda e: f"stopped at step {e['step']} after a checkpoint",
     "train": _train_line,
     "eval": lambda e: (f"eval  after epoch {e['epoch']} (step {e['step']}): student "

@@ -25,7 +25,7 @@ from ray.train.collective import broadcast_from_rank_zero
 
 from kd_ray import batch_plan
 from kd_ray.callbacks import Callbacks, StartInfo
-from kd_ray.core.errors import UserError, reason
+from kd_ray.core.errors import reason
 from kd_ray.core.imports import make_importable
 from kd_ray.core.seeds import seed_torch, step_seed
 from kd_ray.losses import mix
@@ -51,8 +51,6 @@ def train_loop_per_worker(config: dict) -> None:
     local_stream (a LocalStream, or None for the Ray Data stream)."""
     try:
         Trainer(config).run()
-    except UserError:
-        raise  # the user's mistake: the driver ends the run with its one line (a restart meets it again)
     except Exception as e:
         # Ray restarts the group up to run.max_failures times (forever with -1) and says why only
         # after the last: the driver shows each failure's reason as it happens.
