@@ -397,6 +397,13 @@ def test_a_data_mistake_raised_in_a_ray_task_ends_the_run_as_the_users(tmp_path)
 
     found = user_error_in(WorkerGroupError("Training failed", {1: raised_in_a_task(), 0: RuntimeError("other")}))
     assert (type(found), found.field, found.message) == (UserError, "data.labels", "row 2 of d.parquet has label -3")
+    # An actor's UDF: Ray Data's UserCodeException reaches the driver without its cause; the
+    # traceback's text still names the user's error.
+    text = ("Traceback (most recent call last):\n  File \"worker_hooks.py\", line 9, in on_shard_written\n"
+            "kd_ray.core.errors.UserError: callbacks.0.kwargs: most: 0 shards per actor; raise it\n")
+    lost = RayTaskError("MapWorker(MapBatches(ShardWriter)).submit()", text, UserCodeException("UDF failed to process a data block."))
+    found = user_error_in(lost.as_instanceof_cause())
+    assert (found.field, found.message) == ("callbacks.0.kwargs", "most: 0 shards per actor; raise it"), found
     assert user_error_in(RuntimeError("a bug")) is None
     import pickle
 
