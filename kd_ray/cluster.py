@@ -6,13 +6,13 @@ for, and keep Ray Data quiet. The driver (kd_ray.job), the capture (kd_ray.cache
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from typing import Callable
 
 import ray
 
 from kd_ray.core.errors import UserError, clip
+from kd_ray.core.network import unanswered
 from kd_ray.core.storage import credentials_env
 from kd_ray.run.ray_output import hold_back
 from kd_ray.spec import JobSpec
@@ -96,12 +96,9 @@ def join_cluster(address: str, **init) -> None:
     """ray.init at RAY_ADDRESS, once something answers there within CONNECT_SECONDS: an address
     that does not is one line naming RAY_ADDRESS, not a quarter of an hour of Ray's retries."""
     endpoint = cluster_endpoint(address)
-    if endpoint is not None:
-        try:
-            socket.create_connection(endpoint, timeout=CONNECT_SECONDS).close()
-        except OSError as e:
-            why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
-            raise UserError("RAY_ADDRESS", f"nothing answers at {clip(address, 200)} ({why}, within {CONNECT_SECONDS} s); {_FIX}") from None
+    why = unanswered(*endpoint, CONNECT_SECONDS) if endpoint is not None else None
+    if why:
+        raise UserError("RAY_ADDRESS", f"nothing answers at {clip(address, 200)} ({why}); {_FIX}")
     try:
         ray.init(**init)
     except ConnectionError as e:  # "auto" with no cluster on this machine, or a port that is not a GCS
