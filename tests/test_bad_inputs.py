@@ -261,6 +261,11 @@ OVERRIDES_II = [
     ("weights-s3-no-bucket", ["student.weights=s3:///w.safetensors"], "student.weights", ["names no bucket"]),
     ("weights-file-uri-missing", ["student.weights=file:///nonexistent/x.safetensors"], "student.weights",
      ["/nonexistent/x.safetensors does not exist"]),
+    ("source-file-uri-two-slashes", ["data.source=file://relative/x.parquet"], "data.source",
+     ["is not a local path", "three slashes"]),
+    ("storage-file-uri-empty", ["run.storage_path=file://"], "run.storage_path", ["file:// is not a local path"]),
+    ("source-file-uri-missing", ["data.source=file:///nonexistent/x.parquet"], "data.source",
+     ["file:///nonexistent/x.parquet does not exist"]),
     # a tracking server nobody answers at: MLflow's own retries held the run's start for minutes
     ("mlflow-server-not-answering", ["logging.mlflow.tracking_uri=http://127.0.0.1:1"], "logging.mlflow.tracking_uri",
      ["nothing answers at http://127.0.0.1:1", "connection refused", "remove logging.mlflow"]),

@@ -284,6 +284,9 @@ def check_reachable(path: str, field: str, write: bool = False) -> None:
                                "or put it in a bucket (s3://, gs://)")
     if scheme == "file":  # a local path written as a URI: no bucket, the local checks
         local = where.split("://", 1)[1]
+        if not local.startswith("/"):
+            raise UserError(field, f"{where} is not a local path: a file:// URI names an absolute path (three slashes), "
+                            f"e.g. file:///data/runs; or give the path itself")
         if write:
             need_writable_dir(local, field)
         return
