@@ -117,6 +117,8 @@ def _report(run_dirs: list[str], out: str | None) -> int:
     except ImportError:
         raise UserError("report", report.NO_MATPLOTLIB.removeprefix("no picture of the run: ")) from None
     for d in run_dirs:  # a directory, or a run's URI on object storage
+        if storage.is_remote(d):
+            storage.check_reachable(d, "report")
         metrics = storage.join(d, "metrics.jsonl")
         if not storage.exists(metrics) or storage.is_dir(metrics):
             raise UserError("report", f"{d} has no metrics.jsonl: give the directory of a kd_ray run (run.storage_path/run.name)")

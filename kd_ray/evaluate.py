@@ -34,6 +34,8 @@ def _score(spec: JobSpec, task, path: str, dataset) -> dict:
 def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
     task = task_for(spec)
     path = weights_path or task.exported(spec.run_dir)
+    if storage.is_remote(path):
+        storage.check_reachable(path, "--weights")
     if not storage.exists(path):
         raise UserError("--weights", f"{path} does not exist; run the job first (kd-ray run) or pass --weights PATH")
     task.check_exported(path, "--weights")

@@ -692,8 +692,11 @@ REPORTS = [
     ("run-dir-without-metrics", [], "report", ["has no metrics.jsonl"]),
     ("metrics-a-directory", [], "report", ["has no metrics.jsonl"]),
     ("run-without-training-records", [], "report", ["has no training records", "train.log_every"]),
+    ("run-dir-bucket-without-name", [], "report", ["s3:///runs/a names no bucket"]),
+    ("run-dir-file-uri-relative", [], "report", ["file://runs/a is not a local path"]),
 ]
-REPORTED = {"run-dir-without-metrics": ["a", "empty"], "metrics-a-directory": ["odd"], "run-without-training-records": ["a", "b"]}
+REPORTED = {"run-dir-without-metrics": ["a", "empty"], "metrics-a-directory": ["odd"], "run-without-training-records": ["a", "b"],
+            "run-dir-bucket-without-name": ["s3:///runs/a"], "run-dir-file-uri-relative": ["file://runs/a"]}
 
 
 @pytest.mark.parametrize("extra, field, needles", [c[1:] for c in REPORTS], ids=[c[0] for c in REPORTS])
@@ -701,7 +704,8 @@ def test_report_mistakes_are_one_line_and_write_nothing(runs_to_report, capsys, 
     d = runs_to_report
     runs = REPORTED.get(request.node.callspec.id, ["a", "b"])
     before = _tree(d)
-    _refused(capsys, ["report", *[str(d / "runs" / r) for r in runs], *[e.replace("{d}", str(d)) for e in extra]], field, needles)
+    run_dirs = [r if "://" in r else str(d / "runs" / r) for r in runs]
+    _refused(capsys, ["report", *run_dirs, *[e.replace("{d}", str(d)) for e in extra]], field, needles)
     assert _tree(d) == before, "a file was written (a stray temporary file?)"
 
 
@@ -866,6 +870,8 @@ CLI_LINES = [
     ("cache-callback-kwargs", ["cache", "{job}", *CACHED, "teacher.cache.path=cache2", "callbacks=[{callable: hooks:Every, kwargs: {n: 1}}]"],
      "callbacks.0.kwargs", ["does not accept"]),
     ("eval-beta-unused", ["eval", "{job}", "distill.beta=0.9"], "distill.beta", ["only applies to loss: jsd"]),
+    ("eval-weights-bucket-without-name", ["eval", "{job}", "--weights", "s3:///w.safetensors"], "--weights", ["names no bucket"]),
+    ("eval-weights-file-uri-relative", ["eval", "{job}", "--weights", "file://w.safetensors"], "--weights", ["is not a local path"]),
 ]
 
 
