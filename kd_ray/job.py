@@ -84,6 +84,8 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = say, verbose: bool = Fa
     finally:
         if aside is not None:
             aside.settle()
+    if summary["status"] == "stopped" and aside is not None and not aside.kept:
+        raise RunStopped(f"stopped before the first step; the previous run is back in {storage.shown(spec.run_dir)}")
     if summary["status"] == "stopped":
         raise RunStopped(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
     return summary
