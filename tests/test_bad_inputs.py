@@ -933,3 +933,28 @@ def test_a_mistake_raised_in_a_capture_actor_is_one_line(ray_cluster, teacher_we
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[0].startswith("kd-ray: error: callbacks.0.kwargs: most: 0 shards per actor"), lines[0]
     assert _tree(tmp_path / "cache") == before
+
+
+def test_a_run_moved_aside_comes_back_unless_the_new_one_took_a_step(tmp_path):
+    """kd_ray.run.directory.Aside on its own: what the new run wrote before its first step is
+    removed and the previous run put back, byte for byte; after a first step it stays aside."""
+    from kd_ray.run.directory import Aside
+
+    run = tmp_path / "runs" / "t"
+    (run / "checkpoint_000000").mkdir(parents=True)
+    (run / "summary.json").write_text('{"status": "finished"}')
+    before = _tree(tmp_path / "runs")
+    aside = Aside(str(run))
+    assert os.listdir(tmp_path / "runs") == [os.path.basename(aside.archived)]
+    (run / "tensorboard").mkdir(parents=True)  # what a new run writes as it starts
+    (run / "metrics.jsonl").write_text('{"kind": "start"}\n')
+    aside.settle()
+    assert _tree(tmp_path / "runs") == before
+
+    aside = Aside(str(run))
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train"}\n')
+    assert aside.keep() == f"previous run moved to {aside.archived}"
+    aside.settle()
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(["t", os.path.basename(aside.archived)])
+    assert (tmp_path / "runs" / os.path.basename(aside.archived) / "summary.json").read_text() == '{"status": "finished"}'
