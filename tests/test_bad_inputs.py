@@ -251,6 +251,10 @@ OVERRIDES_II = [
     ("callback-module-missing", ["callbacks=[{callable: no_such_hooks:Every}]"], "callbacks.0.callable", ["cannot import module"]),
     ("second-callback-wrong", ["callbacks=[{callable: hooks:Every}, {callable: hooks:Every, kwargs: {every: -2}}]"],
      "callbacks.1.kwargs", ["every must be >= 1, got -2"]),
+    # a classifier's kwargs its factory cannot build with
+    ("mlp-hidden-a-string", ["student.kwargs.hidden=abc"], "student.kwargs", ["mlp(", "failed: TypeError", "fix student.kwargs"]),
+    ("torchvision-kwarg-typo", ["student.model=resnet18", "student.kwargs={num_clases: 10}"], "student.kwargs",
+     ["resnet18({'num_clases': 10}) failed", "num_clases"]),
     # storage URIs: no bucket, a local file:// path that cannot be a directory
     ("storage-s3-no-bucket", ["run.storage_path=s3://"], "run.storage_path", ["s3:// names no bucket", "s3://BUCKET/PATH"]),
     ("storage-s3-empty-bucket", ["run.storage_path=s3:///runs"], "run.storage_path", ["names no bucket"]),

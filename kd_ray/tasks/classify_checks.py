@@ -100,7 +100,8 @@ def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple
         with torch.device("meta"):
             model = factory(**section.kwargs)
     except (Exception, SystemExit) as e:  # a user's factory can fail in any way; report it on one line
-        raise UserError(f"{name}.model", f"{section.model}({shown(section.kwargs)}) failed: {type(e).__name__}: {e}") from None
+        where = f"{name}.kwargs" if section.kwargs else f"{name}.model"  # given kwargs are the likelier mistake
+        raise UserError(where, f"{section.model}({shown(section.kwargs)}) failed: {type(e).__name__}: {e}; fix {where}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{name}.model", f"{section.model} returned {clip(type(model).__name__, 60)}, not a torch.nn.Module; "
                         "the factory must build and return the model")
