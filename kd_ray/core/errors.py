@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import reprlib
 import traceback
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ def user_error_in(e: BaseException) -> UserError | None:
 # A UserError as a traceback's last line shows it. Ray Data wraps what an actor's UDF raises in a
 # UserCodeException, which crosses to the driver without its cause: only the traceback's text
 # still holds the user's error.
-_USER_LINE = re.compile(r"^(?:kd_ray\.core\.errors\.)?UserError: ([^\s:]+): (.+)$", re.M)
+_USER_LINE = re.compile(r"^(?:kd_ray\.core\.errors\.)?UserError: ([^\s:]+): (.+)$", re.MULTILINE)
 
 
 def _user_error_in_text(e: BaseException) -> UserError | None:
