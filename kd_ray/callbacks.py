@@ -8,8 +8,11 @@ actor of a `kd-ray cache` capture):
       - callable: my_hooks:PrintIds
         kwargs: {every: 100}
 
-Every method is optional. They run in the worker, on its training thread, and what they raise
-fails the worker like any other exception (Ray Train restarts the group, up to run.max_failures).
+Every method is optional (subclass Callback). They run in the worker, on its training thread, and
+what they raise fails the worker like any other exception (Ray Train restarts the group, up to
+run.max_failures); a kd_ray UserError raised there ends the run as the user's one line. `kd-ray
+validate` builds each one once on the driver too, so a wrong name, kwargs or constructor is found
+before anything runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kd_ray.core.imports import import_callable
+from kd_ray.core.errors import UserError, clip, shown
+from kd_ray.core.imports import ModelNameError, check_kwargs, import_callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.spec import JobSpec
@@ -50,11 +54,39 @@ class Callback:
         """`kd-ray cache`: a shard is whole on the store (its part, unit, file, rows, sha256, bytes)."""
 
 
+HOOKS = ("on_start", "on_batch", "on_step_end", "on_shard_written")
+
+
+def build_callback(spec: JobSpec, index: int) -> Callback:
+    """The job's callback number `index`, built; each mistake a UserError naming its field."""
+    entry, field = spec.callbacks[index], f"callbacks.{index}"
+    try:
+        factory = import_callable(entry.callable, spec.job_dir)
+    except ModelNameError as e:
+        raise UserError(f"{field}.callable", str(e)) from None
+    try:
+        check_kwargs(entry.callable, factory, entry.kwargs)
+    except ModelNameError as e:
+        raise UserError(f"{field}.kwargs", str(e)) from None
+    try:
+        callback = factory(**entry.kwargs)
+    except UserError:
+        raise
+    except (Exception, SystemExit) as e:  # a user's constructor can fail in any way; report it on one line
+        raise UserError(f"{field}.kwargs", f"{entry.callable}({shown(entry.kwargs)}) failed: {type(e).__name__}: {e}; "
+                        "fix the kwargs or the constructor") from None
+    missing = [hook for hook in HOOKS if not callable(getattr(callback, hook, None))]
+    if missing:
+        raise UserError(f"{field}.callable", f"{entry.callable} returned {clip(type(callback).__name__, 60)}, which has no "
+                        f"{', '.join(missing)}; name a subclass of kd_ray.callbacks.Callback (or a factory returning one)")
+    return callback
+
+
 class Callbacks:
     """The job's callbacks, called in the order the job file lists them."""
 
     def __init__(self, spec: "JobSpec"):
-        self.items = [import_callable(c.callable, spec.job_dir)(**c.kwargs) for c in spec.callbacks]
+        self.items = [build_callback(spec, i) for i in range(len(spec.callbacks))]
 
     def __bool__(self) -> bool:
         return bool(self.items)

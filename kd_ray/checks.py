@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 from kd_ray.batch_plan import check_world_sizes
+from kd_ray.callbacks import Callbacks
 from kd_ray.core import storage
 from kd_ray.core.errors import UserError
-from kd_ray.core.imports import ModelNameError, import_callable
 from kd_ray.run.tracking import check_logging
 from kd_ray.spec import (
     JobSpec,
@@ -45,11 +45,8 @@ def _check(spec: JobSpec) -> None:
     if spec.teacher is not None:
         check_teacher_placement(spec)
     check_logging(spec)
-    for i, callback in enumerate(spec.callbacks):
-        try:
-            import_callable(callback.callable, spec.job_dir)
-        except ModelNameError as e:
-            raise UserError(f"callbacks.{i}.callable", str(e)) from None
+    check_distill(spec)
+    Callbacks(spec)  # built once here, as every worker will: a wrong name, kwargs or constructor is found now
     task_for(spec).check()
 
 
@@ -71,6 +68,14 @@ def check_teacher_placement(spec: JobSpec) -> None:
         raise UserError("teacher.precision", f"fp16 needs CUDA; {fix}, or use bf16 or fp32 on CPU")
 
 
+def check_distill(spec: JobSpec) -> None:
+    """A field of the distill section the job's loss never reads: set, it says the user expects
+    something that will not happen (the task refuses its own: kd_ray.tasks)."""
+    d = spec.distill
+    if "beta" in d.model_fields_set and d.divergence != "jsd":
+        raise UserError("distill.beta", f"only applies to loss: jsd (this job's loss is {d.loss}); remove it, or set distill.loss: jsd")
+
+
 def check_storage(spec: JobSpec) -> None:
     """run.storage_path: a local directory (or one to be made) that this user can write in, and
     no file where the run's directory goes; or a bucket that answers and takes a file. Checked
@@ -81,13 +86,7 @@ def check_storage(spec: JobSpec) -> None:
     if storage.is_remote(root):
         storage.check_reachable(root, "run.storage_path", write=True)
         return
-    existing = root
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError("run.storage_path", f"{existing} is a file, so {root} cannot be a directory of runs; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError("run.storage_path", f"cannot write in {existing} (permission denied); choose a directory you can write in")
+    storage.need_writable_dir(root, "run.storage_path")
     if os.path.exists(spec.run_dir) and not os.path.isdir(spec.run_dir):
         raise UserError("run.name", f"{spec.run_dir} is a file, not a run directory; choose another run.name or move the file")
 

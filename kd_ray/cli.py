@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kd_ray.core import storage
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return _dispatch(args)
     except UserError as e:
@@ -64,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd-ray: interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(argv: list[str] | None):
+    """The arguments, overrides given after a flag too (`run job.yaml --fresh train.epochs=3`):
+    argparse stops a positional list at the first flag, and would call the rest unrecognized."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _dispatch(args) -> int:
@@ -83,8 +97,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "cache":
         from kd_ray.cache.capture import capture
+        from kd_ray.run.console import say
 
-        capture(spec, verbose=args.verbose)
+        capture(spec, echo=say, verbose=args.verbose)
         return 0
     if args.command == "eval":
         from kd_ray.evaluate import evaluate_student
@@ -112,7 +127,22 @@ def _report(run_dirs: list[str], out: str | None) -> int:
     except ImportError:
         raise UserError("report", report.NO_MATPLOTLIB.removeprefix("no picture of the run: ")) from None
     for d in run_dirs:  # a directory, or a run's URI on object storage
-        if not storage.exists(storage.join(d, "metrics.jsonl")):
+        if storage.is_remote(d):
+            storage.check_reachable(d, "report")
+        metrics = storage.join(d, "metrics.jsonl")
+        if not storage.exists(metrics) or storage.is_dir(metrics):
             raise UserError("report", f"{d} has no metrics.jsonl: give the directory of a kd_ray run (run.storage_path/run.name)")
+    if out is not None:
+        _check_out(out)
     print(report.draw(run_dirs, out))
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Where the picture goes: a file whose directory exists or can be made, before any drawing."""
+    if storage.is_remote(out):
+        storage.check_reachable(out, "--out", write=True)
+        return
+    if os.path.isdir(out):
+        raise UserError("--out", f"{out} is a directory; give the picture's file name, e.g. {os.path.join(out, 'compare.png')}")
+    storage.need_writable_dir(os.path.dirname(os.path.abspath(out)), "--out")

@@ -11,7 +11,8 @@ from typing import Callable
 
 import ray
 
-from kd_ray.core.errors import UserError
+from kd_ray.core.errors import UserError, clip
+from kd_ray.core.network import unanswered
 from kd_ray.core.storage import credentials_env
 from kd_ray.run.ray_output import hold_back
 from kd_ray.spec import JobSpec
@@ -41,7 +42,7 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         return
     quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=verbose)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=_worker_env(), **quiet)
+        join_cluster(os.environ["RAY_ADDRESS"], runtime_env=_worker_env(), **quiet)
     else:
         train_cpus = spec.train.max_workers * spec.train.cpus_per_worker
         if teacher_pool is None:
@@ -66,6 +67,44 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         hold_back(session_logs() or tempfile.gettempdir())
 
 
+# How long the driver waits for a cluster's address to answer: an address that does not (a typo,
+# a cluster torn down, a firewall that drops packets) made ray.init retry for a quarter of an hour.
+CONNECT_SECONDS = 15
+# Ray's default ports: the GCS of `ray start --head`, and the Ray Client server (ray://).
+GCS_PORT, CLIENT_PORT = 6379, 10001
+_FIX = "start the cluster (ray start --head) or fix RAY_ADDRESS, or unset RAY_ADDRESS to run on an embedded Ray"
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that RAY_ADDRESS names, or None for the names Ray resolves itself ("auto",
+    "local"); a UserError for one that is not an address."""
+    if address in ("auto", "local"):
+        return None
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        raise UserError("RAY_ADDRESS", f"{clip(address, 200)}: a driver joins a cluster at HOST:PORT (its GCS, port {GCS_PORT}) or "
+                        f"ray://HOST:PORT (Ray Client, port {CLIENT_PORT}); {scheme}:// is for `ray job submit --address`")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = rest.rstrip("/"), str(CLIENT_PORT if scheme == "ray" else GCS_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError("RAY_ADDRESS", f"{clip(address, 200)} is not HOST:PORT (e.g. 127.0.0.1:{GCS_PORT}); {_FIX}")
+    return host.strip("[]"), int(port)
+
+
+def join_cluster(address: str, **init) -> None:
+    """ray.init at RAY_ADDRESS, once something answers there within CONNECT_SECONDS: an address
+    that does not is one line naming RAY_ADDRESS, not a quarter of an hour of Ray's retries."""
+    endpoint = cluster_endpoint(address)
+    why = unanswered(*endpoint, CONNECT_SECONDS) if endpoint is not None else None
+    if why:
+        raise UserError("RAY_ADDRESS", f"nothing answers at {clip(address, 200)} ({why}); {_FIX}")
+    try:
+        ray.init(**init)
+    except ConnectionError as e:  # "auto" with no cluster on this machine, or a port that is not a GCS
+        raise UserError("RAY_ADDRESS", f"cannot join the Ray cluster at {clip(address, 200)}: {clip(str(e), 300)}; {_FIX}") from None
+
+
 def _worker_env() -> dict | None:
     """A driver started from a shell against a running cluster hands its storage credentials
     (kd_ray.core.storage.CREDENTIAL_ENV) to the job's workers, which reach the same bucket: nodes
@@ -77,13 +116,16 @@ def _worker_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def quiet_data() -> None:
+def quiet_data(verbose: bool = False) -> None:
+    """No progress bars or start lines from Ray Data; and, unless `verbose`, none of its error
+    lines either: a failed task is reported by kd_ray (the user's mistake as its one line, any
+    other failure's reason), and its stack trace stays in the actor's log."""
     import logging
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR if verbose else logging.CRITICAL)
 
 
 def missing_resources(spec: JobSpec, have: dict, train: bool = True, teacher_pool: bool | None = None) -> list[tuple[str, str, float]]:

@@ -10,7 +10,7 @@ import torch
 
 from kd_ray.cluster import ensure_ray, quiet_data
 from kd_ray.core import storage
-from kd_ray.core.errors import UserError
+from kd_ray.core.errors import UserError, as_users
 from kd_ray.core.imports import make_importable
 from kd_ray.data.chunks import Sources
 from kd_ray.data.streams import build_eval
@@ -34,12 +34,14 @@ def _score(spec: JobSpec, task, path: str, dataset) -> dict:
 def evaluate_student(spec: JobSpec, weights_path: str | None = None) -> dict:
     task = task_for(spec)
     path = weights_path or task.exported(spec.run_dir)
+    if storage.is_remote(path):
+        storage.check_reachable(path, "--weights")
     if not storage.exists(path):
         raise UserError("--weights", f"{path} does not exist; run the job first (kd-ray run) or pass --weights PATH")
     task.check_exported(path, "--weights")
     ensure_ray(spec)
     quiet_data()
-    data = Sources(spec, task)
+    data = as_users(lambda: Sources(spec, task))  # a language model's documents are tokenized in Ray Data tasks
     metrics = ray.get(_score.remote(spec, task, path if storage.is_remote(path) else os.path.abspath(path), build_eval(spec, data)))
     if "error" in metrics:
         raise UserError("--weights", metrics["error"])

@@ -18,17 +18,24 @@ from kd_ray.cache.reader import open_for_training
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data, session_logs
 from kd_ray.core import storage
 from kd_ray.core.columns import X
-from kd_ray.core.errors import Failed, UserError, reason, user_error_in
+from kd_ray.core.errors import (
+    Failed,
+    UserError,
+    as_users,
+    raise_users,
+    reason,
+    user_error_in,
+)
 from kd_ray.data.chunks import Sources
 from kd_ray.data.local import local_stream
 from kd_ray.data.streams import build_eval, build_train
 from kd_ray.models.precision import auto_note
-from kd_ray.run.console import ProgressBoard, follow
+from kd_ray.run.console import ProgressBoard, follow, say
 from kd_ray.run.control import RunControl, stop_on_signals
 from kd_ray.run.directory import (
     MOVE_ASIDE,
     RESUMING,
-    move_aside,
+    Aside,
     resume_point,
     run_dir_action,
     summarize,
@@ -40,7 +47,7 @@ from kd_ray.spec import JobSpec, fingerprint
 from kd_ray.tasks.build import task_for
 from kd_ray.teacher import TeacherPool
 from kd_ray.teacher_signal import as_tensor
-from kd_ray.train.loop import train_loop_per_worker
+from kd_ray.train.loop import FIRST_STEP, train_loop_per_worker
 
 Echo = Callable[[str], None]
 
@@ -49,13 +56,13 @@ class RunStopped(Exception):
     exit_code = 130
 
 
-def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = False) -> dict:
+def run(spec: JobSpec, fresh: bool = False, echo: Echo = say, verbose: bool = False) -> dict:
     action = run_dir_action(spec, fresh)
     ensure_ray(spec, verbose)
-    quiet_data()
+    quiet_data(verbose)
     check_cluster(spec, echo)
     task = task_for(spec)  # built once, passed down to the sources, the teacher pool and the Trainer
-    data = _sources(spec, task)
+    data = as_users(lambda: Sources(spec, task))  # a language model's documents are tokenized in Ray Data tasks
     teacher_cache = _open_cache(spec, task, data, echo) if spec.teacher and spec.teacher.cached else None
     _refuse_empty_splits(spec, data)
     # Steps depend on the data and the global batch only, never on the world size.
@@ -63,26 +70,47 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
                          spec.train.epochs, spec.train.max_steps)
     fp = fingerprint(spec, data.train_rows)
     resumed = resume_point(spec, fp, echo) if action == RESUMING else None
-    # Every check that can fail before training has passed: only now is a previous run moved.
-    note = move_aside(spec.run_dir) if action == MOVE_ASIDE else action
-    _announce(spec, data, plan, note, resumed, echo)
-    summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
+    _announce(spec, data, plan, action, resumed, echo)
     try:  # the eval split's stream (or its cached outputs) may fail as the training stream may
         # A colocated teacher is scored by the train workers themselves (kd_ray.train.loop.Trainer.score_teacher).
         teacher_scores = score_teacher(spec, task, data, echo, teacher_cache) if spec.teacher and not spec.colocated_teacher else None
-    except UserError:
-        raise
-    except Exception as e:
-        raise _failed(spec, summary, e, echo) from e
+    except Exception as e:  # nothing of the run is written yet, and nothing moved
+        raise_users(e)
+        raise Failed("run", reason(e)) from e
+    # Every check the driver can make has passed: a previous run is moved aside now, and for good
+    # once the new run's workers have taken their first step (a failure before puts it back).
+    aside = Aside(spec.run_dir) if action == MOVE_ASIDE else None
+    try:
+        summary = _train(spec, task, data, plan, fp, resumed, teacher_cache, teacher_scores, aside, echo)
+    finally:
+        if aside is not None:
+            aside.settle()
+    if summary["status"] == "stopped" and aside is not None and not aside.kept:
+        raise RunStopped(f"stopped before the first step; the previous run is back in {storage.shown(spec.run_dir)}")
+    if summary["status"] == "stopped":
+        raise RunStopped(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
+    return summary
+
+
+def _train(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp: dict, resumed: dict | None, teacher_cache,
+           teacher_scores: dict | None, aside: Aside | None, echo: Echo) -> dict:
+    """The TorchTrainer run, followed to its end; its summary written."""
+    summary: dict[str, Any] = {"status": "failed", "run": spec.run.name, "run_dir": spec.run_dir}
     board, control = ProgressBoard.remote(spec.run_dir), RunControl.remote()
     trackers = Trackers(spec, echo)
     if teacher_scores:
         board.push.remote({"kind": "teacher", "step": resumed["step"] if resumed else 0, **teacher_scores})
     trainer = _trainer(spec, task, data, plan, fp, board, control, teacher_cache.train if teacher_cache else None)
+
+    def seen(event: dict) -> None:
+        trackers.record(event)
+        if aside is not None and event["kind"] == FIRST_STEP and not aside.kept:
+            echo(f"kd-ray: {aside.keep()}")
+
     started = time.time()
     try:
         with stop_on_signals(control, spec, echo):
-            result, events = follow(board, trainer.fit, echo, trackers.record)
+            result, events = follow(board, trainer.fit, echo, seen)
     except Exception as e:
         trackers.close(summary)
         raise _failed(spec, summary, e, echo) from e
@@ -91,8 +119,6 @@ def run(spec: JobSpec, fresh: bool = False, echo: Echo = print, verbose: bool = 
     if summary["status"] == "finished" and spec.logging.report:
         echo(draw_finished_run(spec.run_dir))
     trackers.close(summary)
-    if summary["status"] == "stopped":
-        raise RunStopped(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
     return summary
 
 
@@ -105,20 +131,6 @@ def prepare_data(spec: JobSpec, verbose: bool = False, echo: Echo = print) -> No
     ensure_ray(spec, verbose)
     quiet_data()
     echo(task.prepare(echo))
-
-
-def _sources(spec: JobSpec, task) -> Sources:
-    """The job's data, opened on the driver (a language model's documents are tokenized in Ray
-    Data tasks: a data mistake found there comes back wrapped by Ray)."""
-    try:
-        return Sources(spec, task)
-    except UserError:
-        raise
-    except Exception as e:
-        found = user_error_in(e)
-        if found is None:
-            raise
-        raise found from None
 
 
 def _refuse_empty_splits(spec: JobSpec, data: Sources) -> None:
@@ -135,9 +147,10 @@ def _refuse_empty_splits(spec: JobSpec, data: Sources) -> None:
                         "document's id); raise it, or give data.eval_source")
 
 
-def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, note: str | None, resumed: dict | None,
+def _announce(spec: JobSpec, data: Sources, plan: batch_plan.BatchPlan, action: str | None, resumed: dict | None,
               echo: Echo) -> None:
-    echo(f"kd-ray: run {spec.run.name} -> {storage.shown(spec.run_dir)}" + (f" ({note})" if note and note != RESUMING else ""))
+    aside = " (a previous run is there: it is moved aside once this one has taken its first step)" if action == MOVE_ASIDE else ""
+    echo(f"kd-ray: run {spec.run.name} -> {storage.shown(spec.run_dir)}{aside}")
     if resumed:
         echo(f"resuming run {spec.run.name} from step {resumed['step']} (checkpoint {storage.basename(resumed['path'])})")
     low, high = spec.train.worker_range

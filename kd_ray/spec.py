@@ -48,6 +48,10 @@ class _Section(BaseModel):
         field = cls.model_fields.get(info.field_name)
         if isinstance(value, bool) and field is not None and _numeric(field.annotation):
             raise ValueError(f"must be a number, not {str(value).lower()}")
+        # pydantic takes "yes", "off", 1 or "0" for a switch; a job file that quotes one (report:
+        # "no" is True to nobody but YAML's string rules) would get the opposite of what it says.
+        if field is not None and field.annotation is bool and not isinstance(value, bool):
+            raise ValueError(f"must be true or false (unquoted), not {shown(value)}")
         return value
 
 

@@ -543,7 +543,7 @@ def test_killed_capture_resumes_writing_only_the_missing_shards(ray_cluster, tea
     proc = run_here(["run", path, "train.epochs=1", "run.max_failures=0"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     why = f"RuntimeError: data.source: 1 of \\d+ rows read \\(the first with id {int(read_ids(source, spec.data)[5])}\\) differ"
-    assert len(re.findall(rf"^warning: worker \d failed: {why}", proc.stdout, re.M)) == 1, proc.stdout[-3000:]  # once, for 2 ranks
+    assert len(re.findall(rf"^worker \d failed: {why}", proc.stdout, re.M)) == 1, proc.stdout[-3000:]  # once, for 2 ranks
     verdicts = [line for line in proc.stderr.splitlines() if line.startswith("kd-ray: ")]
     assert len(verdicts) == 1 and re.match(rf"kd-ray: run failed: {why}", verdicts[0]), proc.stderr[-3000:]
     assert "the cache at" in verdicts[0] and "`kd-ray cache JOB.yaml` again" in verdicts[0], verdicts

@@ -265,7 +265,7 @@ def test_failure_in_worker_is_one_line_and_nonzero(ray_cluster, tmp_path):
     proc = run_here(["run", write_job(tmp_path / "broken.yaml", job)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     said = r"UserError: data\.labels: row \d+ of \S+\.parquet has label [5-9]; labels must be class ids 0\.\.4"
-    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: worker 0 failed: ")]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("worker 0 failed: ")]
     assert len(warnings) == 2 and all(re.search(said, w) and not re.search(r"(?<!kd_)ray\.", w) for w in warnings), \
         proc.stdout[-3000:]
     # the workers' own logs stay in Ray's logs (--verbose relays them); the CLI's verdict is one line

@@ -278,7 +278,9 @@ def lm_files(tmp_path_factory) -> dict:
 
 def _lm_job(files, **data) -> dict:
     return {"task": "causal_lm", "run": {"name": "m", "storage_path": str(files["root"] / "runs")},
-            "data": {"source": files["data"], "text": "text", "tokenizer": "teacher", "max_seq_len": 64, **data},
+            # token shards beside the root, not in it: tests compare the root's tree before and after
+            "data": {"source": files["data"], "text": "text", "tokenizer": "teacher", "max_seq_len": 64,
+                     "prepared": f"{files['root']}-prepared", **data},
             "teacher": {"model": files["teacher"]},
             "student": {"model": "llama", "kwargs": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                                                      "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 128}},

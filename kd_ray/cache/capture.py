@@ -23,7 +23,7 @@ from kd_ray.cache.manifest import (
 )
 from kd_ray.callbacks import Callbacks
 from kd_ray.cluster import check_cluster, ensure_ray, quiet_data
-from kd_ray.core.errors import Failed, UserError, reason
+from kd_ray.core.errors import Failed, UserError, as_users, raise_users, reason
 from kd_ray.core.hashing import sha256
 from kd_ray.core.imports import make_importable
 from kd_ray.data.chunks import Sources
@@ -48,9 +48,9 @@ def capture(spec: "JobSpec", echo: Callable[[str], None] = print, verbose: bool 
                         "with cache: {path: DIR} (format: full, or topk with k)")
     refuse_augmentation(spec)
     ensure_ray(spec, verbose, teacher_pool=True)  # before the rows: a language model's are tokenized in Ray Data tasks
-    quiet_data()
+    quiet_data(verbose)
     task = task_for(spec)  # built once, passed down to the sources and the capture's pool
-    data = Sources(spec, task)
+    data = as_users(lambda: Sources(spec, task))  # a language model's documents are tokenized in Ray Data tasks
     store = Store(spec.teacher.cache.path)
     job, planned = identity(spec, task, data)
     codec = codec_for(task, job["outputs"])
@@ -109,9 +109,8 @@ def _capture_shards(spec: "JobSpec", task: "Task", data: Sources, store: Store, 
             kept[(shard["part"], shard["unit"])] = shard
             if i % every == 0 or i == len(todo):
                 echo(f"cache: {i}/{len(todo)} shards written ({shard['file']}, {shard['rows']} rows)")
-    except UserError:
-        raise
     except Exception as e:  # in the pool: a unit that cannot be read, a teacher that fails on it...
+        raise_users(e)  # a mistake of the user's, raised in an actor: its one line, not Ray's traceback
         raise Failed("cache", f"{reason(e)} ({len(kept)} of {len(planned)} shards are whole and kept; fix the cause and run "
                      "`kd-ray cache JOB.yaml` again: it writes only the others)") from e
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 import reprlib
 import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # The most of a user's value a message echoes back, and the most a whole line may hold: a YAML
 # file of nested aliases (a "billion laughs") or a range of a million world sizes must not become
@@ -69,7 +73,35 @@ def user_error_in(e: BaseException) -> UserError | None:
         if isinstance(failures, dict):
             todo += [failures[r] for r in sorted(failures)]
         todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
-    return None
+    return _user_error_in_text(e)
+
+
+# A UserError as a traceback's last line shows it. Ray Data wraps what an actor's UDF raises in a
+# UserCodeException, which crosses to the driver without its cause: only the traceback's text
+# still holds the user's error.
+_USER_LINE = re.compile(r"^(?:kd_ray\.core\.errors\.)?UserError: ([^\s:]+): (.+)$", re.MULTILINE)
+
+
+def _user_error_in_text(e: BaseException) -> UserError | None:
+    found = _USER_LINE.findall(_ANSI.sub("", str(e)))
+    return UserError(*found[-1]) if found else None
+
+
+def raise_users(e: BaseException) -> None:
+    """Raise the user's mistake a failure comes from (user_error_in) as a plain UserError, its
+    one line without Ray's wrappers and their tracebacks; return if it is not the user's."""
+    found = user_error_in(e)
+    if found is not None:
+        raise found from None
+
+
+def as_users(make: Callable[[], T]) -> T:
+    """make(), a user's mistake raised inside it (in a Ray task or actor too) as its plain UserError."""
+    try:
+        return make()
+    except Exception as e:
+        raise_users(e)
+        raise
 
 
 class Failed(Exception):

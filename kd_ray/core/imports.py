@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -40,3 +41,16 @@ def import_callable(name: str, job_dir: str | None = None) -> Callable[..., Any]
         suffix = f"; did you mean '{module_name}:{hint[0]}'?" if hint else ""
         raise ModelNameError(f"module '{module_name}' has no callable '{attr}'{suffix}")
     return factory
+
+
+def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
+    """Reject keyword arguments a factory (a model's, a callback's) cannot take, before any work starts."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        accepted = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+        raise ModelNameError(f"'{name}' does not accept these kwargs ({e}); it takes: {', '.join(accepted)}") from None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from typing import Iterator
@@ -72,12 +74,25 @@ def need_file(path: str, field: str, fix: str) -> None:
         raise UserError(field, f"{path} does not exist; {fix}")
 
 
+# How long kd_ray waits for a storage endpoint: pyarrow's GCS client retries for 15 minutes by
+# default, and a bucket that does not answer must become one line naming the field, not a hang.
+GCS_RETRY_SECONDS = 10
+CONTACT_SECONDS = 30
+
+
+def _with_deadline(uri: str) -> str:
+    """A gs:// URI with a retry limit, unless the user gave one (the query pyarrow reads)."""
+    if uri.split("://", 1)[0].lower() not in ("gs", "gcs") or "retry_limit_seconds=" in uri:
+        return uri
+    return uri + ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_SECONDS}"
+
+
 def filesystem(path: str):
     """(pyarrow filesystem, path within it) for a local path or a URI; no trailing slash."""
     import pyarrow.fs as pafs
 
     if is_remote(path):
-        fs, root = pafs.FileSystem.from_uri(path)
+        fs, root = pafs.FileSystem.from_uri(_with_deadline(path))
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
     return fs, root.rstrip("/")
@@ -179,6 +194,16 @@ def move(src: str, dest: str) -> None:
     fs.delete_dir(root)
 
 
+def delete_dir(path: str) -> None:
+    """Remove a directory and everything under it (a prefix, on object storage); nothing there is fine."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, root = filesystem(path)
+    if exists(path):
+        fs.delete_dir(root)
+
+
 def copy_out(local_dir: str, dest: str) -> None:
     """Copy a local directory's files to `dest`, a local path or a URI."""
     import pyarrow.fs as pafs
@@ -218,30 +243,67 @@ def local_copy(path: str) -> Iterator[str]:
         yield local
 
 
-def check_reachable(path: str, field: str, write: bool = False) -> None:
-    """A URI whose filesystem answers, whose bucket exists and (`write`) takes a file, or a
-    UserError naming `field`: the mistakes of a bucket are found before anything starts."""
-    import pyarrow.fs as pafs
+def need_writable_dir(path: str, field: str) -> None:
+    """A local directory that exists or can be made, by this user: its nearest existing ancestor
+    is a directory they can write in."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(field, f"{existing} is a file, so {path} cannot be a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(field, f"cannot write in {existing} (permission denied); choose a directory you can write in")
 
+
+# What check_reachable runs in a process of its own: a client stuck on a silent endpoint ends with
+# that process at the deadline (in this one, pyarrow would hold the interpreter's exit for minutes
+# until its retries gave up). Exit 3: no such bucket; 1: pyarrow's error last on stderr.
+_PROBE = """
+import sys
+import pyarrow.fs as pafs
+uri, write = sys.argv[1], sys.argv[2] == "1"
+fs, root = pafs.FileSystem.from_uri(uri)
+root = root.rstrip("/")
+if fs.get_file_info(root.split("/", 1)[0]).type == pafs.FileType.NotFound:
+    sys.exit(3)
+if write:
+    with fs.open_output_stream(root + "/.kd_ray_write_check") as f:
+        f.write(b"")
+    fs.delete_file(root + "/.kd_ray_write_check")
+"""
+
+
+def check_reachable(path: str, field: str, write: bool = False) -> None:
+    """A URI whose filesystem answers (within CONTACT_SECONDS), whose bucket exists and (`write`)
+    takes a file, or a UserError naming `field`: the mistakes of a bucket are found before
+    anything starts."""
     where = shown(path)
     scheme = path.split("://", 1)[0].lower()
     if scheme in ("http", "https", "ftp"):
         raise UserError(field, f"{where} is a URL, not storage kd_ray reads: download it and give its local path, "
                                "or put it in a bucket (s3://, gs://)")
-    try:
-        fs, root = filesystem(path)
-        bucket = root.split("/", 1)[0]
-        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise UserError(field, f"bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URI")
+    if scheme == "file":  # a local path written as a URI: no bucket, the local checks
+        local = where.split("://", 1)[1]
+        if not local.startswith("/"):
+            raise UserError(field, f"{where} is not a local path: a file:// URI names an absolute path (three slashes), "
+                            f"e.g. file:///data/runs; or give the path itself")
         if write:
-            probe = f"{root}/.kd_ray_write_check"
-            with fs.open_output_stream(probe) as f:
-                f.write(b"")
-            fs.delete_file(probe)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(field, f"cannot use {where}: {_why(str(e))}") from None
+            need_writable_dir(local, field)
+        return
+    bucket = where.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise UserError(field, f"{where} names no bucket; write {scheme}://BUCKET/PATH")
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, _with_deadline(path), "1" if write else "0"],
+                              capture_output=True, text=True, timeout=CONTACT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise UserError(field, f"{where}: the storage endpoint did not answer within {CONTACT_SECONDS} s; check the URI (and "
+                        "endpoint_override=HOST:PORT in it, or AWS_ENDPOINT_URL), the network and the credentials") from None
+    if done.returncode == 3:
+        raise UserError(field, f"bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URI")
+    if done.returncode:
+        error = next((ln for ln in reversed(done.stderr.splitlines()) if ln.strip()), f"exit {done.returncode}")
+        raise UserError(field, f"cannot use {where}: {_why(error.split(': ', 1)[-1])}")
 
 
 def need_object(uri: str, field: str, fix: str) -> None:
@@ -256,6 +318,9 @@ def _why(error: str) -> str:
     if "NETWORK_CONNECTION" in error or "curlCode" in error:
         return ("the storage endpoint does not answer; check endpoint_override=HOST:PORT (and scheme=http for a server "
                 "without TLS) in the URI, or AWS_ENDPOINT_URL")
+    if "Retry policy exhausted" in error or "OAuth2 access token" in error:
+        return (f"no answer within {GCS_RETRY_SECONDS} s (no Google Cloud credentials found, or the endpoint cannot be "
+                "reached); set GOOGLE_APPLICATION_CREDENTIALS or run on a node with a service account, and check the network")
     if any(k in error for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")):
         return ("access denied: check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's instance "
                 "profile) and that they may read and write this bucket")

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from kd_ray.core import storage
+from kd_ray.core.errors import UserError
 from kd_ray.core.hashing import file_sha256
 from kd_ray.core.imports import import_callable
 
@@ -31,7 +32,12 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class LMError(ValueError):
-    """A model or tokenizer that cannot be found or read; the message says what to write instead."""
+    """A model or tokenizer that cannot be found or read; the message says what to write instead.
+    `field`: what the user must change when it is not the model's name (data.tokenizer, KD_RAY_HOME)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def _builtin_file(name: str) -> str:
@@ -56,6 +62,11 @@ def locate(name: str, job_dir: str | None = None) -> tuple[str, str | None]:
         return "gguf", path
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
+    if os.path.isdir(path):
+        raise LMError(f"{path} is a directory without config.json; give a Hugging Face model directory (config.json and its "
+                      "weights), a .gguf file, 'llama' or an import path")
+    if path.endswith(".gguf") or os.sep in name:  # meant as a file: say that it is not there
+        raise LMError(f"{path} does not exist; fix the path (relative paths start at the job file's directory)")
     raise LMError(f"'{name}' is not a language model: use 'llama' (built from kwargs), a built-in "
                   f"({', '.join(BUILTIN_LMS)}), a Hugging Face model directory (with config.json), a .gguf file, "
                   "or an import path 'package.module:callable'")
@@ -65,6 +76,16 @@ def _home() -> str:
     return os.environ.get("KD_RAY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kd_ray")
 
 
+def _need_home(out: str) -> None:
+    """Where a GGUF file's conversion goes must take it: found before tens of seconds of
+    dequantizing, and named as what the user sets."""
+    try:
+        storage.need_writable_dir(out, "KD_RAY_HOME")
+    except UserError as e:
+        raise LMError(f"{e.message} (a .gguf model is converted once into KD_RAY_HOME, default ~/.cache/kd_ray); set "
+                      "KD_RAY_HOME to a directory you can write in", field="KD_RAY_HOME") from None
+
+
 def converted_gguf(path: str) -> str:
     """A Hugging Face directory (model + tokenizer) converted from a GGUF file, made once."""
     st = os.stat(path)
@@ -72,6 +93,7 @@ def converted_gguf(path: str) -> str:
     out = os.path.join(_home(), "gguf", f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
+    _need_home(out)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,15 +134,24 @@ def files_digest(name: str, job_dir: str | None = None) -> str | None:
     return h.hexdigest()
 
 
+LLAMA_DEFAULTS = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def llama_config(vocab_size: int, **kwargs: Any):
+    """The transformers.LlamaConfig of `llama`: kd_ray's small defaults under the job's kwargs."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab_size, **{**LLAMA_DEFAULTS, **kwargs})
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def llama(vocab_size: int, **kwargs: Any):
     """A small Llama-style causal LM (SDPA attention) from transformers.LlamaConfig fields."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    defaults = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    config = LlamaConfig(vocab_size=vocab_size, **{**defaults, **kwargs})
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(vocab_size, **kwargs))
 
 
 def build_lm(name: str, kwargs: dict, job_dir: str | None, vocab_size: int, gpus: int = 0):
@@ -149,6 +180,20 @@ def build_lm(name: str, kwargs: dict, job_dir: str | None, vocab_size: int, gpus
     return model
 
 
+def skeleton(name: str, kwargs: dict, job_dir: str | None, vocab_size: int):
+    """The model a name stands for, on the meta device: its shapes and config, no memory and no
+    weights read (a pretrained model is built from its config alone)."""
+    import torch
+
+    kind, _ = locate(name, job_dir)
+    with torch.device("meta"):
+        if kind in ("hf", "gguf"):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(name, job_dir)))
+        return build_lm(name, kwargs, job_dir, vocab_size)
+
+
 def load_tokenizer(name: str, job_dir: str | None, teacher: str | None = None):
     """A fast tokenizer: a tokenizer.json file, a directory holding one, `teacher` (the teacher
     model's own, `teacher` naming it), or a model name whose tokenizer it is (a built-in or a .gguf)."""
@@ -156,19 +201,20 @@ def load_tokenizer(name: str, job_dir: str | None, teacher: str | None = None):
 
     if name == "teacher":
         if teacher is None:
-            raise LMError("data.tokenizer: teacher names the teacher's tokenizer, but the job has no teacher; give a tokenizer file")
+            raise LMError("teacher names the teacher's tokenizer, but the job has no teacher; give a tokenizer file", "data.tokenizer")
+        locate(teacher, job_dir)  # a teacher that is not a model is the teacher's mistake, said as such
         name = teacher
     if name in BUILTIN_LMS or name.endswith(".gguf") or ":" in name:
         source = model_dir(name, job_dir) if ":" not in name else None
         if source is None:
-            raise LMError(f"data.tokenizer: {name} ships no tokenizer; give data.tokenizer a tokenizer.json")
+            raise LMError(f"{name} ships no tokenizer; give data.tokenizer a tokenizer.json", "data.tokenizer")
         return AutoTokenizer.from_pretrained(source)
     path = name if os.path.isabs(name) else os.path.join(job_dir or os.getcwd(), name)
     if os.path.isfile(path):
         return PreTrainedTokenizerFast(tokenizer_file=path)
     if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
         return AutoTokenizer.from_pretrained(path)
-    raise LMError(f"data.tokenizer: {name} is neither a tokenizer.json file, nor a directory holding one, nor 'teacher'")
+    raise LMError(f"{name} is neither a tokenizer.json file, nor a directory holding one, nor 'teacher'", "data.tokenizer")
 
 
 def tokenizer_digest(tokenizer) -> str:

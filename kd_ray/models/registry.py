@@ -10,8 +10,7 @@ Three kinds of names, tried in this order:
 from __future__ import annotations
 
 import difflib
-import inspect
-from typing import Any, Callable
+from typing import Callable
 
 from torch import nn
 
@@ -41,19 +40,6 @@ def resolve(name: str, job_dir: str | None = None) -> Callable[..., nn.Module]:
         f"unknown model '{name}': {suffix}use a built-in ({', '.join(BUILTINS)}), a torchvision "
         f"model name, or an import path 'package.module:callable'"
     )
-
-
-def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
-    """Reject keyword arguments the factory cannot take, before any work starts."""
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind(**kwargs)
-    except TypeError as e:
-        accepted = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
-        raise ModelNameError(f"'{name}' does not accept these kwargs ({e}); it takes: {', '.join(accepted)}") from None
 
 
 def build_model(name: str, kwargs: dict | None = None, job_dir: str | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ per event, the failure lines, and the summary table at the end."""
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -14,6 +15,12 @@ from kd_ray import telemetry
 from kd_ray.run.directory import DEFAULT_SCORES
 from kd_ray.run.metrics import MetricsLog
 from kd_ray.tasks.base import fmt_score as fmt
+
+
+def say(line: str) -> None:
+    """A line for the user: a warning to stderr, where it is seen even when the progress is
+    piped away, and everything else to stdout."""
+    print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
 
 @ray.remote(num_cpus=0)
@@ -123,7 +130,9 @@ def _train_line(e: dict) -> str:
 _LINES: dict[str, Callable[[dict], str | None]] = {
     "start": _start_line,
     "warning": lambda e: f"warning: {e['message']}",
-    "error": lambda e: f"warning: worker {e['rank']} failed: {e['message']}",
+    # An attempt's failure is the run's progress (Ray Train restarts the workers, up to
+    # run.max_failures), on stdout; the run's verdict is the one line on stderr.
+    "error": lambda e: f"worker {e['rank']} failed: {e['message']}",
     "stopped": lambda e: f"stopped at step {e['step']} after a checkpoint",
     "train": _train_line,
     # The driver says a pool's or a cache's teacher scores itself; a colocated teacher's come from the workers.

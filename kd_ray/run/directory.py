@@ -31,9 +31,10 @@ MOVE_ASIDE = "move the previous run aside"
 
 def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
     """What a run will do with its directory: None (nothing there), RESUMING, or MOVE_ASIDE (a
-    finished run, or --fresh). Only decides: the driver moves a run aside (`move_aside`) after
-    every check that can fail before training has passed, so a mistake found late (after Ray has
-    started) leaves the finished run where `kd-ray eval` looks for it."""
+    finished run, or --fresh). Only decides: the driver moves a run aside (`Aside`) after every
+    check that can fail on the driver has passed, and puts it back unless the new run takes its
+    first step, so a mistake found late (after Ray has started, in a worker) leaves the finished
+    run where `kd-ray eval` looks for it."""
     run_dir = spec.run_dir
     names = storage.listdir(run_dir)
     if not names:
@@ -45,12 +46,30 @@ def run_dir_action(spec: JobSpec, fresh: bool) -> str | None:
     return MOVE_ASIDE if fresh or finished or not has_checkpoint else RESUMING
 
 
-def move_aside(run_dir: str) -> str:
-    """Moves a previous run to NAME.<timestamp>/, never deletes it; returns the note for the user.
-    On object storage that is a copy of every object and then a delete (kd_ray.core.storage.move)."""
-    archived = storage.with_suffix(run_dir, f".{time.strftime('%Y%m%d-%H%M%S')}")
-    storage.move(run_dir, archived)
-    return f"previous run moved to {storage.shown(archived)}"
+class Aside:
+    """A previous run, moved to NAME.<timestamp>/ (never deleted) to make room for a new run, for
+    good only once the new run is known to work: its workers have built their models and taken
+    their first step (`keep`). A new run that ends before that (a mistake only a worker meets, a
+    stop, an abort) is removed and the previous run put back where it was (`settle`). On object
+    storage a move is a copy of every object and then a delete (kd_ray.core.storage.move)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.archived = storage.with_suffix(run_dir, f".{time.strftime('%Y%m%d-%H%M%S')}")
+        storage.move(run_dir, self.archived)
+        self.kept = False
+
+    def keep(self) -> str:
+        """The new run has taken its first step; returns the note for the user."""
+        self.kept = True
+        return f"previous run moved to {storage.shown(self.archived)}"
+
+    def settle(self) -> None:
+        if self.kept:
+            return
+        storage.delete_dir(self.run_dir)  # what the new run wrote before its first step: a start, a failure
+        if not storage.exists(self.run_dir):  # never a move into a directory that is still there
+            storage.move(self.archived, self.run_dir)
 
 
 def read_summary(run_dir: str) -> dict:

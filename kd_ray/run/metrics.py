@@ -34,13 +34,16 @@ def kept_after_restart(records: Iterable[dict], step: int) -> list[dict]:
 
 
 def parse(text: str) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short (a process killed while writing it) is skipped."""
+    """The records of a metrics.jsonl; a line cut short (a process killed while writing it), or
+    one that is not a record at all (a file edited by hand), is skipped."""
     out = []
     for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("kind"), str):
+            out.append(record)
     return out
 
 
@@ -49,7 +52,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = f"{root}/{METRICS}"
     try:
         with fs.open_input_stream(path) as f:
-            return parse(f.read().decode())
+            return parse(f.read().decode(errors="replace"))
     except FileNotFoundError:
         return []
 

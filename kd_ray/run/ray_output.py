@@ -12,7 +12,7 @@ What Ray prints in the driver of a normal run is nothing a user of kd_ray can ac
 
 All three go to LOGS/kd_ray_driver_PID.log instead. Python's sys.stderr stays on the console, so
 kd_ray's errors and an internal bug's traceback still show; so do other warnings. A worker that
-fails is reported by kd_ray itself (kd_ray.run.console: "warning: worker R failed: ...").
+fails is reported by kd_ray itself (kd_ray.run.console: "worker R failed: ...").
 """
 
 from __future__ import annotations

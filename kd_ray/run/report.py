@@ -18,6 +18,7 @@ import io
 import os
 
 from kd_ray.core import storage
+from kd_ray.core.errors import UserError
 from kd_ray.run.directory import DEFAULT_SCORES, read_summary
 from kd_ray.run.metrics import read_metrics
 
@@ -78,7 +79,8 @@ class Run:
         self.dir, self.name = run_dir, storage.basename(run_dir)
         self.records = read_metrics(run_dir)
         if not any(r["kind"] == "train" for r in self.records):
-            raise FileNotFoundError(f"{run_dir} has no training records in metrics.jsonl yet")
+            raise UserError("report", f"{run_dir} has no training records in metrics.jsonl yet; report a run once it has "
+                            "logged a step (train.log_every)")
         trains = [r for r in self.records if r["kind"] == "train"]
         self.unit = trains[-1].get("unit", "samples")
         self.lm = any("eval_perplexity" in r for r in self.records)

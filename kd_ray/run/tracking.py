@@ -23,7 +23,8 @@ import time
 from typing import Any, Callable
 
 from kd_ray.core import storage
-from kd_ray.core.errors import UserError, reason
+from kd_ray.core.errors import UserError, clip, reason
+from kd_ray.core.network import unanswered, url_endpoint
 from kd_ray.run.metrics import as_record, read_metrics, scalars
 from kd_ray.spec import JobSpec
 
@@ -31,14 +32,28 @@ TENSORBOARD = "tensorboard"
 MLFLOW_RUN = "mlflow.json"
 
 
+# How long an MLflow server has to answer: at validate, and for each request of a run (MLflow's
+# own default retries a server that went away for minutes, holding the driver's progress).
+MLFLOW_SECONDS = 10
+MLFLOW_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": str(MLFLOW_SECONDS)}
+
+
 def check_logging(spec: JobSpec) -> None:
-    """Asked-for trackers that are not installed: the usual one-line error, before Ray starts."""
+    """Asked-for trackers that are not installed, or a tracking server nobody answers at: the
+    usual one-line error, before Ray starts."""
     if spec.logging.mlflow is not None:
         try:
             import mlflow  # noqa: F401
         except ImportError:
             raise UserError("logging.mlflow", "needs MLflow, which is not installed: pip install 'kd_ray[observe]' "
                             "(or mlflow-skinny), or remove logging.mlflow") from None
+        uri = spec.logging.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        endpoint = url_endpoint(uri)
+        why = unanswered(*endpoint, MLFLOW_SECONDS) if endpoint else None
+        if why:
+            raise UserError("logging.mlflow.tracking_uri", f"nothing answers at {clip(uri, 200)} ({why}); start the MLflow "
+                            "server or fix the URI (or MLFLOW_TRACKING_URI), or remove logging.mlflow")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -116,6 +131,8 @@ class MLflow:
         if uri and (uri.startswith("file:") or ":" not in uri):
             # A directory as the tracking store: MLflow 3 keeps it working only on request.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        for name, value in MLFLOW_REQUESTS.items():  # a value the user set is kept
+            os.environ.setdefault(name, value)
         self.client = MlflowClient(uri)
         self.run_id = self._run(spec)
 

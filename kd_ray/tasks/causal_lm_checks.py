@@ -3,11 +3,8 @@ teacher's and the student's configurations. Each mistake is one UserError naming
 
 from __future__ import annotations
 
-import os
-
 from kd_ray.core import storage
-from kd_ray.core.errors import UserError
-from kd_ray.core.imports import import_callable
+from kd_ray.core.errors import UserError, clip
 from kd_ray.data.text import first_documents
 from kd_ray.models import lm as lms
 from kd_ray.spec import JobSpec
@@ -16,6 +13,10 @@ from kd_ray.tasks.cache_checks import (
     check_cache_temperatures,
     need_cache_block,
 )
+from kd_ray.tasks.causal_lm_models import check_lm_model
+
+# A classifier's data fields, which a language model's reader never looks at.
+CLASSIFIER_DATA_FIELDS = ("features", "labels", "shape", "num_classes", "preprocess")
 
 
 def check_lm(spec: JobSpec) -> None:
@@ -37,7 +38,7 @@ def check_lm(spec: JobSpec) -> None:
     for name in ("teacher", "student"):
         section = getattr(spec, name)
         if section is not None:
-            _check_model(spec, name, section, tokenizer, vocab)
+            check_lm_model(spec, name, section, tokenizer, vocab)
     if spec.teacher is not None and spec.teacher.cached:
         need_cache_block(spec)
     if spec.teacher is not None and spec.teacher.cache is not None:
@@ -58,65 +59,34 @@ def _check_columns(spec: JobSpec) -> None:
                         "is rendered with the template anyway), or remove data.chat_template")
     if spec.data.augment.active:
         raise UserError("data.augment", "augmentation is for images; remove it for task: causal_lm")
+    for name in CLASSIFIER_DATA_FIELDS:
+        if name in d.model_fields_set:
+            raise UserError(f"data.{name}", "only applies to task: classify (a language model reads data.text, data.prompt + "
+                            "data.response or data.tokens); remove it")
 
 
-def _check_source(source: str, spec: JobSpec, field: str) -> None:
+def _check_source(source: str | list[str], spec: JobSpec, field: str) -> None:
     """The source's files are there and its first piece's documents hold the job's columns, of
     the right types (kd_ray.data.text checks every other document as it prepares it)."""
     docs = first_documents(source, spec.data, field)
     if not docs:
-        raise UserError(field, f"{storage.shown(source)} holds no documents; point {field} at data with at least one")
+        what = storage.shown(source) if isinstance(source, str) else "its files"
+        raise UserError(field, f"{what} holds no documents; point {field} at data with at least one")
 
 
 def _tokenizer(spec: JobSpec):
     name = spec.data.tokenizer or "teacher"
+    # The teacher's own tokenizer is read from the teacher's files: one that does not load (not a
+    # GGUF, a cut-off config.json) is the teacher's to fix, not data.tokenizer's.
+    field = "teacher.model" if name == "teacher" else "data.tokenizer"
     try:
         return lms.load_tokenizer(name, spec.job_dir, spec.teacher.model if spec.teacher else None)
     except lms.LMError as e:
-        field, _, message = str(e).partition(": ")
-        raise UserError("data.tokenizer" if field == "data.tokenizer" else "teacher.model", message or str(e)) from None
+        raise UserError(e.field or "teacher.model", str(e)) from None
     except Exception as e:
-        raise UserError("data.tokenizer", f"cannot load {name}: {type(e).__name__}: {e}") from None
-
-
-def _config(spec: JobSpec, name: str, section, vocab: int):
-    """The model's configuration, without building its weights."""
-    try:
-        kind, _ = lms.locate(section.model, spec.job_dir)
-        if kind == "llama":
-            from transformers import LlamaConfig
-
-            return LlamaConfig(**{"vocab_size": vocab, **section.kwargs})
-        if kind == "import":
-            import_callable(section.model, spec.job_dir)
-            return None
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(lms.model_dir(section.model, spec.job_dir))
-    except lms.LMError as e:
-        raise UserError(f"{name}.model", str(e)) from None
-    except Exception as e:  # a user's module, or a model directory that does not load
-        raise UserError(f"{name}.model", f"cannot load {section.model}: {type(e).__name__}: {e}") from None
-
-
-def _check_model(spec: JobSpec, name: str, section, tokenizer, vocab: int) -> None:
-    config = _config(spec, name, section, vocab)
-    if config is not None and config.vocab_size < vocab:
-        raise UserError(f"{name}.model" if name == "teacher" else "student.kwargs",
-                        f"{section.model} has {config.vocab_size} vocabulary rows but the tokenizer has {vocab} tokens; "
-                        "give it a vocab_size of at least that (rows past the tokenizer are sliced off)")
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and spec.data.max_seq_len > positions:
-        raise UserError("data.max_seq_len", f"{spec.data.max_seq_len} is more than {name} {section.model} has positions "
-                        f"for ({positions}); use at most {positions}")
-    own = lms.model_tokenizer(section.model, spec.job_dir) if name == "teacher" else None
-    if own is not None and lms.tokenizer_digest(own) != lms.tokenizer_digest(tokenizer):
-        raise UserError("data.tokenizer", f"{spec.data.tokenizer} is not the tokenizer {section.model} was trained with "
-                        "(their vocabularies or merges differ); use data.tokenizer: teacher")
-    if section.weights and storage.is_remote(section.weights):
-        storage.need_object(section.weights, f"{name}.weights", "fix the URI")
-    elif section.weights and not os.path.isfile(section.weights):
-        raise UserError(f"{name}.weights", f"{section.weights} does not exist; fix the path")
+        shown_name = spec.teacher.model if name == "teacher" and spec.teacher else name
+        raise UserError(field, f"cannot load {shown_name}: {type(e).__name__}: {clip(str(e), 300)}; "
+                        + ("fix or replace the model's files" if name == "teacher" else "give a tokenizer.json or a directory holding one")) from None
 
 
 def check_token_cache(spec: JobSpec) -> None:

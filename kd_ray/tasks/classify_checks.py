@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 from kd_ray.core.errors import UserError, clip, shown
-from kd_ray.core.imports import ModelNameError
+from kd_ray.core.imports import ModelNameError, check_kwargs
 from kd_ray.data.sources import check_source
-from kd_ray.models.registry import check_kwargs, resolve
+from kd_ray.models.registry import resolve
 from kd_ray.models.weights import check_weights_file
 from kd_ray.spec import LM_COLUMN_FIELDS, JobSpec, ModelSpec
 from kd_ray.tasks.cache_checks import (
@@ -32,6 +32,9 @@ def check_classifier(spec: JobSpec) -> None:
                             "directory of them, or a .npy/.npz file")
     if spec.distill.divergence != "forward":
         raise UserError("distill.loss", f"{spec.distill.loss} is for task: causal_lm; a classifier distills with hinton (forward KL)")
+    for name in ("top_k", "chunk_tokens"):  # per-token fields: a classifier's teacher sends a row per sample
+        if name in spec.distill.model_fields_set:
+            raise UserError(f"distill.{name}", "only applies to task: causal_lm; remove it, or set task: causal_lm")
     facts = check_source(spec.data, spec.run.seed)
     sample_shape, max_label = facts.sample_shape, facts.max_label
     _check_training_rows(spec, facts.train_rows, facts.source_rows)
@@ -103,7 +106,8 @@ def check_model(section: ModelSpec, name: str, job_dir: str, sample_shape: tuple
         with torch.device("meta"):
             model = factory(**section.kwargs)
     except (Exception, SystemExit) as e:  # a user's factory can fail in any way; report it on one line
-        raise UserError(f"{name}.model", f"{section.model}({shown(section.kwargs)}) failed: {type(e).__name__}: {e}") from None
+        where = f"{name}.kwargs" if section.kwargs else f"{name}.model"  # given kwargs are the likelier mistake
+        raise UserError(where, f"{section.model}({shown(section.kwargs)}) failed: {type(e).__name__}: {e}; fix {where}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{name}.model", f"{section.model} returned {clip(type(model).__name__, 60)}, not a torch.nn.Module; "
                         "the factory must build and return the model")

@@ -42,6 +42,11 @@ from kd_ray.train.parallel import all_reduce_sum, grad_sync, sync_buffers, wrap
 from kd_ray.train.profile import StepProfiler
 from kd_ray.train.step import global_denominator, optimizer_step
 
+# The event rank 0 sends after an attempt's first optimizer step: the run is known to work (its
+# models built, its data read, a backward and a step taken), and a previous run moved aside for it
+# stays aside (kd_ray.run.directory.Aside).
+FIRST_STEP = "first_step"
+
 
 def train_loop_per_worker(config: dict) -> None:
     """config: spec (JobSpec), task (its kd_ray.tasks object), board (console), control (cursor, stop), train_rows, fingerprint,
@@ -199,6 +204,8 @@ class Trainer:
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.spec.train.grad_clip)
         self.step += 1
         self.samples += self.plan.global_batch
+        if self.step == self.resumed_step + 1:
+            self.say(FIRST_STEP, step=self.step)
         self.callbacks.on_step_end(self.step)
         self.profiler.after_step(self.step)
         return lr, grad_norm
