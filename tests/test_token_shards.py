@@ -130,8 +130,10 @@ def test_pieces_number_documents_as_one_read_and_every_form_of_a_source_gives_th
     (forms / "dir" / "a.jsonl").write_text("".join(half[:100]))
     pq.write_table(table.slice(100), forms / "dir" / "nested" / "b.parquet", row_group_size=50)
     (forms / "dir" / "_SUCCESS").write_text("")
-    for source in ("kjv.jsonl.gz", "kjv.jsonl.zst", "kjv.parquet", "dir", "dir/**/*.*", ["dir/a.jsonl", "dir/nested/b.parquet"]):
-        given = [str(forms / s) for s in source] if isinstance(source, list) else forms / source
+    for source in ("kjv.jsonl.gz", "kjv.jsonl.zst", "kjv.parquet", "dir", "dir/**/*.*", ["dir/a.jsonl", "dir/nested/b.parquet"],
+                   "file://"):
+        given = [str(forms / s) for s in source] if isinstance(source, list) else \
+            f"file://{forms}/kjv.jsonl.zst" if source == "file://" else forms / source
         got = _prepare(_spec(tmp_path, _job(corpus, given, tmp_path / "forms_prepared")))
         for split in ("train", "eval"):
             assert got.manifest["totals"][split]["documents"] == one.manifest["totals"][split]["documents"], (source, split)
