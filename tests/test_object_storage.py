@@ -103,7 +103,7 @@ def test_run_in_a_bucket_survives_a_worker_and_a_driver_death(ray_cluster, s3, s
 
     proc = run_here(["run", path])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"checkpoint {storage.basename(newest)} cannot be used" in proc.stdout, proc.stdout[-3000:]
+    assert f"warning: checkpoint {storage.basename(newest)} cannot be used" in proc.stderr, proc.stderr[-3000:]  # warnings: stderr
     assert f"resuming run in_bucket from step {older_step}" in proc.stdout, proc.stdout[-3000:]
     summary = bucket_json(storage.join(run_dir, "summary.json"))
     assert summary["status"] == "finished" and summary["steps"] == 88 and summary["resumed_from_step"] == older_step, summary
