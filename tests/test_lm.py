@@ -383,7 +383,7 @@ def test_conversations_carry_loss_on_the_assistants_turns_only():
     teacher's): the loss mask covers each assistant turn and its end-of-turn tokens, nothing of
     the system's or the user's; prompt + response with data.chat_template are the conversation of
     a user turn and an assistant turn."""
-    from kd_ray.data.text import chat_tokens, tokenized
+    from kd_ray.data.text import Encoder, chat_tokens, tokenized
     from kd_ray.models import lm as lms
     from kd_ray.spec import DataSpec
 
@@ -394,7 +394,7 @@ def test_conversations_carry_loss_on_the_assistants_turns_only():
     assert "Who made" in tok.decode(ids[~mask]) and "Be brief." in tok.decode(ids[~mask])
 
     data = DataSpec(source="x.jsonl", prompt="q", response="a", chat_template=True)
-    [(_, ids, mask)] = tokenized([{"id": 0, "q": "Who made the heaven?", "a": "God."}], data, tok)
+    [(_, ids, mask)] = tokenized([{"id": 0, "q": "Who made the heaven?", "a": "God."}], data, Encoder.of(tok, data))
     want = chat_tokens(tok, CONVERSATION[1:3], "document 0")
     assert np.array_equal(ids, want[0]) and np.array_equal(mask, want[1])
     assert tok.decode(ids[mask]) == "God.<|im_end|>\n"

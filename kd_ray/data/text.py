@@ -411,10 +411,25 @@ def field_of(data: "DataSpec", column: str) -> str:
     return next((f for f in LM_COLUMN_FIELDS if getattr(data, f) == column), "text")
 
 
-def tokenized(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[int, np.ndarray, np.ndarray]]:
+@dataclass(frozen=True)
+class Encoder:
+    """What a preparation's tasks tokenize with: the Rust tokenizer itself (unpickled in a tenth
+    of the time of transformers' wrapper, and without importing transformers in every worker),
+    its end-of-text id, and the whole tokenizer only where a chat template renders the documents."""
+
+    backend: object  # tokenizers.Tokenizer
+    eos: int | None
+    chat: object = None  # a transformers tokenizer with a chat template
+
+    @classmethod
+    def of(cls, tokenizer, data: "DataSpec") -> "Encoder":
+        return cls(tokenizer.backend_tokenizer, tokenizer.eos_token_id, tokenizer if data.messages or data.chat_template else None)
+
+
+def tokenized(records: list[dict], data: "DataSpec", encoder: Encoder) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(id, token ids, loss mask) of each document, in order: text through the tokenizer in
     batches of DOCUMENTS_PER_BATCH (its fast batch path), the end-of-text token after each
-    document's last part; token ids as they are."""
+    document's last part; conversations through the chat template; token ids as they are."""
     cols = columns_of(data)
     if data.tokens:
         return [(r["id"], np.asarray(r[cols[0]], dtype=np.int64), np.ones(len(r[cols[0]]), dtype=bool)) for r in records]
@@ -424,16 +439,15 @@ def tokenized(records: list[dict], data: "DataSpec", tokenizer) -> list[tuple[in
                 return r[data.messages]
             return [{"role": "user", "content": r[data.prompt]}, {"role": "assistant", "content": r[data.response]}]
 
-        return [(r["id"], *chat_tokens(tokenizer, turns(r), f"document {r['id']}")) for r in records]
-    eos = tokenizer.eos_token_id
-    end = [eos] if eos is not None else []
+        return [(r["id"], *chat_tokens(encoder.chat, turns(r), f"document {r['id']}")) for r in records]
+    end = [encoder.eos] if encoder.eos is not None else []
     out = []
     for a in range(0, len(records), DOCUMENTS_PER_BATCH):
         batch = records[a:a + DOCUMENTS_PER_BATCH]
-        encoded = [tokenizer([r[c] for r in batch], add_special_tokens=False)["input_ids"] for c in cols]
+        encoded = [[e.ids for e in encoder.backend.encode_batch([r[c] for r in batch], add_special_tokens=False)] for c in cols]
         for r, parts in zip(batch, zip(*encoded)):
-            head = [] if len(parts) == 1 else list(parts[0])  # a prompt carries no loss
-            tail = list(parts[-1]) + end
+            head = [] if len(parts) == 1 else parts[0]  # a prompt carries no loss
+            tail = parts[-1] + end
             out.append((r["id"], np.asarray(head + tail, dtype=np.int64), np.asarray([False] * len(head) + [True] * len(tail))))
     return out
 

@@ -49,6 +49,7 @@ from kd_ray.core.hashing import file_sha256, sha256
 from kd_ray.data.ids import is_eval
 from kd_ray.data.sources import gather
 from kd_ray.data.text import (
+    Encoder,
     Piece,
     count_documents,
     piece_documents,
@@ -163,7 +164,7 @@ def _parquet_bytes(table, row_group: int, summary: dict) -> bytes:
     return sink.getvalue()
 
 
-def prepare_piece(piece: Piece, fs, data, tokenizer, vocab: int, job: PieceJob) -> list[dict]:
+def prepare_piece(piece: Piece, fs, data, encoder: Encoder, vocab: int, job: PieceJob) -> list[dict]:
     """One piece -> its train and eval files; their summaries (what the manifest lists)."""
     docs = piece_documents(fs, piece, data)
     if job.max_documents is not None and piece.part == "source":
@@ -172,7 +173,7 @@ def prepare_piece(piece: Piece, fs, data, tokenizer, vocab: int, job: PieceJob) 
     out = []
     out_fs, out_root = storage.filesystem(job.root)
     for split, mask in zip(SPLITS, (~held, held)):
-        part = tokenized([r for r, m in zip(docs, mask) if m], data, tokenizer)
+        part = tokenized([r for r, m in zip(docs, mask) if m], data, encoder)
         refuse_unknown_tokens(part, vocab)
         rows = make_rows(((t, m) for _, t, m in part), job.max_seq_len, job.packing)
         table = rows_table(rows, piece.index)
@@ -188,9 +189,9 @@ def prepare_piece(piece: Piece, fs, data, tokenizer, vocab: int, job: PieceJob) 
     return out
 
 
-def _piece_task(batch: dict, pieces: list[Piece], fs: dict, data, tokenizer, vocab: int, job: PieceJob) -> dict:
+def _piece_task(batch: dict, pieces: list[Piece], fs: dict, data, encoder: Encoder, vocab: int, job: PieceJob) -> dict:
     """Ray Data task: the pieces named in the batch, prepared (`fs`: each part's filesystem)."""
-    done = [s for i in np.asarray(batch["id"]).tolist() for s in prepare_piece(pieces[i], fs[pieces[i].part], data, tokenizer, vocab, job)]
+    done = [s for i in np.asarray(batch["id"]).tolist() for s in prepare_piece(pieces[i], fs[pieces[i].part], data, encoder, vocab, job)]
     return {"summary": np.array([json.dumps(s) for s in done], dtype=object)}
 
 
@@ -317,7 +318,7 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
     if todo:
         echo(f"preparing token shards of {len(todo)} of {len(pieces)} pieces at {storage.shown(root)}")
         job = PieceJob(root, d.max_seq_len, d.packing, d.max_documents, d.eval_split, spec.run.seed, d.eval_source is not None)
-        rows = _each_piece(todo, _piece_task, fs=fs_of, data=d, tokenizer=tokenizer, vocab=vocab, job=job)
+        rows = _each_piece(todo, _piece_task, fs=fs_of, data=d, encoder=Encoder.of(tokenizer, d), vocab=vocab, job=job)
         done += [json.loads(r["summary"]) for r in rows]
     files = sorted(done, key=lambda f: (f["split"], f["piece"]))
     manifest = {"format": FORMAT, "status": "complete", "identity": ident, "max_seq_len": d.max_seq_len,
