@@ -167,6 +167,7 @@ class Piece:
     first_line: int = 0  # JSON lines: the file's number (1-based, minus 1) of the piece's first line
     first_row: int = 0  # parquet: the file's number of the piece's first row
     index: int = 0  # its number among the job's pieces
+    documents: int | None = None  # how many it holds, where its file's footer says (parquet; builtin): not counted again
 
     @property
     def key(self) -> str:
@@ -174,24 +175,26 @@ class Piece:
         return f"{self.part}:{self.name}:{self.start}-{self.stop}:{self.first_doc}"
 
 
-def plan_pieces(source: str | list[str], part: str, field: str) -> tuple[object, list[Piece]]:
+def plan_pieces(source: str | list[str], part: str, field: str, first_file: bool = False) -> tuple[object, list[Piece]]:
     """(filesystem, pieces) of a source, in source order (a list's entries in the order given),
-    each piece's first document not yet counted (kd_ray.data.token_shards counts them)."""
+    each piece's first document not yet numbered (kd_ray.data.token_shards numbers them).
+    `first_file`: the pieces of its first file only (what validation reads of it)."""
     if isinstance(source, list):
-        planned = [plan_pieces(s, part, field) for s in source]
-        systems = {type(fs).__name__ for fs, _ in planned if fs is not None}
-        if len(systems) > 1 or (systems and any(fs is None for fs, _ in planned)):
+        systems = {"builtin" if s.startswith("builtin:") else type(storage.filesystem(s)[0]).__name__ for s in source}
+        if len(systems) > 1:
             raise UserError(field, "the files of a list must all be on one storage (all local, or all in one bucket), and not "
                             "mix a built-in text with files; prepare them as two jobs, or copy them to one place")
+        planned = [plan_pieces(s, part, field, first_file) for s in (source[:1] if first_file else source)]
         return (planned[0][0], [p for _, pieces in planned for p in pieces])
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN_TEXTS:
             raise UserError(field, f"unknown built-in text '{name}'; available: {', '.join('builtin:' + b for b in BUILTIN_TEXTS)}")
-        return None, [Piece(part, "", source, "builtin", 0, len(kjv_chapters()))]
+        chapters = len(kjv_chapters())
+        return None, [Piece(part, "", source, "builtin", 0, chapters, documents=chapters)]
     fs, root, files = source_files(source, field)
     pieces: list[Piece] = []
-    for f in files:
+    for f in files[:1] if first_file else files:
         name = file_name(f.path, root)
         if is_json(f.path):
             for a, b in ([(0, f.size)] if _compressed(f.path) else _line_ranges(fs, f)):
@@ -199,15 +202,19 @@ def plan_pieces(source: str | list[str], part: str, field: str) -> tuple[object,
             continue
         groups = _row_groups(fs, f.path, field, name)
         first, rows, size = 0, 0, 0
-        for g, (n, nbytes) in enumerate(groups):
+        for g, (_, nbytes) in enumerate(groups):
             if g > first and size + nbytes > PIECE_BYTES:
-                pieces.append(Piece(part, f.path, name, "parquet", first, g, first_row=rows))
+                pieces.append(_parquet_piece(part, f.path, name, groups, first, g, rows))
+                rows += pieces[-1].documents
                 first, size = g, 0
-                rows = sum(r for r, _ in groups[:g])
             size += nbytes
         if groups:
-            pieces.append(Piece(part, f.path, name, "parquet", first, len(groups), first_row=rows))
+            pieces.append(_parquet_piece(part, f.path, name, groups, first, len(groups), rows))
     return fs, pieces
+
+
+def _parquet_piece(part: str, path: str, name: str, groups: list[tuple[int, int]], start: int, stop: int, first_row: int) -> Piece:
+    return Piece(part, path, name, "parquet", start, stop, first_row=first_row, documents=sum(n for n, _ in groups[start:stop]))
 
 
 def _row_groups(fs, path: str, field: str, name: str) -> list[tuple[int, int]]:
@@ -267,14 +274,9 @@ def _raw_lines(fs, piece: Piece, head: int | None = None) -> list[bytes]:
 
 
 def count_documents(fs, piece: Piece) -> tuple[int, int]:
-    """(documents, lines) of a piece: how the pieces after it number theirs."""
-    if piece.kind == "json":
-        lines = _raw_lines(fs, piece)
-        return sum(1 for line in lines if line.strip()), len(lines)
-    if piece.kind == "parquet":
-        groups = _row_groups(fs, piece.path, "data.source", piece.name)
-        return sum(n for n, _ in groups[piece.start:piece.stop]), 0
-    return piece.stop - piece.start, 0
+    """(documents, lines) of a JSON-lines piece: how the pieces after it number theirs."""
+    lines = _raw_lines(fs, piece)
+    return sum(1 for line in lines if line.strip()), len(lines)
 
 
 def piece_documents(fs, piece: Piece, data: "DataSpec", head: int | None = None) -> list[dict]:
@@ -342,7 +344,7 @@ def first_documents(source: str, data: "DataSpec", field: str) -> list[dict]:
     """The documents in about the first megabyte of a source (a parquet file's first row group):
     what validation reads of it, every value checked as kd_ray.data.token_shards checks all the
     others' as it prepares them."""
-    fs, pieces = plan_pieces(source, field.removeprefix("data."), field)
+    fs, pieces = plan_pieces(source, field.removeprefix("data."), field, first_file=True)
     return piece_documents(fs, pieces[0], data, VALIDATED_BYTES) if pieces else []
 
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from kd_ray.core import storage
 from kd_ray.core.columns import DOCS, ID, TARGETS, TOKEN_POS, TOKENS
-from kd_ray.core.errors import SHOWN_CHARS, UserError, clip, user_error_in
+from kd_ray.core.errors import SHOWN_CHARS, UserError, as_users, clip
 from kd_ray.core.hashing import file_sha256, sha256
 from kd_ray.data.ids import is_eval
 from kd_ray.data.sources import gather
@@ -196,8 +196,11 @@ def _piece_task(batch: dict, pieces: list[Piece], fs: dict, data, encoder: Encod
 
 
 def _count_task(batch: dict, pieces: list[Piece], fs) -> dict:
-    counted = [count_documents(fs, pieces[i]) for i in np.asarray(batch["id"]).tolist()]
-    return {"id": np.asarray(batch["id"]), "documents": np.array([c[0] for c in counted]), "lines": np.array([c[1] for c in counted])}
+    """Ray Data task: (documents, lines) of the JSON-lines pieces named in the batch, by their place in the source."""
+    picked = [pieces[i] for i in np.asarray(batch["id"]).tolist()]
+    counted = [count_documents(fs, p) for p in picked]
+    return {"id": np.array([p.index for p in picked]), "documents": np.array([c[0] for c in counted]),
+            "lines": np.array([c[1] for c in counted])}
 
 
 def _each_piece(pieces: list[Piece], fn: Callable, **kwargs) -> list[dict]:
@@ -207,26 +210,19 @@ def _each_piece(pieces: list[Piece], fn: Callable, **kwargs) -> list[dict]:
     if not pieces:
         return []
     ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))
-    out = ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs={"pieces": pieces, **kwargs})
-    try:
-        return out.take_all()
-    except Exception as e:
-        found = user_error_in(e)
-        if found is None:
-            raise
-        raise found from None
+    return as_users(ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs={"pieces": pieces, **kwargs}).take_all)
 
 
 def _numbered(pieces: list[Piece], fs) -> list[Piece]:
-    """A source's pieces with their first document (and line) numbered: the documents and lines
-    before them counted by a task each, where the source has more than one piece."""
-    if len(pieces) < 2:
-        return pieces
-    counts = sorted(((int(r["id"]), int(r["documents"]), int(r["lines"])) for r in _each_piece(pieces, _count_task, fs=fs)))
+    """A source's pieces with their first document (and line) numbered. A parquet file's footer
+    gave its pieces' counts; JSON-lines pieces after the first are counted by a task each."""
+    todo = [replace(p, index=i) for i, p in enumerate(pieces) if p.documents is None and i < len(pieces) - 1]
+    counted = {int(r["id"]): (int(r["documents"]), int(r["lines"])) for r in _each_piece(todo, _count_task, fs=fs)}
     out, docs, lines = [], 0, 0
-    for p, (_, d, n) in zip(pieces, counts):
+    for i, p in enumerate(pieces):
         lines = lines if out and out[-1].path == p.path else 0
         out.append(replace(p, first_doc=docs, first_line=lines))
+        d, n = (p.documents, 0) if p.documents is not None else counted.get(i, (0, 0))
         docs, lines = docs + d, lines + n
     return out
 
@@ -286,9 +282,9 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
     prepared, only the pieces missing (or damaged) for a preparation begun before."""
     ident = identity(spec, tokenizer_digest)
     root = storage.join(prepared_root(spec), digest_of(ident))
-    manifest = _read_manifest(root)
-    present = _present(root) if manifest is not None or storage.exists(root) else {}
-    if manifest is not None and manifest.get("status") == "complete":
+    manifest = _read_manifest(root)  # written last: there only when every piece was
+    present = _present(root)
+    if manifest is not None:
         bad = {f["file"]: "is missing" if f["file"] not in present else "has another size than the manifest says"
                for f in manifest["files"] if present.get(f["file"]) != f["bytes"]}
         if verify:
@@ -299,8 +295,6 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
             echo(f"prepared shard {storage.shown(storage.join(root, name))} {why}: preparing its piece again")
         pieces_done = {f["piece"] for f in manifest["files"]} - {f["piece"] for f in manifest["files"] if f["file"] in bad}
         done = [f for f in manifest["files"] if f["piece"] in pieces_done]
-    else:
-        done, pieces_done = [], set()
     d = spec.data
     fs_of, pieces = {}, []
     for part, source in (("source", d.source), ("eval_source", d.eval_source)):
@@ -321,7 +315,7 @@ def prepare(spec: "JobSpec", tokenizer, vocab: int, tokenizer_digest: str, verif
         rows = _each_piece(todo, _piece_task, fs=fs_of, data=d, encoder=Encoder.of(tokenizer, d), vocab=vocab, job=job)
         done += [json.loads(r["summary"]) for r in rows]
     files = sorted(done, key=lambda f: (f["split"], f["piece"]))
-    manifest = {"format": FORMAT, "status": "complete", "identity": ident, "max_seq_len": d.max_seq_len,
+    manifest = {"format": FORMAT, "identity": ident, "max_seq_len": d.max_seq_len,
                 "unit_rows": unit_rows(d.max_seq_len), "vocab": vocab, "files": files,
                 "totals": {s: {k: sum(f[k] for f in files if f["split"] == s) for k in ("rows", "documents", "tokens", "loss_tokens", "bytes")}
                            for s in SPLITS}}
