@@ -62,8 +62,8 @@ from report import (  # noqa: E402
     print_details,
     print_header,
     print_rounds,
-    print_whole_runs,
     print_table,
+    print_whole_runs,
     results_blob,
 )
 from workloads import MODES, PRESETS, parse_model, prepare  # noqa: E402

@@ -48,6 +48,8 @@ def ensure_ray(spec: JobSpec, verbose: bool = False, teacher_pool: bool | None =
         if teacher_pool is None:
             teacher_pool = spec.runs_teacher_pool
         teacher_cpus = spec.teacher.pool.max_actors * spec.teacher.pool.cpus_per_actor if teacher_pool else 0
+        if spec.onpolicy is not None:  # the rollout actors (kd_ray.rollouts)
+            teacher_cpus += spec.onpolicy.pool.actors * spec.onpolicy.pool.cpus_per_actor
         # Ray starts its workers at nice 15, under its daemons: right for background work on a
         # shared cluster, but here the train workers and teacher actors are the job, and at 15
         # they lose their cores to any other process on the machine (on a busy 2-core host a

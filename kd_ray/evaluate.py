@@ -27,7 +27,7 @@ def _score(spec: JobSpec, task, path: str, dataset) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
     device = torch.device("cpu")
     batches = dataset.iter_torch_batches(batch_size=spec.eval.batch_size)
-    figures = task.figures(*task.eval_sums(model, batches, device).tolist())
+    figures = task.figures(task.eval_sums(model, batches, device).tolist())
     return {**{k.removeprefix("eval_"): v for k, v in figures.items()}, "weights": path}
 
 

@@ -30,6 +30,8 @@ from kd_ray.data.chunks import Sources
 from kd_ray.data.local import local_stream
 from kd_ray.data.streams import build_eval, build_train
 from kd_ray.models.precision import auto_note
+from kd_ray.rollouts.actor import start_actors
+from kd_ray.rollouts.samples import SAMPLES_FILE, write_samples
 from kd_ray.run.console import ProgressBoard, follow, say
 from kd_ray.run.control import RunControl, stop_on_signals
 from kd_ray.run.directory import (
@@ -116,6 +118,11 @@ def _train(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp: d
         raise _failed(spec, summary, e, echo) from e
     summary.update(summarize(spec, task, result, events, time.time() - started, plan, teacher_scores))
     write_summary(spec.run_dir, summary)
+    if summary["status"] == "finished" and spec.onpolicy and spec.onpolicy.samples:
+        try:
+            echo(f"samples of the student beside the teacher: {storage.shown(write_samples(spec, task, build_eval(spec, data)))}")
+        except Exception as e:  # the run is finished and exported; its samples only illustrate it
+            echo(f"warning: {SAMPLES_FILE} not written: {reason(e)}")
     if summary["status"] == "finished" and spec.logging.report:
         echo(draw_finished_run(spec.run_dir))
     trackers.close(summary)
@@ -194,7 +201,7 @@ def _trainer(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp:
         # touches rows no step uses.
         per_block = batch_plan.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)
         lone = spec.train.max_workers == 1  # nothing to deal round-robin: the worker cuts its micro-batches itself
-        pool = TeacherPool(spec, task) if spec.runs_teacher_pool else None
+        pool = TeacherPool(spec, task) if spec.teacher_in_stream else None
         datasets["train"] = build_train(spec, data, end=(plan.total_steps + 1) * G, block_rows=None if lone else plan.micro_batch * per_block,
                                         control=control, board=board, cache=cached, pool=pool)
     ordered = DataConfig.default_ingest_options()
@@ -204,7 +211,8 @@ def _trainer(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "task": task, "board": board, "control": control, "train_rows": data.train_rows,
-                           "fingerprint": fp, "local_stream": local},
+                           "fingerprint": fp, "local_stream": local, "eval_rows": data.eval_rows,
+                           "rollouts": start_actors(spec, task, control, board) if spec.onpolicy else None},
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=spec.train.resize_check_seconds),
         # A URI's filesystem is opened here (its query, the endpoint, is no part of Ray's paths).

@@ -305,11 +305,39 @@ class TokenTerms(NamedTuple):
     correct: torch.Tensor  # tokens whose top-1 is the target
 
 
-def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[TopK], temperature: float,
-                      alpha: float, divergence: str, beta: float) -> torch.Tensor:
+class Sampled(NamedTuple):
+    """On-policy, per token the student sampled: the teacher's and the sampler's log-probability of
+    that token at T = 1 (the sampler: the student's weights the rollout was generated from)."""
+
+    teacher_logprob: torch.Tensor  # (N,) fp32
+    sample_logprob: torch.Tensor  # (N,) fp32
+
+
+def take(signal, index):
+    """A per-token teacher signal (TopK or Sampled) at some of its tokens (a mask or indices)."""
+    return None if signal is None else type(signal)(*(v[index] if isinstance(v, torch.Tensor) else v for v in signal))
+
+
+def sampled_token_kd(log_p_student: torch.Tensor, teacher: Sampled) -> torch.Tensor:
+    """Per sampled token, the reverse-KL estimator of on-policy distillation (Tinker, Fireworks):
+    the advantage A = log p_teacher(x) - log q(x) of the sampler q, weighted by the importance
+    ratio r = p_student(x) / q(x) (1 for a fresh rollout, and a correction for a stale one):
+
+        loss = -r A,    value (r = 1): log q(x) - log p_teacher(x),    gradient: -r A d log p_student(x)
+
+    so its mean over a student's own samples estimates KL(student || teacher), and its gradient is
+    that KL's score-function gradient. A is a constant (no gradient through the teacher or q)."""
+    advantage = (teacher.teacher_logprob.float() - teacher.sample_logprob.float()).detach()
+    return -(log_p_student - teacher.sample_logprob.float()).exp() * advantage
+
+
+def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher, temperature: float,
+                      alpha: float, divergence: str, beta: float, own: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[loss, kd, ce, correct] summed over one chunk of tokens; its logits live only in here. The
     top-1 count (an argmax over the vocabulary, a tenth of a training chunk's time) is taken only
-    outside training, where it is reported; training counts 0."""
+    outside training, where it is reported; training counts 0. `own` marks the tokens the student
+    generated itself (on-policy): their loss is the divergence alone, never a cross-entropy that
+    would teach the student its own samples."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = head(hidden).float()
         training = torch.is_grad_enabled() and hidden.requires_grad
@@ -317,24 +345,28 @@ def _token_chunk_sums(hidden: torch.Tensor, head, targets: torch.Tensor, teacher
         if teacher is None:
             ce = F.cross_entropy(logits, targets.long(), reduction="sum")
             return torch.stack([ce, torch.zeros_like(ce), ce, correct])
-        log_p, log_q, lse, s_y = _buckets(logits, teacher, temperature, targets)
-        if temperature == 1.0:  # the buckets' normaliser is the softmax's: no second pass over the vocabulary
-            ce = (lse[:, 0] - s_y).sum()
+        if isinstance(teacher, Sampled):
+            ce = logits.logsumexp(dim=-1) - logits.gather(-1, targets.long()[:, None])[:, 0]
+            kd = sampled_token_kd(-ce, teacher)
         else:
-            ce = F.cross_entropy(logits, targets.long(), reduction="sum")
-        kd = bucket_divergence(log_p, log_q, divergence, beta).sum() * temperature**2
-        return torch.stack([mix(kd, ce, alpha), kd, ce, correct])
+            log_p, log_q, lse, s_y = _buckets(logits, teacher, temperature, targets)
+            # At T = 1 the buckets' normaliser is the softmax's: no second pass over the vocabulary.
+            ce = lse[:, 0] - s_y if temperature == 1.0 else F.cross_entropy(logits, targets.long(), reduction="none")
+            kd = bucket_divergence(log_p, log_q, divergence, beta) * temperature**2
+        loss = mix(kd, ce, alpha) if own is None else torch.where(own, kd, mix(kd, ce, alpha))
+        return torch.stack([loss.sum(), kd.sum(), ce.sum(), correct])
 
 
-def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[TopK], *, temperature: float,
+def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optional[Union[TopK, Sampled]], *, temperature: float,
                alpha: float, denominator: float, divergence: str = "forward", beta: float = 0.5,
-               chunk_tokens: int = 1024) -> TokenTerms:
+               chunk_tokens: int = 1024, own: Optional[torch.Tensor] = None) -> TokenTerms:
     """alpha x KD + (1 - alpha) x CE over the tokens that carry loss, summed and divided by
     `denominator` (the global batch's loss tokens over the world size: kd_ray.batch_plan).
 
     `hidden` holds the student's last hidden states at those tokens only (N, d), `head` maps
     them to logits over the real vocabulary, `targets` (N,) are the next tokens, `teacher` (N, k)
-    the teacher's top-k and tails at `temperature`. The logits are made chunk by chunk and, while
+    the teacher's top-k and tails at `temperature` (or, on-policy, a Sampled: divergence "sampled";
+    `own` marks the tokens the student generated). The logits are made chunk by chunk and, while
     training with several chunks, recomputed in the backward pass (activation checkpointing), so the fp32 logits of
     at most `chunk_tokens` tokens exist at any time: with a 50k vocabulary the LM head's output is
     otherwise the largest tensor of a small student's step.
@@ -347,8 +379,8 @@ def token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, teacher: Optio
     recompute = torch.is_grad_enabled() and hidden.requires_grad and len(targets) > chunk_tokens
     for a in range(0, len(targets), chunk_tokens):
         part = slice(a, a + chunk_tokens)
-        top = None if teacher is None else TopK(teacher.values[part], teacher.indices[part], teacher.tail_lse[part], teacher.temperatures)
-        args = (hidden[part], head, targets[part], top, temperature, alpha, divergence, beta)
+        args = (hidden[part], head, targets[part], take(teacher, part), temperature, alpha, divergence, beta,
+                None if own is None else own[part])
         if recompute:
             sums = sums + checkpoint(_token_chunk_sums, *args, use_reentrant=False)
         else:

@@ -203,8 +203,9 @@ class TeacherSpec(ModelSpec):
 
 
 class DistillSpec(_Section):
-    loss: Literal["hinton", "forward_kl", "reverse_kl", "jsd"] = Field(
-        "hinton", description="hinton = forward_kl: KL(teacher || student) x T^2; causal_lm also takes reverse_kl and jsd")
+    loss: Literal["hinton", "forward_kl", "reverse_kl", "jsd", "sampled_token"] = Field(
+        "hinton", description="hinton = forward_kl: KL(teacher || student) x T^2; causal_lm also takes reverse_kl and jsd, and "
+                              "on-policy sampled_token: per generated token log p_student - log p_teacher at the sampled token")
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs cross-entropy")
     beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture")
@@ -213,7 +214,40 @@ class DistillSpec(_Section):
 
     @property
     def divergence(self) -> str:
-        return {"hinton": "forward", "forward_kl": "forward", "reverse_kl": "reverse", "jsd": "jsd"}[self.loss]
+        return {"hinton": "forward", "forward_kl": "forward", "reverse_kl": "reverse", "jsd": "jsd", "sampled_token": "sampled"}[self.loss]
+
+
+class RolloutPoolSpec(_Section):
+    """The rollout actors (kd_ray.rollouts): each holds a copy of the student and generates from
+    its published weights; on-policy, the teacher runs in teacher.pool.max_actors actors beside them."""
+
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, description="prompts generated together (a fixed shape: a prompt's rollout does not depend "
+                                                 "on which others share its batch)")
+    resources: dict[str, float] = {}
+
+
+class OnPolicySpec(_Section):
+    """causal_lm: the student generates continuations of the data's prompts and the teacher scores
+    every generated token (kd_ray.rollouts)."""
+
+    fraction: float = Field(1.0, ge=0, le=1, description="of each micro-batch's rows, the share the student generates (GKD's lambda; "
+                                                         "0 trains on the data's responses, with on-policy evaluation)")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens holding this much probability")
+    stop_on_eos: bool = Field(True, description="a rollout ends at the tokenizer's end-of-text token")
+    prompt_tokens: Optional[int] = Field(None, ge=1, description="data.text: a row's first N tokens are its prompt (prompt/response "
+                                                                 "and messages data: the tokens before the first response token)")
+    sync_every: int = Field(1, ge=1, description="optimizer steps between two publications of the student's weights")
+    max_staleness: int = Field(1, ge=0, description="a step trains on rollouts of weights at most this many steps old (0: generation "
+                                                    "and training alternate; 1: the next step's generation overlaps this one)")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts the student generates for at each evaluation (fixed seeds)")
+    samples: int = Field(4, ge=0, description="held-out prompts whose continuations, the student's beside the teacher's, a finished "
+                                              "run writes to RUN_DIR/samples.md")
+    pool: RolloutPoolSpec = RolloutPoolSpec()
 
 
 class OptimizerSpec(_Section):
@@ -316,6 +350,7 @@ class JobSpec(_Section):
     teacher: Optional[TeacherSpec] = None
     student: ModelSpec
     distill: DistillSpec = DistillSpec()
+    onpolicy: Optional[OnPolicySpec] = Field(None, description="causal_lm: on-policy distillation (kd_ray.rollouts)")
     train: TrainSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
@@ -342,6 +377,12 @@ class JobSpec(_Section):
     def runs_teacher_pool(self) -> bool:
         """Whether a run starts the teacher's actor pool: a teacher neither read from a cache nor colocated."""
         return self.teacher is not None and not self.teacher.cached and not self.teacher.colocated
+
+    @property
+    def teacher_in_stream(self) -> bool:
+        """Whether the teacher pool is a stage of the training stream: off-policy; on-policy the
+        train workers send their rows through the rollout and teacher actors (kd_ray.rollouts)."""
+        return self.runs_teacher_pool and self.onpolicy is None
 
     @property
     def colocated_teacher(self) -> bool:
@@ -604,7 +645,10 @@ LM_COLUMN_FIELDS = ("text", "prompt", "response", "tokens", "messages")
 # (kd_ray.cache.tokens) are functions of these data fields.
 LM_ROW_FIELDS = (*LM_COLUMN_FIELDS, "chat_template", "tokenizer", "max_seq_len", "packing", "max_documents")
 # A language model's run is also a function of how its rows are made and what the teacher sends.
-LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "data.in_memory_tokens", "distill.beta", "distill.top_k")
+# On-policy, what each rollout is a function of (kd_ray.rollouts); the rollout pool only places them.
+ROLLOUT_FIELDS = ("fraction", "max_new_tokens", "temperature", "top_p", "stop_on_eos", "prompt_tokens", "sync_every", "max_staleness")
+LM_FIXED_ON_RESUME = ("task", *(f"data.{f}" for f in LM_ROW_FIELDS), "data.in_memory_tokens", "distill.beta", "distill.top_k",
+                      *(f"onpolicy.{f}" for f in ROLLOUT_FIELDS))
 
 
 def fingerprint(spec: JobSpec, train_rows: int) -> dict[str, Any]:

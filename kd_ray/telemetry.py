@@ -46,6 +46,21 @@ def pool_finished(now: dict[str, tuple[int, float]]) -> dict:
             "rows_per_second_working": rows * actors / busy if busy > 0 else 0.0}
 
 
+def rollout_window(before: dict[str, tuple], now: dict[str, tuple], seconds: float) -> dict:
+    """The rollout actors (on-policy) between two snapshots of actor -> (prompts, tokens, busy
+    seconds, seconds waiting for weights, staleness summed over prompts): tokens generated per
+    second, the share of the actors' time spent generating and waiting for the student's next
+    weights, and the mean staleness (steps) of the prompts generated."""
+    delta = {a: tuple(x - y for x, y in zip(v, before.get(a, (0,) * len(v)))) for a, v in now.items()}
+    active = [d for d in delta.values() if d[0] > 0]
+    prompts, tokens, busy, waited, stale = (sum(d[i] for d in active) for i in range(5))
+    span = seconds * len(active)
+    return {"actors": len(active), "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "busy_fraction": min(1.0, busy / span) if span > 0 else 0.0,
+            "wait_fraction": min(1.0, waited / span) if span > 0 else 0.0,
+            "staleness": stale / prompts if prompts else None, "prompts": prompts, "tokens": tokens}
+
+
 # Workers poll (a barrier across the group, and a call to the run's control) every POLL_STEPS
 # optimizer steps, or about every POLL_SECONDS when steps are faster than that: with a small
 # student's 3 ms steps, a poll every 10 steps was 4% of the train worker's time and 0.09 of a
@@ -72,10 +87,11 @@ def seconds_per_step(windows: list[dict]) -> float | None:
     return sum(w["window_seconds"] - w["data_wait_seconds"] for w in windows) / steps if steps else None
 
 
-def verdict(wait_fraction: float, teacher_busy: float | None, teacher_share: float | None = None) -> tuple[str, str]:
+def verdict(wait_fraction: float, teacher_busy: float | None, teacher_share: float | None = None,
+            rollouts: dict | None = None) -> tuple[str, str]:
     """(bottleneck, what to change). `teacher_busy`: a pool's busy fraction (None: no pool
     reported); `teacher_share`: the fraction of the student's time a colocated teacher took
-    (None: the teacher is not colocated)."""
+    (None: the teacher is not colocated); `rollouts`: on-policy, the rollout actors' figures."""
     if wait_fraction < STARVED:
         if teacher_share is not None and teacher_share >= TEACHER_HEAVY:
             return "colocated teacher", (f"the teacher's forward takes {100 * teacher_share:.0f}% of the train workers' time: "
@@ -84,6 +100,9 @@ def verdict(wait_fraction: float, teacher_busy: float | None, teacher_share: flo
         return "student", ("the student rarely waits for data: a faster student step (bf16, compile, a larger "
                            "train.micro_batch_size) or more train.num_workers would speed the run")
     pooled = teacher_busy is not None
+    if rollouts is not None and not (pooled and teacher_busy >= SATURATED):
+        return "rollouts", ("the student waits for its rollouts (generation, then the teacher's scoring): raise "
+                            "onpolicy.pool.actors, or onpolicy.max_staleness so that the next steps' generation overlaps training")
     if pooled and teacher_busy >= SATURATED:
         return "teacher pool", ("the student waits for teacher outputs and the teacher actors are busy: raise "
                                 "teacher.pool.max_actors (or gpus), or cache the teacher's outputs (teacher.mode: cached)" + COLOCATE)
@@ -122,10 +141,21 @@ def run_telemetry(events: list[dict]) -> dict:
             "rows_per_second": round(sum(w["rows_per_second"] * t for w, t in pooled) / span, 2),
             "busy_fraction": round(busy, 4),
         }
+    rolled = [(e["rollouts"], e["window_seconds"]) for e in events if (e.get("rollouts") or {}).get("actors")]
+    if rolled:
+        span = sum(t for _, t in rolled)
+        prompts = sum(w["prompts"] for w, _ in rolled)
+        out["rollouts"] = {
+            "tokens": sum(w["tokens"] for w, _ in rolled),
+            "tokens_per_second": round(sum(w["tokens"] for w, _ in rolled) / span, 1) if span else None,
+            "busy_fraction": round(sum(w["busy_fraction"] * t for w, t in rolled) / span, 4) if span else None,
+            "wait_fraction": round(sum(w["wait_fraction"] * t for w, t in rolled) / span, 4) if span else None,
+            "staleness_mean": round(sum((w["staleness"] or 0) * w["prompts"] for w, _ in rolled) / prompts, 3) if prompts else None,
+        }
     colocated = [e for e in train_events if e.get("teacher_seconds") is not None]
     share = None
     if colocated and seconds - wait > 0:
         share = sum(e["teacher_seconds"] for e in colocated) / (seconds - wait)
         out["colocated_teacher_fraction"] = round(share, 4)
-    out["bottleneck"], out["advice"] = verdict(wait_fraction, busy, share)
+    out["bottleneck"], out["advice"] = verdict(wait_fraction, busy, share, out.get("rollouts"))
     return out

@@ -5,6 +5,7 @@ file's directory (the tests copy this file next to their job files, see `install
     Trace       each optimizer step's sample ids and positions, per rank and attempt
     DieAt       a real process exit (os._exit, no clean-up) after given steps, once each
     KillDriver  SIGKILL to a capture's driver once it has written some shards, once
+    KillAt      SIGKILL to the actors of a class, or to the driver, after a given step, once
 """
 
 from __future__ import annotations
@@ -89,3 +90,31 @@ class KillDriver(Callback):
         with open(self.pid_file) as f:
             os.kill(int(f.read()), signal.SIGKILL)
         time.sleep(600)
+
+
+class KillAt(Callback):
+    """On rank 0, after optimizer step `step`, once (`mark` remembers it): SIGKILL each live Ray
+    actor whose class name holds `actor` (found through Ray's state API), or the process whose pid
+    the test wrote to `pid_file` (the driver). The run goes on (an actor) or ends (the driver)."""
+
+    def __init__(self, step: int, mark: str, actor: str | None = None, pid_file: str | None = None):
+        self.step, self.mark, self.actor, self.pid_file = step, mark, actor, pid_file
+
+    def on_start(self, info) -> None:
+        self.rank = info.rank
+
+    def on_step_end(self, step: int) -> None:
+        if step != self.step or self.rank != 0 or os.path.exists(self.mark):
+            return
+        open(self.mark, "w").close()
+        if self.pid_file is not None:
+            with open(self.pid_file) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+            time.sleep(600)  # torn down with the driver
+        from ray.util.state import list_actors
+
+        live = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        pids = [a.pid for a in live if self.actor in (a.class_name or "")]
+        assert pids, f"no live {self.actor} actor to kill"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)

@@ -137,26 +137,34 @@ def _needs_elsewhere(job: str) -> list[str]:
     return need
 
 
-def _stand_in_teacher(job: str, tmp_path) -> list[str]:
-    """Overrides for a teacher's weights that another shipped job writes (the quickstart's teacher,
-    trained by jobs/quickstart_teacher.yaml): when they are not there yet, an untrained model of
-    the same architecture stands in, as the weights file the first command makes."""
+def _stand_in_weights(job: str, tmp_path) -> list[str]:
+    """Overrides for weights that another shipped job writes (the quickstart's teacher, trained by
+    jobs/quickstart_teacher.yaml; the LM quickstart's student, which jobs/lm_onpolicy.yaml starts
+    from): when they are not there yet, an untrained model of the same architecture stands in, as
+    the weights file the first command makes."""
+    import torch
+
     from kd_ray.checks import load_job
     from kd_ray.models import weights
-    from kd_ray.models.registry import build_model
     from kd_ray.spec import load_yaml, parse
+    from kd_ray.tasks.build import task_for
 
     with open(job, encoding="utf-8") as f:
         spec = parse(load_yaml(f.read()), os.path.dirname(job))
-    if spec.teacher is None or not spec.teacher.weights or _exists(spec.teacher.weights):
-        return []
-    for other in sorted(glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))):
-        maker = load_job(other) if other != job and _writes(other, spec.teacher.weights) else None
-        if maker is not None:
-            path = tmp_path / "teacher.safetensors"
-            weights.save(build_model(maker.student.model, maker.student.kwargs).state_dict(), str(path))
-            return [f"teacher.weights={path}"]
-    return []
+    overrides = []
+    for name in ("teacher", "student"):
+        section = getattr(spec, name)
+        if section is None or not section.weights or _exists(section.weights):
+            continue
+        for other in sorted(glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))):
+            maker = load_job(other) if other != job and _writes(other, section.weights) else None
+            if maker is not None:
+                path = tmp_path / f"{name}.safetensors"
+                model = task_for(maker).build_student(torch.device("cpu"))
+                weights.save(getattr(model, "lm", model).state_dict(), str(path))  # a language model's export is its lm alone
+                overrides.append(f"{name}.weights={path}")
+                break
+    return overrides
 
 
 def _exists(path: str) -> bool:
@@ -166,12 +174,14 @@ def _exists(path: str) -> bool:
 
 
 def _writes(job: str, weights_path: str) -> bool:
-    """Whether a job's run exports its student to `weights_path`."""
+    """Whether a job's run exports its student to `weights_path` (a classifier's weights file, or
+    a language model's Hugging Face directory's)."""
     from kd_ray.spec import load_yaml, parse
 
     with open(job, encoding="utf-8") as f:
         spec = parse(load_yaml(f.read()), os.path.dirname(job))
-    return os.path.normpath(os.path.join(spec.run_dir, "student.safetensors")) == os.path.normpath(weights_path)
+    exports = ("student.safetensors", os.path.join("student", "model.safetensors"))
+    return any(os.path.normpath(os.path.join(spec.run_dir, e)) == os.path.normpath(weights_path) for e in exports)
 
 
 @pytest.mark.parametrize("name", named_jobs())
@@ -188,7 +198,7 @@ def test_named_job_exists_and_validates(name, tmp_path):
     if need:
         pytest.skip(f"jobs/{name} cannot be validated here: it needs " + "; ".join(need)
                     + " (tests/test_jobs.py validates it with local stand-ins)")
-    overrides = _stand_in_teacher(job, tmp_path)
+    overrides = _stand_in_weights(job, tmp_path)
     try:
         load_job(job, overrides)
     except UserError as e:

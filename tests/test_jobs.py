@@ -77,6 +77,22 @@ def test_lm_quickstart_job_is_valid():
     assert num_parameters(student) < 135_000_000 / 10
 
 
+def test_lm_onpolicy_starts_from_the_lm_quickstarts_student():
+    """jobs/lm_onpolicy.yaml continues the student jobs/lm_quickstart.yaml exports, on its chapters,
+    with its teacher (read through the schema: the export exists only once that run has run)."""
+    from kd_ray.spec import load_yaml, parse
+
+    def spec_of(name):
+        with open(job(name)) as f:
+            return parse(load_yaml(f.read()), os.path.dirname(job(name)))
+
+    onpolicy, quickstart = spec_of("lm_onpolicy.yaml"), spec_of("lm_quickstart.yaml")
+    assert onpolicy.student.weights == os.path.join(quickstart.run_dir, "student", "model.safetensors")
+    assert (onpolicy.student.model, onpolicy.student.kwargs) == (quickstart.student.model, quickstart.student.kwargs)
+    assert onpolicy.teacher.model == quickstart.teacher.model and onpolicy.data.source == quickstart.data.source
+    assert onpolicy.data.max_documents == quickstart.data.max_documents and onpolicy.onpolicy.fraction == 1.0
+
+
 def test_lm_quickstart_offline_is_the_online_run_from_a_cache():
     """The offline quickstart trains the online one's run from its cache: every field that makes
     the run (its resume fingerprint) and the cache's identity is the same; only how the teacher's
@@ -90,7 +106,7 @@ def test_lm_quickstart_offline_is_the_online_run_from_a_cache():
     for key in FIXED_ON_RESUME + LM_FIXED_ON_RESUME + ("train.max_steps", "train.micro_batch_size", "train.num_workers"):
         node_a, node_b = a, b
         for part in key.split("."):
-            node_a, node_b = node_a[part], node_b[part]
+            node_a, node_b = (node_a or {}).get(part), (node_b or {}).get(part)  # an absent section (onpolicy): None
         assert node_a == node_b, key
 
 

@@ -20,61 +20,13 @@ import os
 import re
 
 import faults
-import numpy as np
 import pytest
-import torch
-from conftest import in_background, run_here, write_job
+from conftest import SEQ, _tokenizer, in_background, run_here, write_job  # noqa: F401 (_tokenizer: other tests import it from here)
 
 pytestmark = pytest.mark.slow
 
-SEQ, CHAPTERS = 128, 260
-TEACHER_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=256)
 STUDENT_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                      max_position_embeddings=256)
-
-
-def _tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="session")
-def lm_teacher(tmp_path_factory) -> dict:
-    """A tokenizer and a teacher trained on the first chapters (the student's data); the data as
-    JSON lines, one chapter a line."""
-    from kd_ray.data.text import kjv_chapters
-    from kd_ray.data.tokens import make_rows
-    from kd_ray.models.lm import llama
-
-    root = tmp_path_factory.mktemp("lm")
-    chapters = kjv_chapters()[:CHAPTERS]
-    data = root / "kjv.jsonl"
-    data.write_text("".join(json.dumps({"text": c["text"]}) + "\n" for c in chapters))
-    tokenizer = _tokenizer([c["text"] for c in kjv_chapters()[:600]])
-    docs = [np.array(tokenizer(c["text"])["input_ids"] + [tokenizer.eos_token_id]) for c in chapters]
-    rows = make_rows(((d, np.ones(len(d), bool)) for d in docs), SEQ, "pack")
-    tokens, positions, targets = (torch.from_numpy(a).long() for a in (rows.tokens, rows.positions, rows.targets))
-    torch.manual_seed(0)
-    teacher = llama(vocab_size=len(tokenizer), **TEACHER_LLAMA)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    for _ in range(400):
-        pick = torch.randint(0, len(tokens), (16,))
-        logits = teacher(input_ids=tokens[pick], position_ids=positions[pick], use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[pick].flatten(), ignore_index=-100)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return {"root": root, "data": str(data), "teacher": str(root / "teacher"), "train_loss": loss.item()}
 
 
 def lm_job(root, name: str, teacher: str | None, tokenizer: str, data: str, **train) -> dict:

@@ -23,6 +23,10 @@ TOPK_VALUES, TOPK_INDICES, TAIL_LSE = "teacher_topk_values", "teacher_topk_indic
 # A language model's teacher also sends, per token, the log-probability of the real next token
 # (its perplexity on the eval split needs nothing else).
 TARGET_LOGPROB = "teacher_target_logprob"
+# On-policy (kd_ray.rollouts): a row's weights version, the student's weights it was generated from
+# (-1: the data's own row), and per generated token the log-probability (T = 1) of the sampled
+# token under those weights (0 elsewhere): the importance weight of a stale rollout's tokens.
+ROLLOUT, SAMPLE_LOGPROB = "rollout_version", "sample_logprob"
 
 # A cache shard's own columns (kd_ray.cache): a row's place within its unit, and the digest of the
 # row's input as the source gave it (kd_ray.core.hashing.input_digests).

@@ -27,6 +27,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return _hash(step * 65_537 + rank, seed) >> 1
 
 
+# The "step" of a held-out prompt's rollout: every evaluation samples it with the same seed.
+EVAL_ROLLOUT = -1
+
+
+def rollout_seed(seed: int, step: int, prompt_id: int) -> int:
+    """The sampling seed of a prompt's rollout for an optimizer step (kd_ray.rollouts): with the
+    weights version the step generates from, it makes the rollout a pure function of the run."""
+    return _hash(prompt_id, _hash(step, seed)) >> 1
+
+
 def seed_torch(seed: int, device) -> None:
     """Seed the generators a worker draws from: the CPU's and its own GPU's. Not
     torch.manual_seed, which also queues the seed for every accelerator type not yet started

@@ -194,6 +194,17 @@ def move(src: str, dest: str) -> None:
     fs.delete_dir(root)
 
 
+def delete(path: str) -> None:
+    """Remove one file (an object); nothing there is fine."""
+    if not is_remote(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    fs, root = filesystem(path)
+    if exists(path):
+        fs.delete_file(root)
+
+
 def delete_dir(path: str) -> None:
     """Remove a directory and everything under it (a prefix, on object storage); nothing there is fine."""
     if not is_remote(path):

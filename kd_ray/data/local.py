@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class LocalStream:
-    """The training stream of a CPU run with no teacher pool (a cached or colocated teacher, or none) over a
+    """The training stream of a CPU run with no teacher pool in it (a cached or colocated teacher, on-policy, or none) over a
     source held in memory, read by each train worker itself instead of through Ray Data.
 
     Ray Data costs about 0.5 ms of CPU per sample here (a task per chunk, the re-cut into
@@ -60,7 +60,7 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
     """The stream the train workers read themselves, where the run allows it (see LocalStream)."""
     import ray
 
-    if spec.runs_teacher_pool or spec.data.stream == "ray_data" or spec.train.use_gpu:
+    if spec.teacher_in_stream or spec.data.stream == "ray_data" or spec.train.use_gpu:
         return None
     if not data.reader.random_access and spec.train.max_workers > 1:  # files: Ray Data reads each row group once for all
         return None

@@ -51,7 +51,7 @@ def read_tasks(chunks: int, max_actors: float | None) -> "ray.data.TaskPoolStrat
 def _stream(spec: "JobSpec", chunks: int, kwargs: dict) -> "ray.data.Dataset":
     import ray.data
 
-    max_actors = spec.teacher.pool.max_actors if spec.runs_teacher_pool else None
+    max_actors = spec.teacher.pool.max_actors if spec.teacher_in_stream else None
     return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
         read_chunks, batch_size=1, batch_format="numpy", compute=read_tasks(chunks, max_actors), fn_kwargs=kwargs)
 

@@ -63,10 +63,11 @@ def clean_key(key: str) -> str:
     return key.replace("._orig_mod.", ".").replace("_checkpoint_wrapped_module.", "")
 
 
-def mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str | None:
-    """A short description of missing, unexpected and mis-shaped tensors, or None if they fit."""
+def mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple], optional: set[str] = frozenset()) -> str | None:
+    """A short description of missing, unexpected and mis-shaped tensors, or None if they fit.
+    `optional` names may be missing (a tied weight: tied_names)."""
     found = {clean_key(k): v for k, v in found.items()}
-    missing = sorted(set(expected) - set(found))
+    missing = sorted(set(expected) - set(found) - set(optional))
     unexpected = sorted(set(found) - set(expected))
     shapes = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
 
@@ -87,12 +88,20 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {clean_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def tied_names(model: nn.Module) -> set[str]:
+    """State-dict names of tensors tied to another one (a language model's output head and its
+    embedding): Hugging Face's save_pretrained writes such a tensor once, and loading ties them."""
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {clean_key(k) for k in model.state_dict(keep_vars=True) if k not in own}
+
+
 def load_into(model: nn.Module, path: str) -> None:
     state = {clean_key(k): v for k, v in read_state_dict(path).items()}
-    problem = mismatch(model_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    tied = tied_names(model)
+    problem = mismatch(model_shapes(model), {k: tuple(v.shape) for k, v in state.items()}, tied)
     if problem:
         raise WeightsError(f"{storage.basename(path)} does not fit the model: {problem}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not (tied - set(state)))
 
 
 def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -125,6 +134,6 @@ def check_weights_file(path: str, field: str, model, model_name: str, fix: str) 
         expected = model_shapes(model)
     except Exception as e:  # a user's file can fail in any way; report it on one line
         raise UserError(field, f"cannot read {path} as weights: {type(e).__name__}: {clip(str(e), SHOWN_CHARS)}") from None
-    problem = mismatch(expected, found)
+    problem = mismatch(expected, found, tied_names(model))
     if problem:
         raise UserError(field, f"{storage.basename(path)} does not fit {model_name}: {problem}")

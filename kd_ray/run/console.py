@@ -37,6 +37,8 @@ class ProgressBoard:
         self.pool_logged: dict[str, tuple[int, float]] = {}
         self.pool_logged_at = self.began = time.time()
         self.pool_done = False
+        self.rollouts: dict[str, tuple] = {}  # on-policy: the rollout actors' running totals
+        self.rollouts_logged: dict[str, tuple] = {}
         self.windows: list[dict] = []  # this attempt's log windows: the pace of its steps
         self.log = MetricsLog(run_dir) if run_dir else None
 
@@ -66,6 +68,9 @@ class ProgressBoard:
                 window.update(telemetry.pool_finished(self.pool))
             event["teacher_pool"] = window
             self.pool_logged, self.pool_logged_at = dict(self.pool), now
+        if self.rollouts:
+            event["rollouts"] = telemetry.rollout_window(self.rollouts_logged, self.rollouts, event["window_seconds"])
+            self.rollouts_logged = dict(self.rollouts)
         return event
 
     # Teacher actors' running totals (kd_ray.teacher.TeacherPredictor), a few times a minute and
@@ -75,6 +80,10 @@ class ProgressBoard:
             self.pool_logged_at = time.time()
         self.pool[actor] = (rows, busy)
         self.pool_done = self.pool_done or done
+
+    # Rollout actors' running totals (kd_ray.rollouts.actor.RolloutActor), a few times a minute.
+    def rollout_report(self, actor: str, prompts: int, tokens: int, busy: float, waited: float, staleness: float) -> None:
+        self.rollouts[actor] = (prompts, tokens, busy, waited, staleness)
 
     def since(self, index: int) -> list[dict]:
         return self.events[index:]
@@ -124,7 +133,14 @@ def _train_line(e: dict) -> str:
     return (f"epoch {e['epoch']:.2f} step {e['step']}/{e['total_steps']}  loss {fmt(e['loss'])}  "
             f"kd {fmt(e['kd_loss'])}  ce {fmt(e['ce_loss'])}{ppl}  lr {e['lr']:.2e}  grad {e['grad_norm']:.3f}  "
             f"{e['samples_per_second']:.0f} {e.get('unit', 'samples')}/s  step {_ms(e)}  data wait {e['data_wait_seconds']:.2f}s"
-            + (f"  {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else "") + _clock(e))
+            + (f"  {_pool(e['teacher_pool'])}" if e.get("teacher_pool") else "")
+            + (f"  {_rollouts(e['rollouts'])}" if (e.get("rollouts") or {}).get("actors") else "") + _clock(e))
+
+
+def _rollouts(r: dict) -> str:
+    stale = f" staleness {r['staleness']:.2f}" if r.get("staleness") is not None else ""
+    return (f"rollouts: {r['tokens_per_second']:,.0f} tok/s busy {100 * r['busy_fraction']:.0f}% "
+            f"waiting for weights {100 * r['wait_fraction']:.0f}%{stale}")
 
 
 _LINES: dict[str, Callable[[dict], str | None]] = {
@@ -139,7 +155,9 @@ _LINES: dict[str, Callable[[dict], str | None]] = {
     "teacher": lambda e: f"teacher on the eval split: {e['line']}" if "line" in e else None,
     "eval": lambda e: (f"eval  after epoch {e['epoch']} (step {e['step']}): student "
                        + (f"ppl {e['eval_perplexity']:.3f} " if "eval_perplexity" in e else "")
-                       + f"acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"),
+                       + f"acc {e['eval_accuracy']:.4f} loss {e['eval_loss']:.4f}"
+                       + (f"; on its own samples: reverse KL {e['eval_reverse_kl']:.4f} (sampled {e['eval_sampled_kl']:.4f}), "
+                          f"teacher NLL {e['eval_teacher_nll']:.4f}" if "eval_reverse_kl" in e else "")),
 }
 
 
@@ -216,6 +234,19 @@ def _scores(summary: dict) -> list[tuple[str, str]]:
     return rows + [(f"teacher {name}", fmt(teacher.get(name), spec or ".4f")) for name, spec, of_teacher in shown if of_teacher]
 
 
+def _rollout_summary(r: dict) -> str:
+    return (f"{r['tokens']:,} tokens, {fmt(r['tokens_per_second'], ',.0f')} tok/s, busy {100 * (r['busy_fraction'] or 0):.0f}%, "
+            f"waiting for weights {100 * (r['wait_fraction'] or 0):.0f}%, staleness {fmt(r['staleness_mean'], '.2f')} steps")
+
+
+def _own_samples(student: dict) -> list[tuple[str, str]]:
+    """On-policy: the student's last evaluation on its own samples of held-out prompts."""
+    if student.get("reverse_kl") is None:
+        return []
+    return [("student's own samples", f"reverse KL {student['reverse_kl']:.4f} (sampled {student['sampled_kl']:.4f}), "
+             f"teacher NLL {student['teacher_nll']:.4f} per token")]
+
+
 def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
     t = summary.get("telemetry") or {}
     rows = [
@@ -232,6 +263,8 @@ def print_summary(summary: dict, echo: Callable[[str], None] = print) -> None:
         ("student step", f"{1000 * t['student_step_seconds']:.1f} ms" if t.get("student_step_seconds") else "-"),
         ("data wait", f"{100 * t.get('data_wait_fraction', 0):.0f}% of train time"),
         ("teacher pool", _pool_summary(t.get("teacher_pool"))),
+        *([("rollouts", _rollout_summary(t["rollouts"]))] if t.get("rollouts") else []),
+        *_own_samples(summary["student"]),
         ("bottleneck", f"{t.get('bottleneck', '-')}: {t.get('advice', '')}"),
         ("student weights", summary["student_weights"]),
     ]

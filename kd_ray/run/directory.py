@@ -24,7 +24,7 @@ from kd_ray.spec import JobSpec, changed_fields
 from kd_ray.train import checkpoint
 
 SUMMARY = "summary.json"
-STUDENT_FIGURES = ("eval_accuracy", "eval_loss", "eval_perplexity")
+STUDENT_FIGURES = ("eval_accuracy", "eval_loss", "eval_perplexity", "eval_reverse_kl", "eval_sampled_kl", "eval_teacher_nll")
 RESUMING = "resuming from its latest checkpoint"
 MOVE_ASIDE = "move the previous run aside"
 

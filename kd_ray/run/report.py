@@ -84,11 +84,17 @@ class Run:
         trains = [r for r in self.records if r["kind"] == "train"]
         self.unit = trains[-1].get("unit", "samples")
         self.lm = any("eval_perplexity" in r for r in self.records)
+        self.onpolicy = any("eval_reverse_kl" in r for r in self.records)
         self.teacher = next((r for r in reversed(self.records) if r["kind"] == "teacher"), None)
         self.pool = any(r.get("teacher_pool") for r in trains)
 
 
 def _eval_panel(ax, run: Run, color, label: str) -> None:
+    if run.onpolicy:  # what on-policy distillation lowers: the student's divergence on its own samples
+        ax.plot(*series(run.records, "eval", "eval_reverse_kl"), "o-", color=color, label=f"{label}reverse KL")
+        ax.plot(*series(run.records, "eval", "eval_sampled_kl"), "s--", color=color, label=f"{label}reverse KL (sampled)")
+        ax.set_ylabel("KL(student || teacher) per token on its own samples of held-out prompts (lower is better)")
+        return
     key, name = ("eval_perplexity", "perplexity") if run.lm else ("eval_accuracy", "accuracy")
     ax.plot(*series(run.records, "eval", key), "o-", color=color, label=f"{label}student")
     teacher = run.teacher and run.teacher.get(name)

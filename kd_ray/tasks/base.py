@@ -80,7 +80,8 @@ class Task(Protocol):
 
     def teacher_eval_sums(self, batches: Iterable[dict], device: "torch.device") -> "torch.Tensor": ...
 
-    def figures(self, loss: float, correct: float, count: float) -> dict: ...
+    def figures(self, sums: list[float]) -> dict:
+        """An evaluation's figures from eval_sums, all-reduced over the group."""
 
     def teacher_figures(self, sums: list[float]) -> dict: ...
 

@@ -20,12 +20,13 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd_ray.core import storage
 from kd_ray.core.columns import (
     DOCS,
+    ROLLOUT,
+    SAMPLE_LOGPROB,
     TAIL_LSE,
     TARGET_LOGPROB,
     TARGETS,
@@ -37,8 +38,17 @@ from kd_ray.core.columns import (
 from kd_ray.core.errors import UserError
 from kd_ray.data.token_shards import prepare, token_readers
 from kd_ray.data.tokens import PAD_MULTIPLE
-from kd_ray.losses import TokenTerms, TopK, bytes_per_token, token_loss, topk_parts
+from kd_ray.losses import (
+    Sampled,
+    TokenTerms,
+    TopK,
+    bytes_per_token,
+    take,
+    token_loss,
+    topk_parts,
+)
 from kd_ray.models import lm as lms
+from kd_ray.models.decoder import decoder_and_head, sliced_head
 from kd_ray.models.precision import autocast
 from kd_ray.models.weights import STUDENT_DIR, load_into
 from kd_ray.spec import JobSpec
@@ -52,23 +62,6 @@ def _tokenizer(name: str, job_dir: str, teacher: str | None):
     return lms.load_tokenizer(name, job_dir, teacher)
 
 
-def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """A Hugging Face-style causal LM's decoder (-> last hidden states) and its output head."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    return decoder, lm.get_output_embeddings()
-
-
-def sliced_head(head: nn.Module, vocab: int, precision: str, device: torch.device):
-    """hidden -> logits over the real vocabulary, in the job's autocast (the loss turns it off)."""
-    bias = None if getattr(head, "bias", None) is None else head.bias[:vocab]
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, device):
-            return F.linear(hidden, head.weight[:vocab], bias)
-
-    return logits
-
-
 class StudentLM(nn.Module):
     """The student with its loss: forward returns a micro-batch's loss terms, so that FSDP2 keeps
     the embeddings and the head gathered through the loss (and its recomputation in backward)."""
@@ -77,17 +70,16 @@ class StudentLM(nn.Module):
         super().__init__()
         self.lm, self.vocab = lm, vocab
 
-    def forward(self, tokens, positions, targets, teacher: TopK | None, *, precision: str, temperature: float, alpha: float,
-                divergence: str, beta: float, denominator, chunk_tokens: int) -> TokenTerms:
+    def forward(self, tokens, positions, targets, teacher: TopK | Sampled | None, *, precision: str, temperature: float,
+                alpha: float, divergence: str, beta: float, denominator, chunk_tokens: int, own=None) -> TokenTerms:
+        """`own` (rows, tokens): the tokens the student generated itself (on-policy), or None."""
         decoder, head = decoder_and_head(self.lm)
         with autocast(precision, tokens.device):  # the decoder in the job's precision; the loss turns it off (fp32)
             hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
         keep = targets >= 0
-        if teacher is not None:
-            teacher = TopK(teacher.values[keep], teacher.indices[keep], teacher.tail_lse[keep], teacher.temperatures)
-        return token_loss(hidden[keep], sliced_head(head, self.vocab, precision, tokens.device), targets[keep], teacher,
+        return token_loss(hidden[keep], sliced_head(head, self.vocab, precision, tokens.device), targets[keep], take(teacher, keep),
                           temperature=temperature, alpha=alpha, denominator=denominator, divergence=divergence, beta=beta,
-                          chunk_tokens=chunk_tokens)
+                          chunk_tokens=chunk_tokens, own=None if own is None else own[keep])
 
 
 def trim(batch: dict) -> dict:
@@ -229,16 +221,29 @@ class CausalLM:
     def count(self, batch: dict) -> torch.Tensor:
         return (batch[TARGETS] >= 0).sum().double()
 
-    def _terms(self, model, batch: dict, teacher, denominator, alpha: float) -> TokenTerms:
+    def _terms(self, model, batch: dict, teacher, denominator, alpha: float, divergence: str | None = None) -> TokenTerms:
         d, t = self.spec.distill, self.spec.train
-        if self.spec.data.packing == "pad":
-            batch = trim(batch)
+        # On-policy, a row the student generated (ROLLOUT: the weights version it came from) is
+        # trained on the divergence alone: a cross-entropy would teach the student its own samples.
+        own = (batch[ROLLOUT] >= 0)[:, None].expand_as(batch[TARGETS]) if ROLLOUT in batch else None
         return model(batch[TOKENS].long(), batch[TOKEN_POS].long(), batch[TARGETS].long(), teacher, precision=t.precision,
-                     temperature=d.temperature, alpha=alpha, divergence=d.divergence, beta=d.beta, denominator=denominator,
-                     chunk_tokens=d.chunk_tokens)
+                     temperature=d.temperature, alpha=alpha, divergence=divergence or d.divergence, beta=d.beta,
+                     denominator=denominator, chunk_tokens=d.chunk_tokens, own=own)
+
+    def signal(self, batch: dict) -> TopK | Sampled | None:
+        """What the student distills from: the teacher's top-k (kd_ray.teacher_signal), or, for the
+        sampled-token loss, the teacher's and the sampler's log-probabilities of each sampled token."""
+        if self.spec.distill.loss == "sampled_token":
+            return Sampled(batch[TARGET_LOGPROB], batch[SAMPLE_LOGPROB])
+        return teacher_output(batch, self.spec.distill.temperature)
+
+    def trimmed(self, batch: dict) -> dict:
+        """Padded rows cut to the micro-batch's longest (with the teacher's signal, which is per token too)."""
+        return trim(batch) if self.spec.data.packing == "pad" else batch
 
     def micro_step(self, model, batch: dict, denominator, device: torch.device, scaler) -> TokenTerms:
-        teacher = teacher_output(batch, self.spec.distill.temperature)
+        batch = self.trimmed(batch)
+        teacher = self.signal(batch)
         alpha = self.spec.distill.alpha if teacher is not None else 0.0
         terms = self._terms(model, batch, teacher, denominator, alpha)
         (scaler.scale(terms.loss) if scaler else terms.loss).backward()
@@ -246,22 +251,39 @@ class CausalLM:
 
     @torch.no_grad()
     def eval_sums(self, model, batches, device: torch.device) -> torch.Tensor:
-        """[cross-entropy sum, top-1 correct, tokens] of the student over some batches."""
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        """[cross-entropy sum, top-1 correct, tokens] of the student over the data's rows, then, over
+        the rows it generated itself (on-policy evaluation: kd_ray.rollouts), [reverse KL over the
+        teacher's k+1 buckets, the teacher's NLL of the sampled tokens, the sampled-token estimate
+        of the reverse KL (log p_student - log p_teacher), generated tokens]."""
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
         model.eval()
         try:
             for batch in batches:
-                terms = self._terms(model, batch, None, 1.0, 0.0)
-                sums += torch.stack([terms.ce_sum.double(), terms.correct.double(), self.count(batch).to(device)])
+                own = batch[ROLLOUT] >= 0 if ROLLOUT in batch else torch.zeros(len(batch[TARGETS]), dtype=torch.bool)
+                data = {k: v[~own] for k, v in batch.items()}
+                if len(data[TARGETS]):
+                    terms = self._terms(model, self.trimmed(data), None, 1.0, 0.0)
+                    sums[:3] += torch.stack([terms.ce_sum.double(), terms.correct.double(), self.count(data).to(device)])
+                if bool(own.any()):
+                    sums[3:] += self._rollout_sums(model, self.trimmed({k: v[own] for k, v in batch.items()}), device)
         finally:
             model.train()
         return sums
+
+    def _rollout_sums(self, model, batch: dict, device: torch.device) -> torch.Tensor:
+        """The student's own samples, as the teacher scored them (at distill.temperature): see eval_sums."""
+        terms = self._terms(model, batch, teacher_output(batch, self.spec.distill.temperature), 1.0, 1.0, divergence="reverse")
+        teacher_logprob = batch[TARGET_LOGPROB][batch[TARGETS] >= 0].double().sum()
+        return torch.stack([terms.kd_sum.double(), -teacher_logprob, -terms.ce_sum.double() - teacher_logprob,
+                            self.count(batch).to(device)])
 
     def teacher_eval_sums(self, batches, device: torch.device) -> torch.Tensor:
         """[cross-entropy sum, top-1 correct, tokens, top-k mass sum] of the teacher, from what it sent."""
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         for b in batches:
             keep = b[TARGETS] >= 0
+            if ROLLOUT in b:  # the data's own rows: the student's rollouts say nothing of the teacher
+                keep &= (b[ROLLOUT] < 0)[:, None]
             values = b[TOPK_VALUES][keep].float()
             sums += torch.stack([-b[TARGET_LOGPROB][keep].double().sum(),
                                  (b[TOPK_INDICES][keep][:, 0].long() == b[TARGETS][keep].long()).sum().double(),
@@ -278,10 +300,15 @@ class CausalLM:
         return (f"ppl {scores['perplexity']:.3f} acc {scores['accuracy']:.4f} loss {fmt_score(scores['loss'])} "
                 f"top-{self.spec.distill.top_k} mass {scores['topk_mass']:.4f}")
 
-    def figures(self, loss: float, correct: float, count: float) -> dict:
+    def figures(self, sums: list[float]) -> dict:
+        loss, correct, count, reverse_kl, teacher_nll, sampled_kl, generated = sums
         mean = loss / max(count, 1)
-        return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_accuracy": correct / max(count, 1),
-                "eval_tokens": int(count)}
+        out = {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_accuracy": correct / max(count, 1),
+               "eval_tokens": int(count)}
+        if generated:  # on-policy: the student's own samples of held-out prompts, as the teacher scores them
+            out.update(eval_reverse_kl=reverse_kl / generated, eval_teacher_nll=teacher_nll / generated,
+                       eval_sampled_kl=sampled_kl / generated, eval_generated_tokens=int(generated))
+        return out
 
     def run_figures(self, trains: list[dict]) -> dict:
         """The run's loss tokens per second (steady windows) and what the teacher sends per token."""

@@ -22,6 +22,7 @@ CLASSIFIER_DATA_FIELDS = ("features", "labels", "shape", "num_classes", "preproc
 def check_lm(spec: JobSpec) -> None:
     d = spec.data
     _check_columns(spec)
+    check_onpolicy(spec)
     _check_source(d.source, spec, "data.source")
     if d.eval_source:
         _check_source(d.eval_source, spec, "data.eval_source")
@@ -100,3 +101,42 @@ def check_token_cache(spec: JobSpec) -> None:
                         "distill.top_k log-probabilities per token; remove teacher.cache.k and set distill.top_k")
     check_cache_path(cache.path)
     check_cache_temperatures(spec)
+
+
+def check_onpolicy(spec: JobSpec) -> None:
+    """An on-policy job's settings (kd_ray.rollouts), before anything is read."""
+    o, d, loss = spec.onpolicy, spec.data, spec.distill.loss
+    if o is None:
+        if loss == "sampled_token":
+            raise UserError("distill.loss", "sampled_token scores the student's own samples; add an onpolicy section, or use "
+                            "forward_kl, reverse_kl or jsd")
+        return
+    if spec.teacher is None:
+        raise UserError("onpolicy", "the teacher scores the student's generated tokens; add a teacher section, or remove onpolicy")
+    if spec.teacher.cached:
+        raise UserError("teacher.mode", "a cache holds the teacher's outputs for the data's tokens, not for the student's samples; "
+                        "use teacher.mode: online for on-policy (a cached run can distill the student off-policy first)")
+    if d.packing != "pad":
+        raise UserError("data.packing", "on-policy, a row is one prompt and its rollout; use data.packing: pad")
+    prompts = d.prompt is not None or d.messages is not None
+    if prompts and o.prompt_tokens is not None:
+        raise UserError("onpolicy.prompt_tokens", "the data's prompts are the tokens before each response; remove "
+                        "onpolicy.prompt_tokens (it cuts prompts from data.text or data.tokens)")
+    if not prompts and o.prompt_tokens is None:
+        raise UserError("onpolicy.prompt_tokens", "data.text and data.tokens have no prompts; set onpolicy.prompt_tokens: N (a row's "
+                        "first N tokens are its prompt), or give data.prompt + data.response or data.messages")
+    if o.max_new_tokens >= d.max_seq_len:
+        raise UserError("onpolicy.max_new_tokens", f"{o.max_new_tokens} leaves no room for a prompt in data.max_seq_len "
+                        f"({d.max_seq_len}); use at most {d.max_seq_len - 1}, or raise data.max_seq_len")
+    if o.prompt_tokens is not None and o.prompt_tokens >= d.max_seq_len:
+        raise UserError("onpolicy.prompt_tokens", f"{o.prompt_tokens} leaves no room to generate in data.max_seq_len ({d.max_seq_len}); "
+                        f"use at most {d.max_seq_len - 1}")
+    if o.sync_every > o.max_staleness + 1:
+        raise UserError("onpolicy.sync_every", f"weights published every {o.sync_every} steps would be up to {o.sync_every - 1} steps "
+                        f"old, more than onpolicy.max_staleness ({o.max_staleness}); use sync_every <= max_staleness + 1")
+    if loss == "sampled_token" and o.fraction < 1:
+        raise UserError("distill.loss", "sampled_token scores the student's own samples only, and onpolicy.fraction "
+                        f"({o.fraction}) leaves some rows to the data's responses; set onpolicy.fraction: 1, or use reverse_kl or jsd")
+    if loss == "sampled_token" and spec.distill.temperature != 1.0:
+        raise UserError("distill.temperature", "sampled_token compares the student's and the teacher's log-probabilities at T = 1; "
+                        "set distill.temperature: 1.0 (onpolicy.temperature sets the sampling temperature)")

@@ -178,8 +178,9 @@ class Classify:
     def teacher_line(self, scores: dict) -> str:
         return f"acc {scores['accuracy']:.4f} loss {fmt_score(scores['loss'])}"
 
-    def figures(self, loss: float, correct: float, count: float) -> dict:
+    def figures(self, sums: list[float]) -> dict:
         """An evaluation's figures from its sums (kd_ray.train.step.score_sums)."""
+        loss, correct, count = sums
         return {"eval_loss": loss / max(count, 1), "eval_accuracy": correct / max(count, 1), "eval_samples": int(count)}
 
     def run_figures(self, trains: list[dict]) -> dict:

@@ -30,6 +30,8 @@ def check_classifier(spec: JobSpec) -> None:
         if isinstance(getattr(spec.data, field), list):
             raise UserError(f"data.{field}", "a list of files is read by task: causal_lm; for a classifier give one parquet file, a "
                             "directory of them, or a .npy/.npz file")
+    if spec.onpolicy is not None:
+        raise UserError("onpolicy", "on-policy distillation is for task: causal_lm (the student generates text); remove it")
     if spec.distill.divergence != "forward":
         raise UserError("distill.loss", f"{spec.distill.loss} is for task: causal_lm; a classifier distills with hinton (forward KL)")
     for name in ("top_k", "chunk_tokens"):  # per-token fields: a classifier's teacher sends a row per sample

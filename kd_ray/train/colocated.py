@@ -38,7 +38,7 @@ TEACHER_SHARE = 0.5
 class SignalInBatches:
     """The teacher's signal already travels in the batches (a pool, a cache), or there is none."""
 
-    def signal(self, batches: Iterator[dict], meter: Meter) -> Iterator[dict]:
+    def signal(self, batches: Iterator[dict], meter: Meter | None = None) -> Iterator[dict]:
         return iter(batches)
 
     def scores(self, batches, task, device: torch.device) -> None:

@@ -37,6 +37,7 @@ from kd_ray.train import checkpoint
 from kd_ray.train.batches import rank_batches
 from kd_ray.train.colocated import teacher_in_trainer
 from kd_ray.train.meter import Meter, Timer
+from kd_ray.train.onpolicy import NoRollouts, rollouts_in_trainer
 from kd_ray.train.optim import make_optimizer, make_scheduler
 from kd_ray.train.parallel import all_reduce_sum, grad_sync, sync_buffers, wrap
 from kd_ray.train.profile import StepProfiler
@@ -50,7 +51,7 @@ FIRST_STEP = "first_step"
 
 def train_loop_per_worker(config: dict) -> None:
     """config: spec (JobSpec), task (its kd_ray.tasks object), board (console), control (cursor, stop), train_rows, fingerprint,
-    local_stream (a LocalStream, or None for the Ray Data stream)."""
+    local_stream (a LocalStream, or None for the Ray Data stream), eval_rows, rollouts (on-policy: kd_ray.rollouts.actor.RolloutActors)."""
     try:
         Trainer(config).run()
     except Exception as e:
@@ -102,6 +103,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, t.schedule.model_dump(), self.plan.total_steps)
         self.scaler = grad_scaler(t.precision, self.device)
         self.teacher = teacher_in_trainer(self.spec, self.task, self.device)
+        onpolicy = rollouts_in_trainer(self.spec, self.device, self.config.get("rollouts"), self.control, self.rank, self.model,
+                                       self.plan.accumulation, self.config.get("eval_rows", 0), self.teacher)
+        # On-policy, the rollout and teacher actors are the teacher's signal, and the weights they generate from are published.
+        self.teacher, self.rollouts = (onpolicy, onpolicy) if onpolicy else (self.teacher, NoRollouts())
 
     def restore(self) -> bool:
         """Load the newest whole checkpoint, if any; set the data cursor. Returns whether it resumed."""
@@ -143,6 +148,7 @@ class Trainer:
     def run(self) -> None:
         self.set_up()
         self.announce(self.restore())
+        self.rollouts.start(self.step)  # on-policy: the weights the first steps generate from, before the stream starts
         t = self.spec.train
         per_block = batch_plan.micro_batches_per_block(t.global_batch_size, t.micro_batch_size, *t.worker_range)
         batches = rank_batches(self.config.get("local_stream"), self.position, self.rank, self.world, self.plan.micro_batch,
@@ -204,6 +210,7 @@ class Trainer:
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.spec.train.grad_clip)
         self.step += 1
         self.samples += self.plan.global_batch
+        self.rollouts.after_step(self.step)
         if self.step == self.resumed_step + 1:
             self.say(FIRST_STEP, step=self.step)
         self.callbacks.on_step_end(self.step)
@@ -255,7 +262,9 @@ class Trainer:
 
     def evaluate(self) -> None:
         sync_buffers(self.model, self.spec.train.strategy)
-        self.last_eval = evaluate(self.model, self.task, self.spec, self.device)
+        self.rollouts.before_eval(self.step)
+        # On-policy, also the student's rollouts of held-out prompts, as the teacher scores them.
+        self.last_eval = evaluate(self.model, self.task, self.spec, self.device, self.teacher.evaluation if self.spec.onpolicy else None)
         self.say("eval", epoch=self.plan.epochs_done(self.step), step=self.step, **self.last_eval)
 
     # ---------------------------------------------------------------------------- checkpoint, poll
@@ -276,6 +285,7 @@ class Trainer:
                                      export=self.task.export if final else None)
             ray.train.report({**metrics, "step": self.step, "final": final},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if wrote else None)
+        self.rollouts.saved(self.step)
         self.timer.reset()
 
     def poll(self) -> bool:
@@ -319,8 +329,10 @@ class Trainer:
                                             "resumed_samples": self.resumed_samples}))
 
 
-def evaluate(model: torch.nn.Module, task, spec: JobSpec, device: torch.device) -> dict:
+def evaluate(model: torch.nn.Module, task, spec: JobSpec, device: torch.device, rolled=None) -> dict:
+    """The student's scores on the eval split (on-policy, `rolled` adds its rollouts of held-out prompts)."""
     shard = ray.train.get_dataset_shard("eval")
     batches = shard.iter_torch_batches(batch_size=spec.eval.batch_size, device=device)
-    loss, correct, count = all_reduce_sum(task.eval_sums(model, batches, device)).tolist()
-    return task.figures(loss, correct, count)
+    if rolled is not None:
+        batches = rolled(batches)
+    return task.figures(all_reduce_sum(task.eval_sums(model, batches, device)).tolist())
