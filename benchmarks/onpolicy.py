@@ -8,7 +8,7 @@ Needs the quickstart's off-policy student first (`kd-ray run jobs/lm_quickstart.
 
 1. Overlap: the quickstart at onpolicy.max_staleness 0 (generation and training alternate) and
    1 (the next step's rollouts are generated while this one trains), the same steps: the run's
-   wall time from its first step to its last, rollout tokens/s, training tokens/s, and the share
+   seconds per step past its first log window (train.log_every steps), rollout tokens/s, training tokens/s, and the share
    of the time the trainer waited for its rows and the rollout actors for weights.
 2. What on-policy buys: the quickstart (on-policy, reverse KL) against the same budget continued
    off-policy (onpolicy.fraction 0, forward KL on the rows' own text, as jobs/lm_quickstart.yaml
@@ -39,10 +39,9 @@ def run(name: str, workdir: str, overrides: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.load(open(os.path.join(workdir, name, "summary.json")))
     metrics = [json.loads(line) for line in open(os.path.join(workdir, name, "metrics.jsonl"))]
-    trains = [m for m in metrics if m["kind"] == "train"]
-    first = next(m for m in metrics if m["kind"] == "first_step")
-    steps_seconds = trains[-1]["time"] - first["time"]
-    return {"summary": summary, "steps_seconds": steps_seconds, "steps": summary["steps"] - first["step"]}
+    steady = [m for m in metrics if m["kind"] == "train" and not m.get("startup")]  # past the first log window
+    return {"summary": summary, "steps_seconds": sum(m["window_seconds"] for m in steady),
+            "steps": sum(m["window_steps"] for m in steady)}
 
 
 def overlap(workdir: str, steps: int) -> dict:
