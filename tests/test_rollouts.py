@@ -187,6 +187,8 @@ def _job(tmp_path, **sections) -> dict:
     (dict(onpolicy={"sync_every": 3, "max_staleness": 1}), "onpolicy.sync_every", "max_staleness + 1"),
     (dict(distill={"loss": "sampled_token"}, onpolicy={"fraction": 0.5}), "distill.loss", "onpolicy.fraction: 1"),
     (dict(distill={"loss": "sampled_token", "temperature": 2.0}), "distill.temperature", "1.0"),
+    (dict(distill={"loss": "sampled_token"}, onpolicy={"temperature": 0.7}), "onpolicy.temperature", "top_p: 1.0"),
+    (dict(distill={"loss": "sampled_token"}, onpolicy={"top_p": 0.9}), "onpolicy.top_p", "temperature: 1.0"),
     (dict(onpolicy=None, distill={"loss": "sampled_token"}), "distill.loss", "add an onpolicy section"),
     (dict(teacher=None, data={"tokenizer": "tok.json"}), "onpolicy", "add a teacher section"),
     (dict(teacher={"mode": "cached", "cache": {"path": "c"}}), "teacher.mode", "teacher.mode: online"),

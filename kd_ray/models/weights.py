@@ -104,10 +104,7 @@ def load_into(model: nn.Module, path: str) -> None:
     model.load_state_dict(state, strict=not (tied - set(state)))
 
 
-def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a state dict as safetensors, atomically (a reader never sees a half-written file)."""
-    from safetensors.torch import save_file
-
+def _tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tensors, seen = {}, set()
     for k, v in state.items():
         v = v.detach().to("cpu").contiguous()
@@ -116,8 +113,22 @@ def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] 
         shared = v.untyped_storage().data_ptr() in seen and v.numel() > 0
         seen.add(v.untyped_storage().data_ptr())
         tensors[clean_key(k)] = v.clone() if shared else v
+    return tensors
+
+
+def save(state: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically (a reader never sees a half-written file)."""
+    from safetensors.torch import save_file
+
     with storage.replaced(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(_tensors(state), tmp, metadata=metadata)
+
+
+def as_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as the bytes of a safetensors file (to write anywhere: storage.write_bytes)."""
+    from safetensors.torch import save
+
+    return save(_tensors(state))
 
 
 def check_weights_file(path: str, field: str, model, model_name: str, fix: str) -> None:

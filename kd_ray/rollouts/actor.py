@@ -80,7 +80,7 @@ class RolloutWorker:
         self.busy = self.waited = self.staleness = 0.0
         self.reported = float("-inf")
 
-    def training(self, rows: dict, step: int, version: tuple[str, int]) -> dict:
+    def training(self, rows: dict, step: int, version: tuple[int, int]) -> dict:
         """A micro-batch of optimizer step `step` with its on-policy share generated from weights
         `version`: (the Trainer's attempt, the version number; see _load)."""
         picked = np.flatnonzero(on_policy_rows(rows[POS], self.spec.train.micro_batch_size, self.o.fraction))
@@ -90,12 +90,12 @@ class RolloutWorker:
         self._report()
         return out
 
-    def evaluation(self, rows: dict, version: tuple[str, int]) -> dict:
+    def evaluation(self, rows: dict, version: tuple[int, int]) -> dict:
         """Held-out rows, every one generated with the seed its prompt has at every evaluation."""
         seeds = [rollout_seed(self.spec.run.seed, EVAL_ROLLOUT, int(i)) for i in rows[ID]]
         return self._with_rollouts(rows, np.arange(len(rows[ID])), seeds, version)
 
-    def _with_rollouts(self, rows: dict, picked: np.ndarray, seeds: list[int], version: tuple[str, int]) -> dict:
+    def _with_rollouts(self, rows: dict, picked: np.ndarray, seeds: list[int], version: tuple[int, int]) -> dict:
         """`rows` marked as the data's, with the rows `picked` replaced by their rollouts."""
         n, length = len(rows[TOKENS]), rows[TOKENS].shape[1]
         out = {**{k: np.array(v) for k, v in rows.items()}, SAMPLE_LOGPROB: np.zeros((n, length), np.float32),
@@ -120,16 +120,23 @@ class RolloutWorker:
             return generate(self.decoder, self.head, prompts, seeds, [min(o.max_new_tokens, r) for r in room], width=self.width,
                             batch=o.pool.batch_size, temperature=o.temperature, top_p=o.top_p, eos=self.eos, device=self.device)
 
-    def _load(self, key: tuple[str, int]) -> None:
-        """The student's weights of version key[1], once published (waited for and counted: the
-        workers send a call once its version is published, so this is rarely a wait). Held
-        under (the Trainer's attempt, version): an attempt that restarts from a checkpoint
-        publishes the versions after it again, from the weights it trains."""
+    def _load(self, key: tuple[int, int]) -> None:
+        """The student's weights of version key[1], once published in the Trainer's attempt key[0]
+        (waited for and counted: a worker sends a call once its version is published, but rank 0
+        may still be writing it). Held under (attempt, version): an attempt that restarts from a
+        checkpoint publishes the versions after it again, from the weights it trains. A call of an
+        attempt that has ended (its caller is gone; Ray does not cancel a running call) raises
+        instead of waiting for a version that will never come, which would hold the actor."""
         if key == self.version:
             return
-        version = key[1]
+        attempt, version = key
         began = self.clock()
-        while ray.get(self.control.policy_version.remote()) < version:
+        while True:
+            current, published = ray.get(self.control.policy_version.remote())
+            if current > attempt:
+                raise RuntimeError(f"a call of the Trainer's attempt {attempt}, which has ended (now {current})")
+            if current == attempt and published >= version:
+                break
             time.sleep(self.WAIT_S)
         self.waited += self.clock() - began
         path = version_path(self.spec.run_dir, version)

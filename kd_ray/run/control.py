@@ -5,7 +5,8 @@ before anyone reads the stream, and the Ray Data stream's read tasks read it whe
 (kd_ray.data.chunks; workers that read the stream themselves start from their checkpoint's
 position). The stop flag is set by the driver on SIGTERM or Ctrl-C, and the workers poll it
 every `checkpoint.poll_every_steps` steps (by default about once a second): they checkpoint and return.
-On-policy, it also holds the newest version of the student's weights rank 0 has published
+On-policy, it also holds the Trainer's attempt (a number that grows at each start of the worker
+group) and the newest version of the student's weights rank 0 has published in it
 (kd_ray.rollouts): what a rollout actor checks before it reads one.
 """
 
@@ -27,15 +28,20 @@ class RunControl:
     def __init__(self):
         self.position = 0
         self.stop = False
-        self.policy = -1
+        self.attempt, self.policy = 0, -1
 
-    def publish(self, version: int) -> None:
-        """The newest version of the student's weights on storage (kd_ray.rollouts.versions); set
-        back at a restart, where versions past the checkpoint are made again."""
-        self.policy = version
+    def new_attempt(self) -> int:
+        """A start of the worker group (rank 0's): versions are published anew from here."""
+        self.attempt, self.policy = self.attempt + 1, -1
+        return self.attempt
 
-    def policy_version(self) -> int:
-        return self.policy
+    def publish(self, attempt: int, version: int) -> None:
+        """The newest version of the student's weights on storage (kd_ray.rollouts.versions)."""
+        if attempt == self.attempt:
+            self.policy = version
+
+    def policy_version(self) -> tuple[int, int]:
+        return self.attempt, self.policy
 
     def set_cursor(self, position: int) -> None:
         self.position = position

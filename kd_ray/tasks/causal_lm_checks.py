@@ -137,6 +137,10 @@ def check_onpolicy(spec: JobSpec) -> None:
     if loss == "sampled_token" and o.fraction < 1:
         raise UserError("distill.loss", "sampled_token scores the student's own samples only, and onpolicy.fraction "
                         f"({o.fraction}) leaves some rows to the data's responses; set onpolicy.fraction: 1, or use reverse_kl or jsd")
+    if loss == "sampled_token" and (o.temperature != 1.0 or o.top_p < 1.0):
+        field = "onpolicy.temperature" if o.temperature != 1.0 else "onpolicy.top_p"
+        raise UserError(field, "sampled_token weighs each sampled token by its log-probability under the student at T = 1, which "
+                        "is the sampler's only with onpolicy.temperature: 1.0 and top_p: 1.0; set them, or use reverse_kl or jsd")
     if loss == "sampled_token" and spec.distill.temperature != 1.0:
         raise UserError("distill.temperature", "sampled_token compares the student's and the teacher's log-probabilities at T = 1; "
                         "set distill.temperature: 1.0 (onpolicy.temperature sets the sampling temperature)")

@@ -22,7 +22,6 @@ run keeps could resume into a step that generates from it.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import deque
 from typing import Iterator
 
@@ -31,11 +30,13 @@ import ray
 import torch
 from ray.train.collective import broadcast_from_rank_zero
 
+from kd_ray.core import storage
 from kd_ray.core.columns import ID, POS
 from kd_ray.models import weights
 from kd_ray.rollouts.actor import RolloutActors, eval_prompts
 from kd_ray.rollouts.versions import published, remove, version_for, version_path
 from kd_ray.spec import JobSpec
+from kd_ray.train import checkpoint
 from kd_ray.train.colocated import ColocatedTeacher
 from kd_ray.train.meter import Meter
 from kd_ray.train.parallel import unwrap
@@ -66,12 +67,16 @@ class OnPolicy:
     # ---------------------------------------------------------------------------- the weights
 
     def start(self, step: int) -> None:
+        """At each start of the group, before any micro-batch is sent. A version past `step` is
+        made again by this attempt: the actors key the weights they hold by (attempt, version)."""
+        attempt = None
         if self.rank == 0:
+            attempt = ray.get(self.control.new_attempt.remote())
             remove(self.spec.run_dir, [v for v in published(self.spec.run_dir) if v > step])
-        # A version past `step` is made again by this attempt: the actors key the weights they
-        # hold by (attempt, version), not by the version alone.
-        self.attempt = broadcast_from_rank_zero(uuid.uuid4().hex)
-        self.kept, self.last = [step], -1
+        self.attempt = broadcast_from_rank_zero(attempt)
+        # The checkpoints a resume may fall back to (kd_ray.train.checkpoint.pick), this one included.
+        on_disk = [(checkpoint.read_resume(p) or {}).get("step") for p in checkpoint.candidates(self.spec.run_dir)]
+        self.kept, self.last = sorted({step, *(s for s in on_disk if s is not None)}), -1
         self.publish(step)
 
     def after_step(self, step: int) -> None:
@@ -79,7 +84,7 @@ class OnPolicy:
             self.publish(step)
 
     def saved(self, step: int) -> None:
-        self.kept = (self.kept + [step])[-self.spec.checkpoint.keep:]
+        self.kept = sorted({*self.kept, step})[-self.spec.checkpoint.keep:]
 
     def before_eval(self, step: int) -> None:
         self.publish(step)  # an evaluation generates from the weights it evaluates
@@ -96,10 +101,10 @@ class OnPolicy:
             state = get_model_state_dict(unwrap(self.model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             run_dir = self.spec.run_dir
-            weights.save(state, version_path(run_dir, version))
+            storage.write_bytes(version_path(run_dir, version), weights.as_bytes(state))  # a directory or a bucket
             oldest = version_for(min(self.kept), self.o.sync_every, self.o.max_staleness)
             remove(run_dir, [v for v in published(run_dir) if v < oldest])
-            ray.get(self.control.publish.remote(version))
+            ray.get(self.control.publish.remote(self.attempt, version))
         self.last = version
 
     # ---------------------------------------------------------------------------- the signal
@@ -149,15 +154,20 @@ class OnPolicy:
 
     def evaluation(self, batches: Iterator[dict]) -> Iterator[dict]:
         """Held-out batches as they are (the student's perplexity), then the student's rollouts of
-        about onpolicy.eval_prompts of their prompts (fixed seeds), scored by the teacher."""
-        meter, sent = Meter(self.device), []
+        about onpolicy.eval_prompts of their prompts (fixed seeds), scored by the teacher, as one
+        batch: every rank runs the same number of forwards (DDP's buffer broadcast, an FSDP2
+        student's or a sharded teacher's gathers are collectives), so a rank that picked none of
+        its rows sends its first."""
+        picked, first = [], None
         for batch in batches:
             yield batch
-            picked = torch.from_numpy(eval_prompts(batch[ID].cpu().numpy(), self.spec.run.seed, self.eval_share))
-            if bool(picked.any()):
-                sent.append(self._send({k: v[picked.to(v.device)] for k, v in batch.items()}, ("evaluation", (self.attempt, self.last))))
-        for ref in sent:
-            yield self._received(ref, meter)
+            first = first or {k: v[:1] for k, v in batch.items()}
+            keep = torch.from_numpy(eval_prompts(batch[ID].cpu().numpy(), self.spec.run.seed, self.eval_share))
+            if bool(keep.any()):
+                picked.append({k: v[keep.to(v.device)] for k, v in batch.items()})
+        rows = {k: torch.cat([p[k] for p in picked]) for k in picked[0]} if picked else first
+        if rows is not None:
+            yield self._received(self._send(rows, ("evaluation", (self.attempt, self.last))), Meter(self.device))
 
     def scores(self, batches, task, device: torch.device):
         """The teacher's eval sums where this worker runs it (colocated); else the driver's."""
