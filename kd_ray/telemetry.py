@@ -22,11 +22,16 @@ COLOCATE = ("; or, if the teacher fits beside the student, teacher.placement: co
             "with no pool to start or feed (docs/performance.md, \"Where the teacher runs\")")
 
 
+def _worked(before: dict[str, tuple], now: dict[str, tuple]) -> list[tuple]:
+    """Each actor's running totals between two snapshots, for the actors whose first total grew."""
+    delta = [tuple(x - y for x, y in zip(v, before.get(a, (0,) * len(v)))) for a, v in now.items()]
+    return [d for d in delta if d[0] > 0]
+
+
 def pool_window(before: dict[str, tuple[int, float]], now: dict[str, tuple[int, float]], seconds: float) -> dict:
     """The pool between two snapshots of actor -> (rows, busy seconds): actors that did work,
     rows per second, and the fraction of those actors' time spent in the forward."""
-    delta = {a: (rows - before.get(a, (0, 0.0))[0], busy - before.get(a, (0, 0.0))[1]) for a, (rows, busy) in now.items()}
-    active = [d for d in delta.values() if d[0] > 0]
+    active = _worked(before, now)
     rows = sum(r for r, _ in active)
     busy = sum(b for _, b in active)
     return {
@@ -51,8 +56,7 @@ def rollout_window(before: dict[str, tuple], now: dict[str, tuple], seconds: flo
     seconds, seconds waiting for weights, staleness summed over prompts): tokens generated per
     second, the share of the actors' time spent generating and waiting for the student's next
     weights, and the mean staleness (steps) of the prompts generated."""
-    delta = {a: tuple(x - y for x, y in zip(v, before.get(a, (0,) * len(v)))) for a, v in now.items()}
-    active = [d for d in delta.values() if d[0] > 0]
+    active = _worked(before, now)
     prompts, tokens, busy, waited, stale = (sum(d[i] for d in active) for i in range(5))
     span = seconds * len(active)
     return {"actors": len(active), "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,

@@ -259,12 +259,12 @@ class CausalLM:
         model.eval()
         try:
             for batch in batches:
-                own = batch[ROLLOUT] >= 0 if ROLLOUT in batch else torch.zeros(len(batch[TARGETS]), dtype=torch.bool)
-                data = {k: v[~own] for k, v in batch.items()}
+                own = batch[ROLLOUT] >= 0 if ROLLOUT in batch else None
+                data = batch if own is None else {k: v[~own] for k, v in batch.items()}  # off-policy: no copy
                 if len(data[TARGETS]):
                     terms = self._terms(model, self.trimmed(data), None, 1.0, 0.0)
                     sums[:3] += torch.stack([terms.ce_sum.double(), terms.correct.double(), self.count(data).to(device)])
-                if bool(own.any()):
+                if own is not None and bool(own.any()):
                     sums[3:] += self._rollout_sums(model, self.trimmed({k: v[own] for k, v in batch.items()}), device)
         finally:
             model.train()

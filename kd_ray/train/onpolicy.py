@@ -62,6 +62,7 @@ class OnPolicy:
         self.eval_share = min(1.0, self.o.eval_prompts / max(eval_rows, 1))
         self.kept: list[int] = []  # steps of the checkpoints a resume may start from, oldest first
         self.last = -1  # the newest version published
+        self.versions: set[int] = set()  # rank 0: the versions on storage
         self.turn = rank  # the actors each call goes to, in turn (ranks start apart)
 
     # ---------------------------------------------------------------------------- the weights
@@ -72,7 +73,9 @@ class OnPolicy:
         attempt = None
         if self.rank == 0:
             attempt = ray.get(self.control.new_attempt.remote())
-            remove(self.spec.run_dir, [v for v in published(self.spec.run_dir) if v > step])
+            on_storage = published(self.spec.run_dir)  # listed once: rank 0 keeps the list from here on
+            remove(self.spec.run_dir, [v for v in on_storage if v > step])
+            self.versions = {v for v in on_storage if v <= step}
         self.attempt = broadcast_from_rank_zero(attempt)
         # The checkpoints a resume may fall back to (kd_ray.train.checkpoint.pick), this one included.
         on_disk = [(checkpoint.read_resume(p) or {}).get("step") for p in checkpoint.candidates(self.spec.run_dir)]
@@ -103,7 +106,9 @@ class OnPolicy:
             run_dir = self.spec.run_dir
             storage.write_bytes(version_path(run_dir, version), weights.as_bytes(state))  # a directory or a bucket
             oldest = version_for(min(self.kept), self.o.sync_every, self.o.max_staleness)
-            remove(run_dir, [v for v in published(run_dir) if v < oldest])
+            gone = sorted(v for v in self.versions if v < oldest)
+            remove(run_dir, gone)
+            self.versions = (self.versions - set(gone)) | {version}
             ray.get(self.control.publish.remote(self.attempt, version))
         self.last = version
 
