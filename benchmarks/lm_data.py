@@ -14,7 +14,8 @@ repeated N times under fresh ids, one JSON line a chapter, in one file. For each
     then a restart under another run name): the time from the command to its first step, and the
     peak RSS of the driver and of every process of its tree (tests of `/proc`, benchmarks/measure.py);
   - the tokenizer's own batch throughput on one core (this process, TOKENIZERS_PARALLELISM off,
-    256 chapters a call), the reference the preparation's per-core rate is held to.
+    256 chapters a call, the batch call the preparation makes: kd_ray.data.text.Encoder.ids), the
+    reference the preparation's per-core rate is held to.
 The largest corpus is also prepared on a cluster of 2 Ray nodes on this machine (ray's
 cluster_utils: two raylets, 2 CPUs each). Figures are extrapolated to 1B and 10B tokens and
 printed as extrapolations.
@@ -98,15 +99,16 @@ def prepared_seconds(out: str) -> float:
 def tokenizer_rate(sample_chapters: int = 1189) -> float:
     """The tokenizer's own batch encoding, one core, tokens per second."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from kd_ray.data.text import kjv_chapters
+    from kd_ray.data.text import Encoder, kjv_chapters
     from kd_ray.models import lm as lms
 
     tok = lms.load_tokenizer("smollm2-135m-instruct", None)
+    encoder = Encoder(tok.backend_tokenizer, tok.eos_token_id)
     texts = [c["text"] for c in kjv_chapters()[:sample_chapters]]
-    tok(texts[:256], add_special_tokens=False)  # warm
+    encoder.ids(texts[:256])  # warm
     started, tokens = time.perf_counter(), 0
     for a in range(0, len(texts), 256):
-        tokens += sum(map(len, tok(texts[a:a + 256], add_special_tokens=False)["input_ids"]))
+        tokens += sum(map(len, encoder.ids(texts[a:a + 256])))
     return tokens / (time.perf_counter() - started)
 
 

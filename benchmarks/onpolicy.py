@@ -4,16 +4,21 @@
     python benchmarks/onpolicy.py                          # staleness 0 and 1, then on- vs off-policy, seeds 0 and 1
     python benchmarks/onpolicy.py --skip compare --steps 40 --json out.json
 
-Needs the quickstart's off-policy student first (`kd-ray run jobs/lm_quickstart.yaml`).
+Needs the quickstart's off-policy student of each seed first: seed 0 is the job's own warm start,
+    kd-ray cache jobs/lm_quickstart_offline.yaml && kd-ray run jobs/lm_quickstart_offline.yaml
+and seed S (its own held-out chapters, so its own capture):
+    kd-ray cache jobs/lm_quickstart_offline.yaml run.seed=S teacher.cache.path=../runs/lm_quickstart_cache_sS
+    kd-ray run jobs/lm_quickstart_offline.yaml run.seed=S teacher.cache.path=../runs/lm_quickstart_cache_sS run.name=lm_quickstart_offline_sS
 
 1. Overlap: the quickstart at onpolicy.max_staleness 0 (generation and training alternate) and
    1 (the next step's rollouts are generated while this one trains), the same steps: the run's
    seconds per step past its first log window (train.log_every steps), rollout tokens/s, training tokens/s, and the share
    of the time the trainer waited for its rows and the rollout actors for weights.
 2. What on-policy buys: the quickstart (on-policy, reverse KL) against the same budget continued
-   off-policy (onpolicy.fraction 0, forward KL on the rows' own text, as jobs/lm_quickstart.yaml
-   distilled it), for each seed: the student's reverse KL to the teacher on its own samples of
-   held-out prompts (over the teacher's top-64 + tail, and its sampled estimate), the teacher's
+   off-policy (onpolicy.fraction 0, forward KL on the rows' own text, as the LM quickstart
+   distilled it), half on-policy (fraction 0.5) and the sampled-token loss, for each seed, each
+   from that seed's quickstart student: the student's reverse KL to the teacher on its own samples
+   of held-out prompts (over the teacher's top-64 + tail, and its sampled estimate), the teacher's
    NLL of those samples, and perplexity on held-out text.
 Runs go one after another (the machine's cores are the measurement); each is `kd-ray run`.
 """
@@ -40,8 +45,9 @@ def run(name: str, workdir: str, overrides: list[str]) -> dict:
     summary = json.load(open(os.path.join(workdir, name, "summary.json")))
     metrics = [json.loads(line) for line in open(os.path.join(workdir, name, "metrics.jsonl"))]
     steady = [m for m in metrics if m["kind"] == "train" and not m.get("startup")]  # past the first log window
+    norms = sorted(m["grad_norm"] for m in metrics if m["kind"] == "train" and m.get("grad_norm") is not None)
     return {"summary": summary, "steps_seconds": sum(m["window_seconds"] for m in steady),
-            "steps": sum(m["window_steps"] for m in steady)}
+            "steps": sum(m["window_steps"] for m in steady), "median_grad_norm": norms[len(norms) // 2] if norms else None}
 
 
 def overlap(workdir: str, steps: int) -> dict:
@@ -57,13 +63,29 @@ def overlap(workdir: str, steps: int) -> dict:
     return out
 
 
-def compare(workdir: str, seeds: list[int], steps: int | None) -> dict:
+MODES = {"on-policy": [], "off-policy": ["onpolicy.fraction=0", "distill.loss=forward_kl"], "half-on-policy": ["onpolicy.fraction=0.5"],
+         "sampled-token": ["distill.loss=sampled_token", "distill.alpha=1.0"]}
+
+
+def warm_start(seed: int) -> list[str]:
+    """The override that starts a run of `seed` from that seed's quickstart student (seed 0: the job's own)."""
+    if seed == 0:
+        return []
+    path = os.path.join(ROOT, "runs", f"lm_quickstart_offline_s{seed}", "student", "model.safetensors")
+    if not os.path.exists(path):
+        raise SystemExit(f"no quickstart student of seed {seed} at {path}: make it first (this script's docstring says how)")
+    return [f"student.weights={path}"]
+
+
+def compare(workdir: str, seeds: list[int], steps: int | None, modes: list[str]) -> dict:
     budget = [f"train.max_steps={steps}"] if steps else []
     out = {}
     for seed in seeds:
-        for mode, extra in (("on-policy", []), ("off-policy", ["onpolicy.fraction=0", "distill.loss=forward_kl"])):
-            s = run(f"{mode}-seed{seed}", workdir, [f"run.seed={seed}", *budget, *extra])["summary"]
-            out[f"{mode} seed {seed}"] = {k: s["student"].get(k) for k in ("reverse_kl", "sampled_kl", "teacher_nll", "perplexity")}
+        for mode in modes:
+            r = run(f"{mode}-seed{seed}", workdir, [f"run.seed={seed}", *warm_start(seed), *budget, *MODES[mode]])
+            s = r["summary"]
+            out[f"{mode} seed {seed}"] = {**{k: s["student"].get(k) for k in ("reverse_kl", "sampled_kl", "teacher_nll", "perplexity")},
+                                          "median_grad_norm": r["median_grad_norm"], "wall_seconds": s["wall_seconds"]}
     return out
 
 
@@ -74,6 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each overlap run")
     ap.add_argument("--compare-steps", type=int, default=None, help="steps of each comparison run (default: the job's)")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"the comparison's runs, of: {', '.join(MODES)}")
     ap.add_argument("--skip", choices=["overlap", "compare"], default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -94,11 +117,12 @@ def main() -> None:
                       f"{100 * r['rollout_busy_fraction']:>13.0f}% {r['staleness_mean']:>10.2f}")
             print(f"max_staleness 1 is {o['speedup']:.2f}x as fast as 0")
         if args.skip != "compare":
-            c = results["compare"] = compare(workdir, [int(s) for s in args.seeds.split(",")], args.compare_steps)
+            c = results["compare"] = compare(workdir, [int(s) for s in args.seeds.split(",")], args.compare_steps, args.modes.split(","))
             print("\nthe student on its own samples of held-out prompts (per token), after the same budget:")
-            print(f"{'run':>20} {'reverse KL':>11} {'sampled KL':>11} {'teacher NLL':>12} {'perplexity':>11}")
+            print(f"{'run':>24} {'reverse KL':>11} {'sampled KL':>11} {'teacher NLL':>12} {'perplexity':>11} {'grad norm':>10} {'wall s':>7}")
             for name, r in c.items():
-                print(f"{name:>20} {r['reverse_kl']:>11.4f} {r['sampled_kl']:>11.4f} {r['teacher_nll']:>12.4f} {r['perplexity']:>11.2f}")
+                print(f"{name:>24} {r['reverse_kl']:>11.4f} {r['sampled_kl']:>11.4f} {r['teacher_nll']:>12.4f} {r['perplexity']:>11.2f} "
+                      f"{r['median_grad_norm']:>10.2f} {r['wall_seconds']:>7.0f}")
     print("\n" + json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

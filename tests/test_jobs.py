@@ -78,19 +78,21 @@ def test_lm_quickstart_job_is_valid():
 
 
 def test_lm_onpolicy_starts_from_the_lm_quickstarts_student():
-    """jobs/lm_onpolicy.yaml continues the student jobs/lm_quickstart.yaml exports, on its chapters,
-    with its teacher (read through the schema: the export exists only once that run has run)."""
+    """jobs/lm_onpolicy.yaml continues the student jobs/lm_quickstart_offline.yaml exports, on its
+    chapters with its held-out split, with its teacher (read through the schema: the export exists
+    only once that run has run)."""
     from kd_ray.spec import load_yaml, parse
 
     def spec_of(name):
         with open(job(name)) as f:
             return parse(load_yaml(f.read()), os.path.dirname(job(name)))
 
-    onpolicy, quickstart = spec_of("lm_onpolicy.yaml"), spec_of("lm_quickstart.yaml")
+    onpolicy, quickstart = spec_of("lm_onpolicy.yaml"), spec_of("lm_quickstart_offline.yaml")
     assert onpolicy.student.weights == os.path.join(quickstart.run_dir, "student", "model.safetensors")
     assert (onpolicy.student.model, onpolicy.student.kwargs) == (quickstart.student.model, quickstart.student.kwargs)
     assert onpolicy.teacher.model == quickstart.teacher.model and onpolicy.data.source == quickstart.data.source
     assert onpolicy.data.max_documents == quickstart.data.max_documents and onpolicy.onpolicy.fraction == 1.0
+    assert (onpolicy.data.eval_split, onpolicy.run.seed) == (quickstart.data.eval_split, quickstart.run.seed)
 
 
 def test_lm_quickstart_offline_is_the_online_run_from_a_cache():
