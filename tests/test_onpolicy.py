@@ -106,7 +106,8 @@ def test_strictly_on_policy_with_a_colocated_teacher_and_the_sampled_token_loss(
     job = op_job(tmp_path, "strict", lm_teacher, teacher={"placement": "colocated"},
                  distill={"loss": "sampled_token", "alpha": 1.0},
                  onpolicy={"fraction": 1.0, "max_staleness": 0, "samples": 0},
-                 train={"max_steps": 6, "num_workers": 1, "micro_batch_size": 4})
+                 train={"max_steps": 6, "num_workers": 1, "micro_batch_size": 4},
+                 checkpoint={"every_steps": 100})  # the final checkpoint only
     proc = run_here(["run", write_job(tmp_path / "strict.yaml", job)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = summary_of(tmp_path, "strict")
@@ -115,3 +116,8 @@ def test_strictly_on_policy_with_a_colocated_teacher_and_the_sampled_token_loss(
     assert student["reverse_kl"] > 0 and student["teacher_nll"] > 0, student
     assert "on its own samples: reverse KL" in proc.stdout
     assert not (tmp_path / "runs" / "strict" / "samples.md").exists()
+    # Versions a resume from the final checkpoint needs, not one per step: a start from step 0 is
+    # no checkpoint and pins none (kd_ray.rollouts.versions.oldest_needed).
+    from kd_ray.rollouts.versions import published
+
+    assert published(str(tmp_path / "runs" / "strict")) == [6]

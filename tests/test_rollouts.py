@@ -28,7 +28,7 @@ from kd_ray.rollouts.sampling import (
     prompt_length,
     rollout_row,
 )
-from kd_ray.rollouts.versions import version_for
+from kd_ray.rollouts.versions import oldest_needed, version_for
 
 
 @pytest.mark.parametrize("sync_every,staleness", [(1, 0), (1, 1), (1, 3), (2, 1), (3, 2), (4, 5)])
@@ -41,6 +41,20 @@ def test_each_step_generates_from_the_oldest_version_within_its_staleness(sync_e
         assert v == 0 or step - (v - sync_every) > staleness
     assert [version_for(s, 1, 0) for s in range(4)] == [0, 1, 2, 3]  # strictly on-policy: alternate
     assert [version_for(s, 1, 1) for s in range(4)] == [0, 0, 1, 2]  # one step ahead
+
+
+@pytest.mark.parametrize("sync_every,staleness", [(1, 0), (1, 1), (2, 1), (2, 3), (4, 3)])
+def test_the_versions_kept_are_those_a_resume_or_the_next_steps_generate_from(sync_every, staleness):
+    """Every version a kept checkpoint's resume or this attempt's next steps generate from is at
+    least oldest_needed; without a checkpoint only the newest few are kept (a 120-step run kept
+    all 121 versions of its student, 6 GB, when its start from step 0 counted as a checkpoint)."""
+    for done in range(40):
+        for checkpoints in ([], [done], [done // 2, done], [3, done] if done >= 3 else []):
+            oldest = oldest_needed(checkpoints, done, sync_every, staleness)
+            for start in [*checkpoints, done]:
+                assert all(version_for(s, sync_every, staleness) >= oldest for s in range(start, start + 50))
+        kept_without_checkpoints = done + 1 - oldest_needed([], done, sync_every, staleness)
+        assert kept_without_checkpoints <= staleness + sync_every
 
 
 def test_a_fixed_share_of_every_micro_batch_is_generated():

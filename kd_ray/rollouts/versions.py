@@ -29,6 +29,14 @@ def version_for(step: int, sync_every: int, max_staleness: int) -> int:
     return -(-oldest // sync_every) * sync_every
 
 
+def oldest_needed(checkpoints: list[int], steps_done: int, sync_every: int, max_staleness: int) -> int:
+    """The oldest version anything may still generate from, after `steps_done` optimizer steps:
+    this attempt's next steps, or a run resumed from a kept checkpoint at step r, whose next steps
+    generate from versions as old as w(r). A start from scratch makes every version again, so
+    without a checkpoint only this attempt's own needs keep a version."""
+    return version_for(min([*checkpoints, steps_done]), sync_every, max_staleness)
+
+
 def version_path(run_dir: str, version: int) -> str:
     return storage.join(run_dir, POLICY_DIR, f"v{version:09d}.safetensors")
 

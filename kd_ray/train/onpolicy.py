@@ -34,7 +34,13 @@ from kd_ray.core import storage
 from kd_ray.core.columns import ID, POS
 from kd_ray.models import weights
 from kd_ray.rollouts.actor import RolloutActors, eval_prompts
-from kd_ray.rollouts.versions import published, remove, version_for, version_path
+from kd_ray.rollouts.versions import (
+    oldest_needed,
+    published,
+    remove,
+    version_for,
+    version_path,
+)
 from kd_ray.spec import JobSpec
 from kd_ray.train import checkpoint
 from kd_ray.train.colocated import ColocatedTeacher
@@ -77,9 +83,10 @@ class OnPolicy:
             remove(self.spec.run_dir, [v for v in on_storage if v > step])
             self.versions = {v for v in on_storage if v <= step}
         self.attempt = broadcast_from_rank_zero(attempt)
-        # The checkpoints a resume may fall back to (kd_ray.train.checkpoint.pick), this one included.
+        # The checkpoints a resume may fall back to (kd_ray.train.checkpoint.pick), this one included
+        # (step 0 is no checkpoint: a start from scratch makes every version again).
         on_disk = [(checkpoint.read_resume(p) or {}).get("step") for p in checkpoint.candidates(self.spec.run_dir)]
-        self.kept, self.last = sorted({step, *(s for s in on_disk if s is not None)}), -1
+        self.kept, self.last = sorted({*([step] if step else []), *(s for s in on_disk if s is not None)}), -1
         self.publish(step)
 
     def after_step(self, step: int) -> None:
@@ -105,7 +112,7 @@ class OnPolicy:
         if self.rank == 0:
             run_dir = self.spec.run_dir
             storage.write_bytes(version_path(run_dir, version), weights.as_bytes(state))  # a directory or a bucket
-            oldest = version_for(min(self.kept), self.o.sync_every, self.o.max_staleness)
+            oldest = oldest_needed(self.kept, version, self.o.sync_every, self.o.max_staleness)
             gone = sorted(v for v in self.versions if v < oldest)
             remove(run_dir, gone)
             self.versions = (self.versions - set(gone)) | {version}
