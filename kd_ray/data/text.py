@@ -429,7 +429,8 @@ class Encoder:
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         """The token ids of each text, in one call of the tokenizer's batch path; its fast variant
-        (tokenizers >= 0.21) skips the character offsets nothing here reads: the same ids."""
+        (where the tokenizers package has it) skips the character offsets nothing here reads: the
+        same ids."""
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
