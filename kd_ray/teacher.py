@@ -84,8 +84,9 @@ class TeacherPredictor:
         self.rows, self.busy, self.reported = 0, 0.0, float("-inf")
         self.last_position = end - 1 if end else None  # the stream's last row: once sent, the pool is done
 
-    def __call__(self, batch: dict, began: float | None = None) -> dict:
-        """`began`: when the work on this batch began, if before the call (a reading pool's read)."""
+    def __call__(self, batch: dict, began: float | None = None, for_loss: bool = False) -> dict:
+        """`began`: when the work on this batch began, if before the call (a reading pool's read);
+        `for_loss`: rows only trained on (Task.teacher_tensors)."""
         start = self.clock() if began is None else began
         rows = len(next(iter(batch.values())))
         # A CPU pool is handed whole blocks (pool_options) and the model sees consecutive slices of
@@ -94,7 +95,7 @@ class TeacherPredictor:
         # model's time with 100-row batches (docs/performance.md, "Small students"). An empty
         # block still gets one (empty) call, for columns of the right types.
         parts = [as_columns(self.task.teacher_tensors(self.model, {k: v[a:a + self.batch_size] for k, v in batch.items()},
-                                                      self.device, self.precision))
+                                                      self.device, self.precision, for_loss))
                  for a in range(0, max(rows, 1), self.batch_size)]
         columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         # A new dict: the input batch (read-only zero-copy arrays) is left untouched.

@@ -6,6 +6,7 @@ file's directory (the tests copy this file next to their job files, see `install
     DieAt       a real process exit (os._exit, no clean-up) after given steps, once each
     KillDriver  SIGKILL to a capture's driver once it has written some shards, once
     KillAt      SIGKILL to the actors of a class, or to the driver, after a given step, once
+    Pace        each step held to at least the seconds written in a file (the test changes them)
 """
 
 from __future__ import annotations
@@ -118,3 +119,15 @@ class KillAt(Callback):
         assert pids, f"no live {self.actor} actor to kill"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
+
+
+class Pace(Callback):
+    """After each optimizer step, sleep the seconds written in `path` (read again at every step):
+    a run kept going while nodes join and leave, then let go at full speed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_step_end(self, step: int) -> None:
+        with open(self.path) as f:
+            time.sleep(float(f.read()))

@@ -345,6 +345,18 @@ class Node:
         self.proc.wait()
 
 
+def stop_nodes(*nodes: Node | None) -> None:
+    """Kill the nodes still up, and wait until Ray has marked them dead (missed heartbeats):
+    until then it may still place a later test's actors on them."""
+    for node in nodes:
+        if node and node.proc.poll() is None:
+            node.kill()
+    gone = {n.node_id for n in nodes if n}
+    deadline = time.monotonic() + 120
+    while any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()) and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 def wait_for_line(proc, lines: list[str], needle: str, timeout=300) -> None:
     start = time.time()
     end = start + timeout
@@ -403,15 +415,7 @@ def test_elastic_group_grows_then_shrinks_on_preemption(ray_cluster, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        for node in (first, second):
-            if node and node.proc.poll() is None:
-                node.kill()
-        # Until Ray has marked them dead (missed heartbeats), it may still place a later test's
-        # actors on them.
-        gone = {n.node_id for n in (first, second) if n}
-        deadline = time.monotonic() + 120
-        while any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()) and time.monotonic() < deadline:
-            time.sleep(1)
+        stop_nodes(first, second)
     summary = summary_of(tmp_path, "elastic")
     assert summary["world_sizes"][:3] == [1, 2, 1] and summary["steps"] == 88, summary
     preempt_step = int(re.search(r"will be preempted: checkpoint taken at step (\d+)", out).group(1))

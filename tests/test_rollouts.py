@@ -13,9 +13,13 @@ from kd_ray.core.columns import (
     DOCS,
     ROLLOUT,
     SAMPLE_LOGPROB,
+    TAIL_LSE,
+    TARGET_LOGPROB,
     TARGETS,
     TOKEN_POS,
     TOKENS,
+    TOPK_INDICES,
+    TOPK_VALUES,
 )
 from kd_ray.core.errors import UserError
 from kd_ray.data.tokens import IGNORE
@@ -176,6 +180,40 @@ def test_own_tokens_train_on_the_divergence_alone():
     first = token_loss(hidden[:3], head, targets[:3], TopK(*(v[:3] for v in teacher[:3]), (1.0,)), **{**kw, "alpha": 1.0})
     rest = token_loss(hidden[3:], head, targets[3:], TopK(*(v[3:] for v in teacher[:3]), (1.0,)), **kw)
     torch.testing.assert_close(mixed.loss, first.loss + rest.loss)
+
+
+def test_the_sampled_token_loss_is_sent_one_log_prob_a_token():
+    """Training rows of the sampled-token loss get the teacher's log-probability of each sampled
+    token alone (4 bytes a token), the same one as in the full signal; held-out rows, which are
+    scored, still get the top-k and the tail."""
+    from kd_ray.spec import parse
+    from kd_ray.tasks.causal_lm import CausalLM
+
+    vocab, seq = 61, 24
+    spec = parse({"task": "causal_lm", "run": {"name": "t"}, "data": {"source": "x.jsonl", "tokenizer": "tok.json", "packing": "pad"},
+                  "teacher": {"model": "llama"}, "student": {"model": "llama"},
+                  "distill": {"loss": "sampled_token", "top_k": 6, "chunk_tokens": 16},
+                  "onpolicy": {"prompt_tokens": 4, "max_new_tokens": 8},
+                  "train": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 1}})
+    task = CausalLM(spec)
+    task.__dict__["vocab"] = vocab  # no tokenizer to ask
+    teacher = _tiny_lm(vocab)[0]
+    tokens = torch.randint(0, vocab, (3, seq))
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, :5] = IGNORE  # the prompt
+    targets[1, 15:] = IGNORE  # stopped early
+    batch = {TOKENS: tokens, TOKEN_POS: torch.arange(seq).expand(3, seq), TARGETS: targets}
+    cpu = torch.device("cpu")
+    full = task.teacher_tensors(teacher, batch, cpu, "fp32")
+    lean = task.teacher_tensors(teacher, batch, cpu, "fp32", for_loss=True)
+    assert set(lean) == {TARGET_LOGPROB} and lean[TARGET_LOGPROB].dtype == torch.float32
+    assert lean[TARGET_LOGPROB].element_size() * lean[TARGET_LOGPROB][0].numel() == 4 * seq
+    assert {TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB} <= set(full)
+    torch.testing.assert_close(lean[TARGET_LOGPROB], full[TARGET_LOGPROB], rtol=0, atol=1e-5)
+    dense = torch.log_softmax(teacher(input_ids=tokens).logits[..., :vocab].float(), -1)
+    keep = targets >= 0
+    torch.testing.assert_close(lean[TARGET_LOGPROB][keep], dense[keep].gather(-1, targets[keep][:, None])[:, 0], rtol=0, atol=1e-5)
+    assert (lean[TARGET_LOGPROB][~keep] == 0).all()
 
 
 def _job(tmp_path, **sections) -> dict:

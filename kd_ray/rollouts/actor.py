@@ -160,8 +160,9 @@ class ScoringTeacher:
     def __init__(self, spec: "JobSpec", task, board=None):
         self.predict = TeacherPredictor(spec, task, board)
 
-    def score(self, rows: dict) -> dict:
-        return self.predict(rows)
+    def score(self, rows: dict, for_loss: bool = False) -> dict:
+        """`for_loss`: training rows (Task.teacher_tensors), not held-out ones, which are scored."""
+        return self.predict(rows, for_loss=for_loss)
 
 
 class RolloutActors(NamedTuple):

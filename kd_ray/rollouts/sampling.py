@@ -11,15 +11,20 @@ the real vocabulary (as training sees the model), because a rollout must be a pu
 - every batch has the same shape: `batch` rows (short batches padded with a dummy prompt), each
   prompt left-padded to `width` tokens. Matrix products then compute a row the same way in any
   company, which is what makes a resumed run's rollouts (read from the cursor, in other
-  blocks) bit for bit those of the run it replaces on the CPU in fp32.
+  blocks) bit for bit those of the run it replaces on the CPU in fp32;
+- on the CPU, attention runs on SDPA's plain (math) kernels: the fused CPU kernel, with two
+  threads, gives a row's attention a last-bit difference that depends on where in the batch
+  the row sits (its rows are shared out between the threads by position).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kd_ray.core.columns import (
     DOCS,
@@ -70,9 +75,10 @@ def generate(decoder, head, prompts: list[np.ndarray], seeds: list[int], limits:
     `decoder(input_ids, attention_mask, position_ids, cache)` returns the last hidden states and
     the KV cache (hf_decoder); `head(hidden)` the logits (N, vocab)."""
     out: list[Rollout] = []
-    for a in range(0, len(prompts), batch):
-        out += _generate_batch(decoder, head, prompts[a:a + batch], seeds[a:a + batch], limits[a:a + batch], width, batch,
-                               temperature, top_p, eos, device, pad)
+    with sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext():
+        for a in range(0, len(prompts), batch):
+            out += _generate_batch(decoder, head, prompts[a:a + batch], seeds[a:a + batch], limits[a:a + batch], width, batch,
+                                   temperature, top_p, eos, device, pad)
     return out
 
 

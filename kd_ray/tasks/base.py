@@ -63,10 +63,12 @@ class Task(Protocol):
     def load_teacher(self, device: "torch.device") -> "torch.nn.Module": ...
 
     # teacher
-    def teacher_tensors(self, model: "torch.nn.Module", batch: dict, device: "torch.device", precision: str) -> dict:
+    def teacher_tensors(self, model: "torch.nn.Module", batch: dict, device: "torch.device", precision: str,
+                        for_loss: bool = False) -> dict:
         """The teacher's signal for a batch (numpy columns or tensors) as tensors on the teacher's
         device, named and typed as the columns that travel (kd_ray.core.columns;
-        kd_ray.teacher_signal.as_columns makes them numpy)."""
+        kd_ray.teacher_signal.as_columns makes them numpy). `for_loss`: rows only trained on,
+        never scored, whose loss may need less (the sampled-token loss: one log-prob a token)."""
 
     # training
     def count(self, batch: dict) -> "torch.Tensor":

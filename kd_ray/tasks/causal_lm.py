@@ -172,9 +172,11 @@ class CausalLM:
         return self._lm(self.spec.teacher, gpus)
 
     def teacher_signal(self, model: nn.Module, batch: dict, device: torch.device, precision: str,
-                       temperatures: tuple[float, ...], dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, dict]:
+                       temperatures: tuple[float, ...], dtype: torch.dtype = torch.float16,
+                       target_only: bool = False) -> tuple[torch.Tensor, dict]:
         """(which positions carry loss, and for each of them in row order: its top-k log-probs at
-        T=1 in `dtype`, their ids (int32), the exact tail at each temperature, log p(next token))."""
+        T=1 in `dtype`, their ids (int32), the exact tail at each temperature, log p(next token));
+        `target_only`: log p(next token) alone."""
         tokens, positions = (as_tensor(batch[c]).to(device).long() for c in (TOKENS, TOKEN_POS))
         targets = as_tensor(batch[TARGETS]).to(device).long()
         decoder, head = decoder_and_head(model)
@@ -184,20 +186,33 @@ class CausalLM:
             # A teacher placed across GPUs (kd_ray.models.lm.placement_plan) ends on its last one.
             targets = targets.to(hidden.device)
             keep = targets >= 0
-            cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device), temperatures, dtype)
+            head = sliced_head(head, self.vocab, precision, hidden.device)
+            signal = self._target_logprob if target_only else functools.partial(self._signal, temperatures=temperatures, dtype=dtype)
+            cols = signal(hidden[keep], targets[keep], head)
         return keep, cols
 
-    def teacher_tensors(self, model: nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+    def teacher_tensors(self, model: nn.Module, batch: dict, device: torch.device, precision: str, for_loss: bool = False) -> dict:
         """Per token that carries loss: top-k log-probs at T=1 (float16), their ids (int32), the
         exact tail at the job's temperature, and log p(next token); zeros elsewhere (row-shaped,
-        as the pool sends them)."""
-        keep, cols = self.teacher_signal(model, batch, device, precision, (float(self.spec.distill.temperature),))
+        as the pool sends them). `for_loss`: training rows, for the loss alone: the sampled-token
+        loss takes log p(sampled token) only (4 bytes a token, not the top-k's 392 at k = 64)."""
+        target_only = for_loss and self.spec.distill.loss == "sampled_token"
+        keep, cols = self.teacher_signal(model, batch, device, precision, (float(self.spec.distill.temperature),),
+                                         target_only=target_only)
         out = {}
         for name, values in cols.items():
             full = torch.zeros((*keep.shape, *values.shape[1:]), dtype=values.dtype, device=keep.device)
             full[keep] = values
             out[name] = full
         return out
+
+    def _target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor, head) -> dict[str, torch.Tensor]:
+        step = self.spec.distill.chunk_tokens
+        parts = [torch.zeros(0, device=hidden.device)]
+        for a in range(0, len(targets), step):
+            logits = head(hidden[a:a + step]).float()
+            parts.append(logits.gather(-1, targets[a:a + step, None])[:, 0] - logits.logsumexp(-1))
+        return {TARGET_LOGPROB: torch.cat(parts)}
 
     def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head, temperatures: tuple[float, ...],
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -316,7 +331,9 @@ class CausalLM:
         seconds = sum(e["window_seconds"] for e in steady)
         rate = sum(e["samples_per_second"] * e["window_seconds"] for e in steady) / seconds if seconds else None
         k = self.spec.distill.top_k
-        per_token = bytes_per_token(k) if self.spec.runs_teacher_pool else None  # float16 values, as the pool sends them
+        per_token = None
+        if self.spec.runs_teacher_pool:  # float16 values, as the pool sends them; the sampled-token loss's one float32
+            per_token = torch.float32.itemsize if self.spec.distill.loss == "sampled_token" else bytes_per_token(k)
         return {"tokens_per_second": round(rate, 1) if rate else None, "teacher_bytes_per_token": per_token}
 
     # ---------------------------------------------------------------- export

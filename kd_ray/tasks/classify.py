@@ -146,8 +146,10 @@ class Classify:
         load_into(model, t.weights)
         return model
 
-    def teacher_tensors(self, model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
-        """Dense logits of the batch, on `device`, in teacher.logits_dtype (what the pool sends)."""
+    def teacher_tensors(self, model: torch.nn.Module, batch: dict, device: torch.device, precision: str,
+                        for_loss: bool = False) -> dict:
+        """Dense logits of the batch, on `device`, in teacher.logits_dtype (what the pool sends),
+        for the loss and the scores alike."""
         x = as_tensor(batch[X]).to(device, non_blocking=True)
         if self._conv_net(model) and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -63,8 +63,9 @@ class ColocatedTeacher:
         if self.sharded:
             shard_frozen(model, self.task.fsdp_units(model))
 
-    def __call__(self, batch: dict) -> dict:
-        return {**batch, **self.task.teacher_tensors(self.model, batch, self.device, self.precision)}
+    def __call__(self, batch: dict, for_loss: bool = False) -> dict:
+        """`for_loss`: rows only trained on (Task.teacher_tensors)."""
+        return {**batch, **self.task.teacher_tensors(self.model, batch, self.device, self.precision, for_loss)}
 
     def signal(self, batches: Iterator[dict], meter: Meter | None = None) -> Iterator[dict]:
         """`batches` with the teacher's signal; the seconds its forwards take are added to
@@ -77,7 +78,7 @@ class ColocatedTeacher:
     def _in_turn(self, batches: Iterator[dict], meter: Meter) -> Iterator[dict]:
         for batch in batches:
             began = time.perf_counter()
-            out = self(batch)
+            out = self(batch, for_loss=True)
             meter.teacher += time.perf_counter() - began
             yield out
 
@@ -90,7 +91,7 @@ class ColocatedTeacher:
             began = time.perf_counter()
             side.wait_stream(main)  # the batch's copy to the device, queued on the main stream, comes first
             with torch.cuda.stream(side):
-                out = self(batch)
+                out = self(batch, for_loss=True)
             meter.teacher += time.perf_counter() - began
             done = side.record_event()
             for v in batch.values():  # the allocator keeps its inputs until the side stream is done with them

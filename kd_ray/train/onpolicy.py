@@ -122,22 +122,23 @@ class OnPolicy:
     # ---------------------------------------------------------------------------- the signal
 
     def _send(self, rows: dict, call) -> ray.ObjectRef:
-        """Rows to a rollout actor (`call` names its method and arguments), and its answer on to a teacher actor."""
+        """Rows to a rollout actor (`call` names its method and arguments), and its answer on to a
+        teacher actor, which sends training rows what their loss needs only (Task.teacher_tensors)."""
         rollout = self.actors.rollouts[self.turn % len(self.actors.rollouts)]
         ref = getattr(rollout, call[0]).remote({k: v.cpu().numpy() for k, v in rows.items()}, *call[1:])
         if self.actors.teachers:
-            ref = self.actors.teachers[self.turn % len(self.actors.teachers)].score.remote(ref)
+            ref = self.actors.teachers[self.turn % len(self.actors.teachers)].score.remote(ref, call[0] == "training")
         self.turn += 1
         return ref
 
-    def _received(self, ref: ray.ObjectRef, meter: Meter) -> dict:
+    def _received(self, ref: ray.ObjectRef, meter: Meter, for_loss: bool) -> dict:
         began = time.perf_counter()
         rows = ray.get(ref)
         meter.wait += time.perf_counter() - began  # the step waits for its rows, as for a stream's
         batch = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in rows.items()}
         if self.colocated is not None:
             began = time.perf_counter()
-            batch = self.colocated(batch)
+            batch = self.colocated(batch, for_loss)
             meter.teacher += time.perf_counter() - began
         return batch
 
@@ -162,7 +163,7 @@ class OnPolicy:
                     raise RuntimeError(f"step {waiting[0][0]} needs weights version {version_for(waiting[0][0], E, S)}, "
                                        f"but the newest published is {self.last}")
                 return
-            yield self._received(sent.popleft(), meter)
+            yield self._received(sent.popleft(), meter, for_loss=True)
 
     def evaluation(self, batches: Iterator[dict]) -> Iterator[dict]:
         """Held-out batches as they are (the student's perplexity), then the student's rollouts of
@@ -179,7 +180,7 @@ class OnPolicy:
                 picked.append({k: v[keep.to(v.device)] for k, v in batch.items()})
         rows = {k: torch.cat([p[k] for p in picked]) for k in picked[0]} if picked else first
         if rows is not None:
-            yield self._received(self._send(rows, ("evaluation", (self.attempt, self.last))), Meter(self.device))
+            yield self._received(self._send(rows, ("evaluation", (self.attempt, self.last))), Meter(self.device), for_loss=False)
 
     def scores(self, batches, task, device: torch.device):
         """The teacher's eval sums where this worker runs it (colocated); else the driver's."""
