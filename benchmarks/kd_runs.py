@@ -162,7 +162,7 @@ def run_kd_ray(cfg: dict, workdir: str, args, mode: str = "kd_ray") -> dict:
     if run.rc != 0 or run.timed_out:
         result["error"] = "timed out" if run.timed_out else f"exit {run.rc}"
         result["log_tail"] = "\n".join(run.lines[-25:])
-    _measure_windows(result, run, kd_warmup, cfg, workdir, forward_probe)
+    _measure_windows(result, run, kd_warmup, cfg, workdir, forward_probe, pool=base == "kd_ray")
     if "samples_per_second" not in result and summary.get("samples_per_second"):
         result["samples_per_second"] = summary["samples_per_second"]
         result["measured_as"] = "AGGREGATE from summary.json (no progress lines parsed; includes start-up and warm-up)"
@@ -224,7 +224,8 @@ def _read_summary(workdir: str, started: float) -> dict:
     return {}
 
 
-def _measure_windows(result: dict, run: SimpleNamespace, kd_warmup: int, cfg: dict, workdir: str, forward_probe: bool) -> None:
+def _measure_windows(result: dict, run: SimpleNamespace, kd_warmup: int, cfg: dict, workdir: str, forward_probe: bool,
+                     pool: bool) -> None:
     """The timed windows, the cores used in them, the teacher's timeline and the rate for the table."""
     records = train_records(os.path.join(workdir, "runs", "throughput"))
     all_windows = kd_windows(records, kd_warmup, cfg["window_steps"], cfg["batch_size"])
@@ -238,4 +239,4 @@ def _measure_windows(result: dict, run: SimpleNamespace, kd_warmup: int, cfg: di
         for key in ("teacher_first_forward", "student_first_step", "teacher_last_forward"):
             timeline[f"{key}_s_after_launch"] = timeline.pop(f"{key}_at") - result["launched_at"]
     result["timeline"] = timeline
-    result.update(choose_kd_rate(all_windows, timeline, cfg["batch_size"]))
+    result.update(choose_kd_rate(all_windows, timeline, cfg["batch_size"], pool))

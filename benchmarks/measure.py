@@ -259,7 +259,7 @@ def _not_steady(all_windows: list[dict], timeline: dict | None, windows_median: 
             f"forward to the last step instead")
 
 
-def choose_kd_rate(all_windows: list[dict], timeline: dict | None, batch: int) -> dict:
+def choose_kd_rate(all_windows: list[dict], timeline: dict | None, batch: int, pool: bool = True) -> dict:
     """kd_ray's samples/s for the table, and how it was measured.
 
     - not steady (CPU timeline): the teacher was idle in every window and is slower than them, so
@@ -267,7 +267,8 @@ def choose_kd_rate(all_windows: list[dict], timeline: dict | None, batch: int) -
     - bursty: some windows wait for data (> 20% of their time) and some hardly at all (< 5%): the
       teacher's output arrives in large blocks, and a median would pick one side; report all
       windows together (samples / seconds);
-    - otherwise the median of the windows kept by steady_windows."""
+    - otherwise the median of the windows kept by steady_windows (`pool`: a teacher pool that
+      could run ahead; without one, every window is kept: its data wait is the worker's own reading)."""
     if not all_windows:
         return {}
     waits = [w["data_wait_fraction"] for w in all_windows]
@@ -284,7 +285,7 @@ def choose_kd_rate(all_windows: list[dict], timeline: dict | None, batch: int) -
                    windows_samples_per_second=[w["samples_per_second"] for w in all_windows], bursty=True,
                    measured_as="all timed windows together (bursty: data arrives in large blocks, a median would mislead)")
         return out
-    kept, dropped = steady_windows(all_windows)
+    kept, dropped = steady_windows(all_windows) if pool else (all_windows, 0)
     out.update(samples_per_second=statistics.median(w["samples_per_second"] for w in kept),
                windows_samples_per_second=[w["samples_per_second"] for w in kept], head_start_windows_dropped=dropped,
                measured_as="median of windows from progress lines")

@@ -195,8 +195,9 @@ def _trainer(spec: JobSpec, task, data: Sources, plan: batch_plan.BatchPlan, fp:
 
     G = plan.global_batch
     local = local_stream(spec, data, plan.total_steps * G, cached)
-    datasets = {"eval": build_eval(spec, data)}
-    if local is None:
+    datasets = {}
+    if local is None:  # else the workers read both splits themselves (kd_ray.data.local)
+        datasets["eval"] = build_eval(spec, data)
         # One global batch past the last step: the split's end-of-stream balancing only ever
         # touches rows no step uses.
         per_block = batch_plan.micro_batches_per_block(G, plan.micro_batch, *spec.train.worker_range)

@@ -392,3 +392,36 @@ def test_whole_micro_batches_keep_every_row_in_order(sizes, cat):
     # At most one micro-batch per block is a copy: the rest are views of the blocks as they came
     copies = sum(1 for b in out if not any(np.shares_memory(np.asarray(b[X]), np.asarray(s[X])) for s in blocks))
     assert copies <= len(sizes)
+
+
+@pytest.mark.parametrize("rows,world,batch", [(1797, 1, 512), (1797, 2, 512), (1797, 3, 100), (10, 4, 1), (5, 4, 2), (3, 4, 8),
+                                              (1024, 2, 512), (1025, 2, 512), (7, 7, 1)])
+def test_eval_batches_count_every_row_once_in_as_many_batches_on_every_rank(rows, world, batch):
+    from kd_ray.data.local import eval_batch_bounds
+
+    ranks = [eval_batch_bounds(rows, r, world, batch) for r in range(world)]
+    counts = {len(b) for b in ranks}
+    assert len(counts) == 1  # the same number of batches on every rank: their forwards may be collectives
+    if rows < world:  # fewer rows than ranks: no rank evaluates (as Ray Data's equal split)
+        assert counts == {0}
+        return
+    sizes = np.concatenate([np.diff(b) for b in ranks])
+    assert sizes.min() >= 1 and sizes.max() <= batch + 1  # never empty; at most one row over the batch size
+    assert all(b[0] == rows * r // world and b[-1] == rows * (r + 1) // world for r, b in enumerate(ranks))  # contiguous shares
+    covered = np.concatenate([np.arange(b[0], b[-1]) for b in ranks])
+    np.testing.assert_array_equal(covered, np.arange(rows))  # every row once
+    if world == 1:
+        assert sizes.max() <= batch
+
+
+def test_sized_batches_cut_blocks_of_any_size_in_order():
+    from kd_ray.core.columns import POS
+    from kd_ray.data.local import sized_batches
+
+    x = np.arange(100, dtype=np.float32)
+    cuts = [0, 3, 40, 41, 77, 100]
+    blocks = [{POS: np.arange(a, b), X: x[a:b]} for a, b in zip(cuts[:-1], cuts[1:])]
+    out = list(sized_batches(iter(blocks), [10, 30, 1, 50]))
+    assert [len(b[POS]) for b in out] == [10, 30, 1, 50]
+    np.testing.assert_array_equal(np.concatenate([b[X] for b in out]), x[:91])  # rows past the sizes are not read into one
+    assert [len(b[POS]) for b in sized_batches(iter(blocks), [60, 60])] == [60]  # a size the blocks cannot fill: the end

@@ -397,6 +397,18 @@ def test_stream_holds_every_epoch_once_from_the_cursor(ray_cluster, tmp_path, fm
                     seen.extend(at.tolist())
             whole = (3 * n - cursor) // 16 * 16  # every row of a whole micro-batch, on one rank only
             assert sorted(seen) == list(range(whole))
+        # The eval split, read by the workers too: each rank's batches, together, are the Ray Data
+        # eval stream's rows, each once, in source order.
+        from kd_ray.data.local import rank_eval_batches
+        from kd_ray.data.streams import build_eval
+
+        streamed = [b for b in build_eval(spec, data).iter_batches(batch_size=None, batch_format="numpy")]
+        streamed = {k: np.concatenate([b[k] for b in streamed]) for k in streamed[0]}
+        for world in (1, 3):
+            got = [b for rank in range(world) for b in rank_eval_batches(local, rank, world, 100)]
+            assert sorted(got[0]) == sorted(streamed)
+            for k, v in streamed.items():
+                np.testing.assert_array_equal(np.concatenate([b[k] for b in got]), v)
     # The first chunk, wholly before that cursor, yields no block at all: Ray cannot type an
     # empty array of samples (it would fall back to pickled objects, with a warning).
     control = RunControl.remote()

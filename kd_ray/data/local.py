@@ -1,6 +1,6 @@
 """The training stream read by the train workers themselves (no teacher pool, data in memory or a
-lone worker's files), and the pieces both ways of reading share: whole micro-batches from blocks
-of any size, and a bounded read-ahead thread."""
+lone worker's files), with its eval split, and the pieces both ways of reading share: whole
+micro-batches from blocks of any size, and a bounded read-ahead thread."""
 
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ class LocalStream:
     thread (train.prefetch_batches blocks), where waiting on storage lets the step run. A reader
     thread over data in memory fought the step for the GIL and cost it far more than the reading
     itself: a small student's steps ran 1.4x faster without it, and the CPU preset's cached run
-    was no slower (docs/performance.md, "Small students")."""
+    was no slower (docs/performance.md, "Small students").
+
+    The eval split is read the same way (rank_eval_batches): a Ray Data eval stream's first pass in
+    a worker took 3.7 s of a 2-core machine (its executor, split coordinator and read tasks
+    starting), longer than a small student's whole run of 2,000 steps."""
 
     reader: Any  # ObjectRefs: put once by the driver, fetched once per worker process
     layout: Any
@@ -50,6 +54,9 @@ class LocalStream:
     shuffle: str
     transform: dict
     end: int
+    eval_reader: Any
+    eval_layout: Any
+    eval_transform: dict
 
     def read_ahead(self) -> bool:
         """By a thread: a source read from files (its reader has no random access)."""
@@ -64,8 +71,10 @@ def local_stream(spec: "JobSpec", data: Sources, end: int, cache=None) -> LocalS
         return None
     if not data.reader.random_access and spec.train.max_workers > 1:  # files: Ray Data reads each row group once for all
         return None
-    return LocalStream(ray.put(data.reader), ray.put(data.train), ray.put(cache) if cache is not None else None,
-                       spec.run.seed, spec.data.shuffle, data.transform(True), end)
+    reader = ray.put(data.reader)
+    return LocalStream(reader, ray.put(data.train), ray.put(cache) if cache is not None else None,
+                       spec.run.seed, spec.data.shuffle, data.transform(True), end,
+                       reader if data.eval_reader is data.reader else ray.put(data.eval_reader), ray.put(data.eval), data.transform(False))
 
 
 def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_batch: int, per_block: int = 1) -> Iterator[dict]:
@@ -85,6 +94,51 @@ def rank_blocks(stream: LocalStream, start: int, rank: int, world: int, micro_ba
     parts = (read_chunk(reader, layout, stream.seed, stream.shuffle, stream.transform, index, select, cache)
              for index in range(first, order.stream_chunks(layout, stream.shuffle, stream.end)))
     yield from whole_micro_batches((p for p in parts if p is not None), micro_batch, np.concatenate)
+
+
+def eval_batch_bounds(rows: int, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """The eval positions where this rank's batches start, and one past its last: its share is
+    the contiguous [rows x rank / world, rows x (rank + 1) / world), cut into as many batches as
+    every other rank's (an FSDP2 student's or a sharded teacher's forwards are collectives, and
+    DDP broadcasts buffers at each), of at most batch_size + 1 rows. Every row is in one rank's
+    batch, unless there are fewer rows than ranks: then no rank has a batch (as Ray Data's equal
+    split gives none)."""
+    lo, hi = rows * rank // world, rows * (rank + 1) // world
+    count = -(-(rows // world) // batch_size)  # from the smallest share, so that no batch is empty
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    return lo + (hi - lo) * np.arange(count + 1, dtype=np.int64) // count
+
+
+def rank_eval_batches(stream: LocalStream, rank: int, world: int, batch_size: int) -> Iterator[dict]:
+    """This rank's eval batches (eval_batch_bounds), read from the eval split in source order."""
+    bounds = eval_batch_bounds(fetch(stream.eval_layout).rows, rank, world, batch_size)
+    if len(bounds) < 2:
+        return
+    reader, layout = fetch(stream.eval_reader), fetch(stream.eval_layout)
+    lo, hi = int(bounds[0]), int(bounds[-1])
+
+    def select(positions):
+        return (positions >= lo) & (positions < hi)
+
+    parts = (read_chunk(reader, layout, stream.seed, "none", stream.eval_transform, index, select)
+             for index in range(layout.chunks_per_epoch("none")))
+    yield from sized_batches((p for p in parts if p is not None), np.diff(bounds).tolist())
+
+
+def sized_batches(blocks: Iterator[dict], sizes: list[int]) -> Iterator[dict]:
+    """Blocks of numpy rows in order -> batches of the given sizes, in order (rows past them are dropped)."""
+    blocks, held, have = iter(blocks), [], 0
+    for size in sizes:
+        while have < size:
+            block = next(blocks, None)
+            if block is None:
+                return
+            held.append(block)
+            have += len(block[POS])
+        joined = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+        yield {k: v[:size] for k, v in joined.items()}
+        held, have = ([{k: v[size:] for k, v in joined.items()}] if have > size else []), have - size
 
 
 def whole_micro_batches(blocks: Iterator[dict], micro_batch: int, cat) -> Iterator[dict]:

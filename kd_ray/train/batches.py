@@ -8,7 +8,7 @@ Ray Data blocks, of any size, are cut into them by kd_ray.data.local.whole_micro
 made ahead by a prefetch thread; `rank_batches` checks each block's positions at once and cuts it into
 micro-batches here, as views: per micro-batch, the step pays for a few slices and no copy, queue
 hand-off or tensor arithmetic. The Trainer gets an iterator of tensor dicts on its device and
-closes it when it is done.
+closes it when it is done. The eval split reaches it the same two ways (eval_batches).
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ import torch
 
 from kd_ray.batch_plan import block_positions
 from kd_ray.core.columns import POS
-from kd_ray.data.local import prefetched, rank_blocks, whole_micro_batches
+from kd_ray.data.local import (
+    prefetched,
+    rank_blocks,
+    rank_eval_batches,
+    whole_micro_batches,
+)
 from kd_ray.train.parallel import all_reduce_sum
 
 
@@ -84,3 +89,12 @@ def rank_batches(local_stream, start: int, rank: int, world: int, micro_batch: i
     order = OrderCheck(start, rank, world, micro_batch, per_block, device)
     blocks = shard.iter_torch_batches(batch_size=None, device=device, prefetch_batches=prefetch, pin_memory=device.type == "cuda")
     return RankBatches(whole_micro_batches(blocks, micro_batch, torch.cat), order, micro_batch)
+
+
+def eval_batches(local_stream, rank: int, world: int, batch_size: int, device: torch.device) -> Iterator[dict]:
+    """This rank's eval batches, tensors on `device`: a LocalStream's eval split read by the worker
+    itself (kd_ray.data.local.rank_eval_batches), or this worker's shard of the Ray Data eval stream."""
+    if local_stream is not None:
+        return ({k: torch.from_numpy(v).to(device) for k, v in b.items()}
+                for b in rank_eval_batches(local_stream, rank, world, batch_size))
+    return ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=batch_size, device=device)

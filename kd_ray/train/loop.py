@@ -34,7 +34,7 @@ from kd_ray.models.precision import grad_scaler
 from kd_ray.spec import JobSpec
 from kd_ray.telemetry import POLL_STEPS, poll_every
 from kd_ray.train import checkpoint
-from kd_ray.train.batches import rank_batches
+from kd_ray.train.batches import eval_batches, rank_batches
 from kd_ray.train.colocated import teacher_in_trainer
 from kd_ray.train.meter import Meter, Timer
 from kd_ray.train.onpolicy import NoRollouts, rollouts_in_trainer
@@ -200,8 +200,10 @@ class Trainer:
         boundary = (self.micro + 1) % accumulation == 0
         with grad_sync(self.model, boundary):  # gradients stay local before the accumulation boundary
             terms = self.task.micro_step(self.model, batch, denominator, self.device, self.scaler)
-        self.meter.add(terms, self.task.count(batch))
-        self.callbacks.on_batch(batch)
+        # A fixed-count task's loss units are the micro-batch's samples: a number, no tensor made per micro-step
+        self.meter.add(terms, self.plan.micro_batch if self.task.fixed_count else self.task.count(batch))
+        if self.callbacks:
+            self.callbacks.on_batch(batch)
         self.micro += 1
         return boundary
 
@@ -254,17 +256,20 @@ class Trainer:
     def score_teacher(self) -> None:
         """A teacher colocated in the workers is scored on the eval split here, at each start of
         the group, as the driver scores a pool's (kd_ray.job.score_teacher) with the same sums."""
-        batches = ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=self.spec.eval.batch_size, device=self.device)
-        sums = self.teacher.scores(batches, self.task, self.device)
+        sums = self.teacher.scores(self.eval_batches(), self.task, self.device)
         if sums is not None:
             scores = self.task.teacher_figures(all_reduce_sum(sums).tolist())
             self.say("teacher", step=self.step, line=self.task.teacher_line(scores), **scores)
+
+    def eval_batches(self):
+        return eval_batches(self.config.get("local_stream"), self.rank, self.world, self.spec.eval.batch_size, self.device)
 
     def evaluate(self) -> None:
         sync_buffers(self.model, self.spec.train.strategy)
         self.rollouts.before_eval(self.step)
         # On-policy, also the student's rollouts of held-out prompts, as the teacher scores them.
-        self.last_eval = evaluate(self.model, self.task, self.spec, self.device, self.teacher.evaluation if self.spec.onpolicy else None)
+        self.last_eval = evaluate(self.model, self.task, self.eval_batches(), self.device,
+                                  self.teacher.evaluation if self.spec.onpolicy else None)
         self.say("eval", epoch=self.plan.epochs_done(self.step), step=self.step, **self.last_eval)
 
     # ---------------------------------------------------------------------------- checkpoint, poll
@@ -329,10 +334,8 @@ class Trainer:
                                             "resumed_samples": self.resumed_samples}))
 
 
-def evaluate(model: torch.nn.Module, task, spec: JobSpec, device: torch.device, rolled=None) -> dict:
-    """The student's scores on the eval split (on-policy, `rolled` adds its rollouts of held-out prompts)."""
-    shard = ray.train.get_dataset_shard("eval")
-    batches = shard.iter_torch_batches(batch_size=spec.eval.batch_size, device=device)
+def evaluate(model: torch.nn.Module, task, batches, device: torch.device, rolled=None) -> dict:
+    """The student's scores on this rank's eval batches, summed over ranks (on-policy, `rolled` adds its rollouts of held-out prompts)."""
     if rolled is not None:
         batches = rolled(batches)
     return task.figures(all_reduce_sum(task.eval_sums(model, batches, device)).tolist())
