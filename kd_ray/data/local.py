@@ -112,10 +112,10 @@ def eval_batch_bounds(rows: int, rank: int, world: int, batch_size: int) -> np.n
 
 def rank_eval_batches(stream: LocalStream, rank: int, world: int, batch_size: int) -> Iterator[dict]:
     """This rank's eval batches (eval_batch_bounds), read from the eval split in source order."""
-    bounds = eval_batch_bounds(fetch(stream.eval_layout).rows, rank, world, batch_size)
+    reader, layout = fetch(stream.eval_reader), fetch(stream.eval_layout)
+    bounds = eval_batch_bounds(layout.rows, rank, world, batch_size)
     if len(bounds) < 2:
         return
-    reader, layout = fetch(stream.eval_reader), fetch(stream.eval_layout)
     lo, hi = int(bounds[0]), int(bounds[-1])
 
     def select(positions):

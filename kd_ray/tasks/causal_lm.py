@@ -186,9 +186,8 @@ class CausalLM:
             # A teacher placed across GPUs (kd_ray.models.lm.placement_plan) ends on its last one.
             targets = targets.to(hidden.device)
             keep = targets >= 0
-            head = sliced_head(head, self.vocab, precision, hidden.device)
-            signal = self._target_logprob if target_only else functools.partial(self._signal, temperatures=temperatures, dtype=dtype)
-            cols = signal(hidden[keep], targets[keep], head)
+            cols = self._signal(hidden[keep], targets[keep], sliced_head(head, self.vocab, precision, hidden.device), temperatures, dtype,
+                                target_only)
         return keep, cols
 
     def teacher_tensors(self, model: nn.Module, batch: dict, device: torch.device, precision: str, for_loss: bool = False) -> dict:
@@ -206,29 +205,24 @@ class CausalLM:
             out[name] = full
         return out
 
-    def _target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor, head) -> dict[str, torch.Tensor]:
-        step = self.spec.distill.chunk_tokens
-        parts = [torch.zeros(0, device=hidden.device)]
-        for a in range(0, len(targets), step):
-            logits = head(hidden[a:a + step]).float()
-            parts.append(logits.gather(-1, targets[a:a + step, None])[:, 0] - logits.logsumexp(-1))
-        return {TARGET_LOGPROB: torch.cat(parts)}
-
     def _signal(self, hidden: torch.Tensor, targets: torch.Tensor, head, temperatures: tuple[float, ...],
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                dtype: torch.dtype, target_only: bool = False) -> dict[str, torch.Tensor]:
+        """The columns of teacher_signal, a chunk of distill.chunk_tokens positions of logits at a time."""
         d = self.spec.distill
+        k = d.top_k
         parts = []
         for a in range(0, len(targets), d.chunk_tokens):
             logits = head(hidden[a:a + d.chunk_tokens]).float()
-            values, indices, tails, lse = topk_parts(logits, d.top_k, temperatures)
-            target = logits.gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0] - lse
-            values = values.clamp(min=torch.finfo(dtype).min).to(dtype)
-            parts.append((values, indices.int(), tails, target))
+            if target_only:
+                topk, lse = (), logits.logsumexp(-1)
+            else:
+                values, indices, tails, lse = topk_parts(logits, k, temperatures)
+                topk = (values.clamp(min=torch.finfo(dtype).min).to(dtype), indices.int(), tails)
+            parts.append((*topk, logits.gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0] - lse))
         if not parts:
-            k = d.top_k
-            parts = [(torch.zeros((0, k), dtype=dtype), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, len(temperatures))),
-                      torch.zeros(0))]
-        names = (TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB)
+            parts = [((torch.zeros((0, k), dtype=dtype), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, len(temperatures))))
+                      if not target_only else ()) + (torch.zeros(0),)]
+        names = (TARGET_LOGPROB,) if target_only else (TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB)
         return {n: torch.cat([p[i].to(hidden.device) for p in parts]) for i, n in enumerate(names)}
 
     # ---------------------------------------------------------------- training
