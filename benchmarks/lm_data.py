@@ -15,7 +15,10 @@ repeated N times under fresh ids, one JSON line a chapter, in one file. For each
     peak RSS of the driver and of every process of its tree (tests of `/proc`, benchmarks/measure.py);
   - the tokenizer's own batch throughput on one core (this process, TOKENIZERS_PARALLELISM off,
     256 chapters a call, the batch call the preparation makes: kd_ray.data.text.Encoder.ids), the
-    reference the preparation's per-core rate is held to.
+    reference the preparation's per-core rate is held to: measured just before and just after
+    each preparation (a pass over the KJV each time), and each preparation held to the mean of
+    its two, because on a shared 2-core VM the same pass varies by +-20% over minutes (one
+    preparation of KJV x30 took 20.7 s and 27.9 s within half an hour, nothing else running).
 The largest corpus is also prepared on a cluster of 2 Ray nodes on this machine (ray's
 cluster_utils: two raylets, 2 CPUs each). Figures are extrapolated to 1B and 10B tokens and
 printed as extrapolations.
@@ -137,14 +140,16 @@ def main() -> None:
     cores = os.cpu_count()
     capability = torch.backends.cpu.get_cpu_capability()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    reference = tokenizer_rate()
+    references = []
     workdir = tempfile.mkdtemp(prefix="kd_ray_lm_data_")
-    results = {"cores": cores, "cpu_capability": capability, "amx": amx, "tokenizer_tokens_per_s_one_core": reference, "sizes": []}
+    results = {"cores": cores, "cpu_capability": capability, "amx": amx, "sizes": []}
     for copies in (int(c) for c in args.copies.split(",")):
         source = os.path.join(workdir, f"kjv_x{copies}.jsonl")
         size = corpus(source, copies)
         prepared = os.path.join(workdir, f"prepared_x{copies}")
+        references.append(tokenizer_rate())
         prep = kd_ray(["prepare", job(workdir, source, prepared, f"prep_x{copies}")])
+        references.append(tokenizer_rate())
         manifest = json.load(open(next(os.path.join(prepared, d, "manifest.json") for d in os.listdir(prepared))))
         tokens = sum(t["tokens"] for t in manifest["totals"].values())
         disk = sum(t["bytes"] for t in manifest["totals"].values())
@@ -158,7 +163,9 @@ def main() -> None:
                "prepare_driver_peak_rss_mb": prep["driver_peak_rss_mb"], "prepare_largest_other_peak_rss_mb": prep["largest_other_peak_rss_mb"],
                "runs": [{k: v for k, v in s.items() if k != "out"} for s in starts]}
         row["prepare_tokens_per_s_per_core"] = tokens / row["prepare_s"] / cores
+        row["tokenizer_tokens_per_s_one_core"] = (references[-2] + references[-1]) / 2  # just before and after
         results["sizes"].append(row)
+    results["tokenizer_samples"] = references
     if args.two_nodes:
         big = results["sizes"][-1]
         two = two_node_prepare(workdir, os.path.join(workdir, f"kjv_x{big['copies']}.jsonl"))
@@ -172,7 +179,8 @@ def main() -> None:
 
 def report(r: dict) -> None:
     print(f"\nmachine: {r['cores']} cores, torch CPU capability {r['cpu_capability']}, AMX {'yes' if r['amx'] else 'no'}")
-    print(f"tokenizer's own batch encoding, one core: {r['tokenizer_tokens_per_s_one_core']:,.0f} tokens/s\n")
+    print("tokenizer's own batch encoding, one core, before and after each preparation: "
+          + ", ".join(f"{x:,.0f}" for x in r["tokenizer_samples"]) + " tokens/s\n")
     head = ("corpus", "tokens", "pieces", "prepare (s)", "tok/s/core", "vs tokenizer", "prep driver RSS", "first step: start / restart (s)",
             "run driver RSS", "largest other RSS", "tree RSS")
     rows = []
@@ -180,7 +188,8 @@ def report(r: dict) -> None:
         a, b = s["runs"]
         rows.append((f"KJV x{s['copies']} ({s['source_mb']:.0f} MB)", f"{s['tokens'] / 1e6:.1f}M", str(s["pieces"]),
                      f"{s['prepare_s']:.1f} ({s['prepare_wall_s']:.0f} wall)", f"{s['prepare_tokens_per_s_per_core']:,.0f}",
-                     f"{s['prepare_tokens_per_s_per_core'] / r['tokenizer_tokens_per_s_one_core']:.2f}x",
+                     f"{s['prepare_tokens_per_s_per_core'] / s['tokenizer_tokens_per_s_one_core']:.2f}x "
+                     f"(of {s['tokenizer_tokens_per_s_one_core']:,.0f})",
                      f"{s['prepare_driver_peak_rss_mb']:.0f} MB", f"{a['first_step_s']:.1f} / {b['first_step_s']:.1f}",
                      f"{max(a['driver_peak_rss_mb'], b['driver_peak_rss_mb']):.0f} MB",
                      f"{max(a['largest_other_peak_rss_mb'], b['largest_other_peak_rss_mb']):.0f} MB",
