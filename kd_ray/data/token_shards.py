@@ -238,9 +238,11 @@ def _cores() -> int:
     so that its actor stages and train workers never wait on each other; 4 preparing actors on
     2 cores took 1.2x the time of 2)."""
     import ray
+    from ray.util.client import ray as client
 
-    here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # Through Ray Client (ray://) the driver is on no node: no node's cores are this machine's.
+    here = None if client.is_connected() else ray.get_runtime_context().get_node_id()
     local_ip = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == here), None)
     cpus = {True: 0.0, False: 0.0}
     for n in nodes:
