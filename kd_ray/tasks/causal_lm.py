@@ -219,9 +219,10 @@ class CausalLM:
                 values, indices, tails, lse = topk_parts(logits, k, temperatures)
                 topk = (values.clamp(min=torch.finfo(dtype).min).to(dtype), indices.int(), tails)
             parts.append((*topk, logits.gather(-1, targets[a:a + d.chunk_tokens, None])[:, 0] - lse))
-        if not parts:
-            parts = [((torch.zeros((0, k), dtype=dtype), torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, len(temperatures))))
-                      if not target_only else ()) + (torch.zeros(0),)]
+        if not parts:  # no position to score: empty columns of the same shapes
+            topk = () if target_only else (torch.zeros((0, k), dtype=dtype), torch.zeros((0, k), dtype=torch.int32),
+                                           torch.zeros((0, len(temperatures))))
+            parts = [(*topk, torch.zeros(0))]
         names = (TARGET_LOGPROB,) if target_only else (TOPK_VALUES, TOPK_INDICES, TAIL_LSE, TARGET_LOGPROB)
         return {n: torch.cat([p[i].to(hidden.device) for p in parts]) for i, n in enumerate(names)}
 
